@@ -1,0 +1,75 @@
+"""The torch composite backend: the CPU path and the fallback wherever Triton cannot run.
+
+Built from ``addmm``-style calls so that the only M×N tensor is the output itself (the LoRA term is
+accumulated into it in place). Dropout uses the shared Philox mask of :mod:`lora_kernels.dropout`,
+regenerated in backward rather than saved.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dropout import dropout_mask
+
+
+def _dropped(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    if dropout_p == 0.0:
+        return x
+    return x * dropout_mask(seed, 0, x.shape, dropout_p, device=x.device, dtype=x.dtype)
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (float32, returned for backward)."""
+    dtype = x.dtype
+    t = torch.mm(_dropped(x, dropout_p, seed), lora_A.t().to(dtype)).float().mul_(scaling)
+    if bias is None:
+        y = torch.mm(x, weight.t())
+    else:
+        y = torch.addmm(bias, x, weight.t())
+    y.addmm_(t.to(dtype), lora_B.t().to(dtype))
+    return y, t
+
+
+def lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    t: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    needs_grad: tuple[bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of :func:`lora_forward` for ``(x, weight, bias, lora_A, lora_B)``."""
+    need_x, need_weight, need_bias, need_A, need_B = needs_grad
+    dtype = grad_y.dtype
+    grad_x = grad_weight = grad_bias = grad_A = grad_B = None
+    if need_x or need_A:
+        # s·(dY·B): the gradient reaching t, scaled once here for both dX and dA.
+        grad_t = torch.mm(grad_y, lora_B.to(dtype)).float().mul_(scaling).to(dtype)
+    if need_x:
+        grad_x = torch.mm(grad_y, weight)
+        if dropout_p == 0.0:
+            grad_x.addmm_(grad_t, lora_A.to(dtype))
+        else:
+            grad_x += _dropped(torch.mm(grad_t, lora_A.to(dtype)), dropout_p, seed)
+    if need_A:
+        grad_A = torch.mm(grad_t.t(), _dropped(x, dropout_p, seed)).to(lora_A.dtype)
+    if need_B:
+        grad_B = torch.mm(grad_y.t(), t.to(dtype)).to(lora_B.dtype)
+    if need_bias:
+        grad_bias = grad_y.sum(0)
+    if need_weight:
+        grad_weight = torch.mm(grad_y.t(), x)
+    return grad_x, grad_weight, grad_bias, grad_A, grad_B
