@@ -29,7 +29,7 @@ _THRESHOLD_BITS = 24
 
 def dropout_threshold(p: float) -> int:
     """The 24-bit integer threshold under which a random word drops its element."""
-    return int(round(p * (1 << _THRESHOLD_BITS)))
+    return round(p * (1 << _THRESHOLD_BITS))
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -57,21 +57,26 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high & _MASK32, (low + (mid << 16)) & _MASK32
 
 
-def philox_first_word(
-    seed: int, offset: int, rows: torch.Tensor, cols: torch.Tensor
-) -> torch.Tensor:
-    """First Philox-4x32-10 output word for counters ``(cols, rows_lo, rows_hi, offset)``, as int64."""
-    key0, key1 = split_seed(seed)
-    rows, cols = torch.broadcast_tensors(rows.to(torch.int64), cols.to(torch.int64))
-    c0, c1, c2 = cols & _MASK32, rows & _MASK32, rows >> 32
-    c3 = torch.full_like(c0, offset & _MASK32)
+def philox4x32(
+    counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], key: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox-4x32-10 on int64 tensors holding 32-bit words: the four output words for each counter."""
+    c0, c1, c2, c3 = counter
+    key0, key1 = key
     for _ in range(PHILOX_ROUNDS):
         hi0, lo0 = _mulhilo(PHILOX_MUL_0, c0)
         hi1, lo1 = _mulhilo(PHILOX_MUL_1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ key0, lo1, hi0 ^ c3 ^ key1, lo0
         key0 = (key0 + PHILOX_KEY_BUMP_0) & _MASK32
         key1 = (key1 + PHILOX_KEY_BUMP_1) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_first_word(seed: int, offset: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """First output word for counters ``(cols, rows_lo, rows_hi, offset)`` under key ``seed``, as int64."""
+    rows, cols = torch.broadcast_tensors(rows.to(torch.int64), cols.to(torch.int64))
+    counter = (cols & _MASK32, rows & _MASK32, rows >> 32, torch.full_like(cols, offset & _MASK32))
+    return philox4x32(counter, split_seed(seed))[0]
 
 
 def dropout_mask(

@@ -1,0 +1,106 @@
+"""The one place that decides which backend runs the fused LoRA linear.
+
+Order for ``auto``: ``triton`` (CUDA tensors, or any tensor under ``TRITON_INTERPRET=1``), then ``cuda``
+(the compiled extension, CUDA tensors), then ``torch`` (the composite path, runs everywhere). A backend
+asked for by name — through :func:`use_backend` or ``LORA_KERNELS_BACKEND`` — that cannot run on the
+input is a clear error; ``auto`` falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("triton", "cuda", "torch")
+#: Input dtypes the fused kernels take; others (float64) run on the torch composite under ``auto``.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ENV_VAR = "LORA_KERNELS_BACKEND"
+
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("lora_kernels_backend", default=None)
+
+
+@functools.cache
+def _load(name: str) -> tuple[ModuleType | None, str]:
+    """Import a backend module once; returns ``(module, "")`` or ``(None, why it is missing)``."""
+    try:
+        module = importlib.import_module(f"lora_kernels.ops.{name}_lora")
+    except ImportError as err:  # triton not installed, or an import-time failure inside it
+        return None, f"importing it failed ({err})"
+    if name == "cuda" and not module.is_available():
+        return None, "the compiled extension lora_kernels._C with CUDA kernels is not installed"
+    return module, ""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (for inputs of ``dtype``), or ``None`` if it can."""
+    if name == "torch":
+        return None
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        return f"its kernels support {', '.join(str(d) for d in KERNEL_DTYPES)}, not {dtype}"
+    if name == "triton" and device.type != "cuda" and not _interpreting():
+        return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on the CPU interpreter)"
+    if name == "cuda" and device.type != "cuda":
+        return "the CUDA extension needs CUDA tensors"
+    _, why = _load(name)
+    return why or None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` (default: the current CUDA device if any, else the CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return [name for name in BACKENDS if _unavailable_reason(name, device) is None]
+
+
+def requested_backend() -> str:
+    """The backend asked for: :func:`use_backend` first, then ``LORA_KERNELS_BACKEND``, else ``auto``."""
+    name = _requested.get() or os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={name!r} is not a backend; choose one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the fused LoRA linear on backend ``name`` (``auto``, ``triton``, ``cuda`` or ``torch``) inside."""
+    name = name.strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    token = _requested.set(name)
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def select_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Name of the backend that will run for inputs of ``dtype`` on ``device``."""
+    name = requested_backend()
+    if name == "auto":
+        return next(n for n in BACKENDS if _unavailable_reason(n, device, dtype) is None)
+    why = _unavailable_reason(name, device, dtype)
+    if why is not None:
+        raise RuntimeError(
+            f"lora_kernels backend {name!r} was requested but cannot run {dtype} inputs on {device}: {why}"
+        )
+    return name
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (see :mod:`lora_kernels.ops`)."""
+    module, why = _load(name)
+    if module is None:
+        raise RuntimeError(f"lora_kernels backend {name!r} is not available: {why}")
+    return module

@@ -1,0 +1,189 @@
+"""``FusedLoRALinear``: a drop-in ``nn.Linear`` with a LoRA adapter, computed by the fused op."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import lora_linear
+
+
+class FusedLoRALinear(nn.Module):
+    """``nn.Linear`` plus a trainable low-rank update, with PEFT's names and semantics.
+
+    ``y = x·Wᵀ + b + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ`` with ``scaling = lora_alpha / r``
+    (``lora_alpha / sqrt(r)`` with ``use_rslora``). ``weight`` and ``bias`` are frozen; ``lora_A`` (r, in)
+    and ``lora_B`` (out, r) train. Dropout on the LoRA branch is active in ``train()`` mode only.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        r: adapter rank (>= 1).
+        lora_alpha: scale numerator.
+        lora_dropout: dropout probability on the adapter's input, in [0, 1).
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        init_lora_weights: ``True`` (A kaiming-uniform, B zeros: the layer starts as the base layer),
+            ``"gaussian"`` (A normal with std 1/r, B zeros) or ``False`` (both random, for tests).
+        adapter_dtype: dtype of ``lora_A``/``lora_B``; default the base dtype. ``torch.float32`` on a
+            bf16/fp16 base is PEFT's default and runs without casting copies of the input.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        bias_param = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        _reset_linear(weight, bias_param)
+        self._setup(
+            weight, bias_param, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype
+        )
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> FusedLoRALinear:
+        """Wrap an existing ``nn.Linear``: its ``weight``/``bias`` tensors are reused (no copy) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        module._setup(
+            linear.weight,
+            linear.bias,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init_lora_weights,
+            adapter_dtype,
+        )
+        module.train(linear.training)
+        return module
+
+    def _setup(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        use_rslora: bool,
+        init_lora_weights: bool | str,
+        adapter_dtype: torch.dtype | None,
+    ) -> None:
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.register_parameter("bias", bias)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.merged = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """Initialise the adapters as PEFT does for ``init_lora_weights``."""
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            nn.init.zeros_(self.lora_B)
+        elif init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            raise ValueError(
+                f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}"
+            )
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · lora_B · lora_A`` in the base weight's dtype (computed in fp32)."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return delta.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``weight`` (for inference); a second call warns and does nothing."""
+        if self.merged:
+            warnings.warn("FusedLoRALinear is already merged; merge() did nothing", stacklevel=2)
+            return
+        self.weight += self.delta_weight()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the adapter back out of ``weight``; on an unmerged layer it warns and does nothing."""
+        if not self.merged:
+            warnings.warn("FusedLoRALinear is not merged; unmerge() did nothing", stacklevel=2)
+            return
+        self.weight -= self.delta_weight()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.lora_dropout,
+            self.training,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+            f"use_rslora={self.use_rslora}, merged={self.merged}"
+        )
+
+
+def _reset_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+    """``nn.Linear``'s own initialisation."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        if bias is not None:
+            fan_in = weight.shape[1]
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(bias, -bound, bound)

@@ -1,0 +1,112 @@
+"""Shared test helpers: random LoRA problems and float64 comparisons."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from lora_kernels.reference import lora_linear_reference
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+#: Relative tolerance of each dtype against the float64 reference (scaled by the result's magnitude).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+@dataclass
+class LoRAProblem:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The tensors that take gradients, in (x, weight, bias, lora_A, lora_B) order."""
+        return [t for t in (self.x, self.weight, self.bias, self.lora_A, self.lora_B) if t is not None]
+
+
+def make_problem(
+    lead: tuple[int, ...],
+    in_features: int,
+    out_features: int,
+    r: int,
+    dtype: torch.dtype = torch.float32,
+    adapter_dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    bias: bool = True,
+    weight_requires_grad: bool = False,
+    scaling: float = 2.0,
+) -> LoRAProblem:
+    """A LoRA problem whose output is of order one; adapters non-zero so every gradient is exercised."""
+
+    def rand(*shape, std=1.0, dt=dtype, grad=True):
+        return (torch.randn(*shape, dtype=torch.float64) * std).to(device, dt).requires_grad_(grad)
+
+    adapter_dtype = adapter_dtype or dtype
+    return LoRAProblem(
+        x=rand(*lead, in_features),
+        weight=rand(out_features, in_features, std=1 / math.sqrt(in_features), grad=weight_requires_grad),
+        bias=rand(out_features) if bias else None,
+        lora_A=rand(r, in_features, std=1 / math.sqrt(in_features), dt=adapter_dtype),
+        lora_B=rand(out_features, r, std=1 / math.sqrt(r), dt=adapter_dtype),
+        scaling=scaling,
+    )
+
+
+def reference_outputs(problem: LoRAProblem, grad_y: torch.Tensor, mask: torch.Tensor | None = None):
+    """Float64 reference output and gradients, as ``(y, {"x": dx, "weight": dW, "bias": db, ...})``."""
+    names = ("x", "weight", "bias", "lora_A", "lora_B")
+    tensors = [getattr(problem, n) for n in names]
+    t64 = {
+        n: t.detach().double().requires_grad_() for n, t in zip(names, tensors, strict=True) if t is not None
+    }
+    y = lora_linear_reference(
+        t64["x"],
+        t64["weight"],
+        t64.get("bias"),
+        t64["lora_A"],
+        t64["lora_B"],
+        problem.scaling,
+        mask,
+        upcast=True,
+    )
+    grads = torch.autograd.grad(y, list(t64.values()), grad_y.double())
+    return y.detach(), dict(zip(t64.keys(), grads, strict=True))
+
+
+def run_op(problem: LoRAProblem, grad_y: torch.Tensor, **kwargs):
+    """Output and gradients of every leaf that requires grad, through ``lora_kernels.lora_linear``."""
+    from lora_kernels import lora_linear
+
+    p = problem
+    y = lora_linear(p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, **kwargs)
+    names = [n for n in ("x", "weight", "bias", "lora_A", "lora_B") if getattr(p, n) is not None]
+    leaves = {n: getattr(p, n) for n in names if getattr(p, n).requires_grad}
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_y) if leaves and y.requires_grad else ()
+    return y.detach(), dict(zip(leaves.keys(), grads, strict=True))
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str, slack: float = 1.0
+):
+    """``actual`` within the dtype's tolerance of the float64 ``expected``, relative to its magnitude."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(expected.abs().max().item(), 1e-3) if expected.numel() else 1.0
+    tol = TOLERANCE[dtype] * slack * scale
+    torch.testing.assert_close(
+        actual.double(), expected, atol=tol, rtol=TOLERANCE[dtype] * slack, msg=lambda m: f"{name}: {m}"
+    )

@@ -1,0 +1,177 @@
+"""Parity of the fused LoRA linear (every backend that can run here) against the float64 reference."""
+
+import pytest
+import torch
+from helpers import HAS_TRITON, assert_close, make_problem, reference_outputs, requires_cuda, run_op
+
+import lora_kernels
+from lora_kernels import dropout_mask, use_backend
+
+BACKENDS = [b for b in ("triton", "torch") if b != "triton" or HAS_TRITON]
+
+
+def check_parity(problem, backend, dtype, *, dropout_p=0.0, seed=1234, slack=1.0, grad_slack=2.0):
+    """Output and every gradient of ``backend`` against the float64 reference, dropout included."""
+    grad_y = torch.randn(*problem.x.shape[:-1], problem.weight.shape[0], device=problem.x.device).to(dtype)
+    training = dropout_p > 0.0
+    with use_backend(backend):
+        y, grads = run_op(problem, grad_y, dropout_p=dropout_p, training=training, dropout_seed=seed)
+    mask = dropout_mask(seed, 0, problem.x.shape, dropout_p, device=problem.x.device) if training else None
+    y_ref, grads_ref = reference_outputs(problem, grad_y, mask)
+    assert y.dtype == problem.x.dtype
+    assert_close(y, y_ref, dtype, "y", slack)
+    for name, grad in grads.items():
+        assert grad.dtype == getattr(problem, name).dtype, name
+        assert_close(grad, grads_ref[name], dtype, f"d{name}", grad_slack)
+    return grads
+
+
+SHAPES = [
+    # (leading dims of x, in_features, out_features, r): none of them a multiple of a block size
+    ((37,), 70, 45, 5),
+    ((3, 13), 33, 129, 7),
+    ((1,), 17, 1, 1),
+    ((5,), 1, 9, 3),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
+def test_parity(backend, dtype, shape, device):
+    lead, k, n, r = shape
+    check_parity(make_problem(lead, k, n, r, dtype, device=device), backend, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_matches_reference_exactly(backend, dtype, device):
+    problem = make_problem((2, 21), 70, 45, 6, dtype, device=device)
+    check_parity(problem, backend, dtype, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_rank_and_no_bias(backend, device):
+    check_parity(make_problem((19,), 40, 36, 256, device=device, bias=False), backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_adapters_on_fp16_base(backend, device):
+    problem = make_problem((23,), 48, 40, 8, torch.float16, adapter_dtype=torch.float32, device=device)
+    check_parity(problem, backend, torch.float16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_grad_when_weight_trains(backend, device):
+    problem = make_problem((29,), 35, 27, 4, device=device, weight_requires_grad=True)
+    grads = check_parity(problem, backend, torch.float32)
+    assert set(grads) == {"x", "weight", "bias", "lora_A", "lora_B"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend, device):
+    problem = make_problem((6, 11), 40, 33, 4, device=device)
+    base = torch.randn(40, 11, 6, dtype=torch.float32, device=device)
+    problem.x = base.permute(2, 1, 0).requires_grad_()  # (6, 11, 40) with the features strided
+    assert not problem.x.is_contiguous()
+    check_parity(problem, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows(backend, device):
+    """Every other row of a larger matrix: a 2-D view that the kernels read through its strides."""
+    problem = make_problem((30,), 24, 20, 3, device=device)
+    problem.x = torch.randn(60, 24, device=device)[::2].requires_grad_()
+    check_parity(problem, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend, device):
+    problem = make_problem((0,), 16, 8, 2, device=device)
+    problem.x = torch.zeros(2, 0, 16, device=device, requires_grad=True)
+    with use_backend(backend):
+        y, grads = run_op(problem, torch.zeros(2, 0, 8, device=device))
+    assert y.shape == (2, 0, 8)
+    assert grads["x"].shape == (2, 0, 16)
+    assert torch.count_nonzero(grads["lora_A"]) == 0 and torch.count_nonzero(grads["lora_B"]) == 0
+    assert torch.count_nonzero(grads["bias"]) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree(backend, device):
+    """Same seed, same dropout mask, same numbers on every backend."""
+    problem = make_problem((17,), 40, 24, 4, device=device)
+    grad_y = torch.randn(17, 24, device=device)
+    with use_backend("torch"):
+        expected = run_op(problem, grad_y, dropout_p=0.25, training=True, dropout_seed=99)
+    with use_backend(backend):
+        actual = run_op(problem, grad_y, dropout_p=0.25, training=True, dropout_seed=99)
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
+    for name in expected[1]:
+        torch.testing.assert_close(actual[1][name], expected[1][name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_eval_mode_ignores_dropout(device):
+    problem = make_problem((9,), 12, 10, 2, device=device)
+    args = (problem.x, problem.weight, problem.bias, problem.lora_A, problem.lora_B, problem.scaling)
+    plain = lora_kernels.lora_linear(*args)
+    assert torch.equal(lora_kernels.lora_linear(*args, dropout_p=0.5, training=False), plain)
+    assert not torch.equal(lora_kernels.lora_linear(*args, dropout_p=0.5, training=True), plain)
+
+
+def test_gradcheck_torch_path_float64():
+    problem = make_problem((4, 3), 6, 5, 2, torch.float64)
+    with use_backend("torch"):
+        for p in (0.0, 0.4):
+
+            def fn(x, b, a, bb, p=p):
+                return lora_kernels.lora_linear(
+                    x, problem.weight, b, a, bb, problem.scaling, p, training=True, dropout_seed=7
+                )
+
+            assert torch.autograd.gradcheck(fn, (problem.x, problem.bias, problem.lora_A, problem.lora_B))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [((3, 333), 515, 771, 16), ((1000,), 4096, 1000, 64), ((7,), 256, 4096, 8)])
+def test_parity_cuda(backend, dtype, shape):
+    lead, k, n, r = shape
+    problem = make_problem(lead, k, n, r, dtype, device="cuda")
+    check_parity(problem, backend, dtype, slack=2.0, grad_slack=4.0)
+    check_parity(problem, backend, dtype, dropout_p=0.1, slack=2.0, grad_slack=4.0)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_bf16_base_with_fp32_adapters_cuda():
+    problem = make_problem((257,), 384, 320, 16, torch.bfloat16, adapter_dtype=torch.float32, device="cuda")
+    check_parity(problem, "triton", torch.bfloat16, slack=2.0, grad_slack=4.0)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, device):
+    """Forward and backward launch all three kernels, over several tiles, K-steps and row splits."""
+    from lora_kernels.ops import triton_lora
+
+    launches = {}
+    for name in ("_lora_linear_kernel", "_lora_project_kernel", "_lora_reduce_rows_kernel"):
+        kernel = getattr(triton_lora, name)
+
+        class Counting:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launches[self.name] = launches.get(self.name, 0) + 1
+                return self.kernel[grid]
+
+        monkeypatch.setattr(triton_lora, name, Counting(kernel, name))
+    monkeypatch.setattr(triton_lora, "_row_splits", lambda M, num_blocks, block_m, device: 3)
+    problem = make_problem((300,), 260, 200, 12, device=device)
+    check_parity(problem, "triton", torch.float32, dropout_p=0.2)
+    # forward: project + linear; backward: project (s·dY·B) + linear (dX) + reduce (dA) + reduce (dB, dbias)
+    assert launches == {"_lora_project_kernel": 2, "_lora_linear_kernel": 2, "_lora_reduce_rows_kernel": 2}
+    print("Triton kernel launches:", launches, "interpreter:", triton_lora.interpreting())

@@ -1,0 +1,129 @@
+"""FusedLoRALinear: PEFT's names and semantics, from_linear, merge, state dicts, train/eval."""
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lora_kernels import FusedLoRALinear, lora_linear_reference
+
+
+def test_defaults_match_peft():
+    layer = FusedLoRALinear(20, 30, r=4, lora_alpha=8)
+    assert layer.weight.shape == (30, 20) and layer.bias.shape == (30,)
+    assert layer.lora_A.shape == (4, 20) and layer.lora_B.shape == (30, 4)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert layer.scaling == 2.0
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    assert FusedLoRALinear(20, 30, r=4, lora_alpha=8, use_rslora=True).scaling == pytest.approx(4.0)
+    assert "r=4" in repr(layer) and "lora_alpha=8" in repr(layer)
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B"}
+
+
+def test_init_variants():
+    gaussian = FusedLoRALinear(200, 10, r=50, init_lora_weights="gaussian")
+    assert gaussian.lora_A.std().item() == pytest.approx(1 / 50, rel=0.1)
+    assert torch.count_nonzero(gaussian.lora_B) == 0
+    random = FusedLoRALinear(20, 10, r=4, init_lora_weights=False)
+    assert torch.count_nonzero(random.lora_B) > 0
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        FusedLoRALinear(20, 10, init_lora_weights="pissa")
+
+
+def test_starts_as_the_base_layer():
+    linear = nn.Linear(16, 12)
+    layer = FusedLoRALinear.from_linear(linear, r=4)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(layer(x), linear(x))
+
+
+def test_from_linear_shares_storage_and_keeps_dtype():
+    linear = nn.Linear(16, 12, dtype=torch.float16)
+    layer = FusedLoRALinear.from_linear(linear, r=4, lora_alpha=16, lora_dropout=0.1)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert layer.weight.data_ptr() == linear.weight.data_ptr()
+    assert layer.lora_A.dtype == torch.float16 and layer.lora_A.device == linear.weight.device
+    assert not linear.weight.requires_grad
+    assert layer.scaling == 4.0 and layer.lora_dropout == 0.1
+    fp32_adapters = FusedLoRALinear.from_linear(linear, r=4, adapter_dtype=torch.float32)
+    assert fp32_adapters.lora_B.dtype == torch.float32
+    with pytest.raises(TypeError, match=r"nn\.Linear"):
+        FusedLoRALinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+def test_forward_matches_reference_3d():
+    layer = FusedLoRALinear(24, 18, r=3, lora_alpha=6, init_lora_weights=False)
+    x = torch.randn(2, 7, 24)
+    expected = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_unmerge_round_trip():
+    layer = FusedLoRALinear(32, 24, r=4, init_lora_weights=False).eval()
+    x = torch.randn(6, 32)
+    before_weight = layer.weight.detach().clone()
+    y = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge()
+    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)  # not merged twice
+    layer.unmerge()
+    assert not layer.merged
+    delta_scale = layer.delta_weight().abs().max().item()
+    torch.testing.assert_close(layer.weight, before_weight, atol=4 * 2**-23 * delta_scale * 4, rtol=0)
+    with pytest.warns(UserWarning, match="not merged"):
+        layer.unmerge()
+
+
+def test_state_dict_round_trip():
+    layer = FusedLoRALinear(10, 6, r=2, init_lora_weights=False)
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    other = FusedLoRALinear(10, 6, r=2)
+    other.load_state_dict(torch.load(buffer))
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(other(x), layer(x))
+
+
+def test_train_eval_switches_dropout():
+    layer = FusedLoRALinear(64, 32, r=8, lora_dropout=0.5, init_lora_weights=False)
+    x = torch.randn(16, 64)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))  # fresh masks each call
+    torch.manual_seed(3)
+    first = layer(x)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), first)  # torch.manual_seed fixes the masks
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_training_updates_only_adapters():
+    layer = FusedLoRALinear(8, 4, r=2)
+    weight = layer.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(10, 8)).pow(2).mean().backward()
+        opt.step()
+    assert torch.equal(layer.weight, weight)
+    assert torch.count_nonzero(layer.lora_B) > 0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="r must be"):
+        FusedLoRALinear(4, 4, r=0)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        FusedLoRALinear(4, 4, lora_dropout=1.0)
+    layer = FusedLoRALinear(4, 3)
+    with pytest.raises(ValueError, match="in_features=4"):
+        layer(torch.randn(2, 5))
+    assert math.isfinite(layer.scaling)
