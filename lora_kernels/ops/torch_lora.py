@@ -60,14 +60,17 @@ def lora_backward(
     if need_x or need_A:
         # s·(dY·B): the gradient reaching t, scaled once here for both dX and dA.
         grad_t = torch.mm(grad_y, lora_B.to(dtype)).to(_acc_dtype(dtype)).mul_(scaling).to(dtype)
+    mask = None
+    if dropout_p > 0.0 and (need_x or need_A):  # regenerated once, shared by dX and dA
+        mask = dropout_mask(seed, 0, x.shape, dropout_p, device=x.device, dtype=dtype)
     if need_x:
         grad_x = torch.mm(grad_y, weight)
-        if dropout_p == 0.0:
+        if mask is None:
             grad_x.addmm_(grad_t, lora_A.to(dtype))
         else:
-            grad_x += _dropped(torch.mm(grad_t, lora_A.to(dtype)), dropout_p, seed)
+            grad_x += torch.mm(grad_t, lora_A.to(dtype)).mul_(mask)
     if need_A:
-        grad_A = torch.mm(grad_t.t(), _dropped(x, dropout_p, seed)).to(lora_A.dtype)
+        grad_A = torch.mm(grad_t.t(), x if mask is None else x * mask).to(lora_A.dtype)
     if need_B:
         grad_B = torch.mm(grad_y.t(), t.to(dtype)).to(lora_B.dtype)
     if need_bias:
