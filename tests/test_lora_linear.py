@@ -50,6 +50,19 @@ def test_dropout_matches_reference_exactly(backend, dtype, device):
     check_parity(problem, backend, dtype, dropout_p=0.3)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", [((3, 50), 70, 45, 5), ((130,), 150, 140, 20), ((9,), 33, 1, 2)])
+def test_projection_fused_into_the_gemm(monkeypatch, dtype, dropout_p, shape, device):
+    """The in-mainloop variant of the skinny projection (forward without dropout, and dX) is exact too."""
+    from lora_kernels.ops import triton_lora
+
+    monkeypatch.setattr(triton_lora, "_fuse_projection", lambda M, N, K, r: True)
+    lead, k, n, r = shape
+    check_parity(make_problem(lead, k, n, r, dtype, device=device), "triton", dtype, dropout_p=dropout_p)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_rank_and_no_bias(backend, device):
     check_parity(make_problem((19,), 40, 36, 256, device=device, bias=False), backend, torch.float32)

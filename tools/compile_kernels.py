@@ -20,33 +20,45 @@ from triton.compiler import ASTSource
 
 from lora_kernels.ops import triton_lora
 
-#: Per kernel: pointer args ("in" = the input dtype, else a fixed type), float scalars, and constexprs.
+#: Per kernel: pointer args ("in" = the input dtype, else a fixed type), float scalars, constexprs, options
+#: and the variants (extra constexprs) to compile.
 KERNELS = {
     "_lora_linear_kernel": (
-        {"a_ptr": "in", "b_ptr": "in", "t_ptr": "fp32", "u_ptr": "fp32", "bias_ptr": "in", "out_ptr": "in"},
-        {"dropout_scale"},
+        {
+            "a_ptr": "in",
+            "b_ptr": "in",
+            "t_ptr": "fp32",
+            "u_ptr": "fp32",
+            "p_ptr": "fp32",
+            "bias_ptr": "in",
+            "out_ptr": "in",
+        },
+        {"project_scale", "dropout_scale"},
         {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16, "GROUP_M": 8},
         {"num_warps": 8, "num_stages": 3},
+        ({"FUSE_PROJECT": False}, {"FUSE_PROJECT": True}),
     ),
     "_lora_project_kernel": (
         {"a_ptr": "in", "b_ptr": "fp32", "out_ptr": "fp32"},
         {"scale"},
         {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 64},
         {"num_warps": 4, "num_stages": 3},
+        ({},),
     ),
     "_lora_reduce_rows_kernel": (
         {"a_ptr": "in", "c_ptr": "fp32", "out_ptr": "fp32", "colsum_ptr": "fp32"},
         {"scale"},
         {"HAS_COLSUM": True, "BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_R": 32},
         {"num_warps": 4, "num_stages": 3},
+        ({},),
     ),
 }
 
 
-def compile_kernel(name: str, dtype: str, dropout: bool, arch: int) -> None:
+def compile_kernel(name: str, dtype: str, dropout: bool, variant: dict, arch: int) -> None:
     kernel = getattr(triton_lora, name)
-    pointers, floats, constexprs, options = KERNELS[name]
-    constexprs = {**constexprs, "HAS_DROPOUT": dropout, "INPUT_PRECISION": "tf32"}
+    pointers, floats, constexprs, options, _ = KERNELS[name]
+    constexprs = {**constexprs, **variant, "HAS_DROPOUT": dropout, "INPUT_PRECISION": "tf32"}
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:
@@ -68,15 +80,17 @@ def main() -> int:
     print(f"triton {triton.__version__}")
     failures = 0
     for arch in args.arch:
-        for name in KERNELS:
-            for dtype in ("fp16", "bf16", "fp32"):
-                for dropout in (False, True):
-                    try:
-                        compile_kernel(name, dtype, dropout, arch)
-                        print(f"ok sm_{arch} {name} {dtype} dropout={dropout}")
-                    except Exception as err:  # report every failure, not just the first
-                        failures += 1
-                        print(f"FAIL sm_{arch} {name} {dtype} dropout={dropout}: {type(err).__name__}: {err}")
+        for name, spec in KERNELS.items():
+            for variant in spec[-1]:
+                for dtype in ("fp16", "bf16", "fp32"):
+                    for dropout in (False, True):
+                        what = f"sm_{arch} {name} {dtype} dropout={dropout} {variant or ''}"
+                        try:
+                            compile_kernel(name, dtype, dropout, variant, arch)
+                            print(f"ok {what}")
+                        except Exception as err:  # report every failure, not just the first
+                            failures += 1
+                            print(f"FAIL {what}: {type(err).__name__}: {err}")
     return 1 if failures else 0
 
 

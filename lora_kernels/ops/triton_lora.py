@@ -23,8 +23,10 @@ All offsets are int64, so tensors over 2**31 elements do not wrap.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -66,13 +68,13 @@ def _dropout_keep(rows, cols, seed_lo, seed_hi, threshold):
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
 def _lora_linear_kernel(
-    a_ptr, b_ptr, t_ptr, u_ptr, bias_ptr, out_ptr,
+    a_ptr, b_ptr, t_ptr, u_ptr, p_ptr, bias_ptr, out_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn,
-    stride_tm, stride_tr, stride_ur, stride_un,
+    stride_tm, stride_tr, stride_ur, stride_un, stride_pk, stride_pr,
     stride_om, stride_on,
-    seed_lo, seed_hi, dropout_threshold, dropout_scale,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    project_scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_PROJECT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -81,6 +83,11 @@ def _lora_linear_kernel(
 
     Forward: ``a = x``, ``b = Wᵀ``, ``t = s·dropout(x)·Aᵀ``, ``u = Bᵀ``, bias, no mask.
     dX:      ``a = dY``, ``b = W``, ``t = s·dY·B``, ``u = A``, no bias, the dropout mask of x.
+
+    With ``FUSE_PROJECT`` the kernel computes ``t = project_scale · a·p`` itself in the main loop, from the
+    ``a`` tiles it loads anyway (``p`` is ``Aᵀ`` or ``B``, K×R; no dropout on ``a``), and the programs of
+    the first column of tiles store it to ``t_ptr`` for the backward: no separate pass over ``a``, at the
+    price of R/BLOCK_N more MMA work.
     """
     # Grouped ordering of the output tiles (Triton tutorial 03) so neighbouring programs share L2 tiles.
     pid = tl.program_id(0)
@@ -101,33 +108,42 @@ def _lora_linear_kernel(
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    in_dtype = a_ptr.dtype.element_ty
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    p_ptrs = p_ptr + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if FUSE_PROJECT:
+            p = tl.load(p_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+            t_acc = tl.dot(a, p.to(in_dtype), t_acc, input_precision=INPUT_PRECISION)
+            p_ptrs += BLOCK_K * stride_pk
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
     # Epilogue: the LoRA term, added while the accumulator is still fp32.
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    t = tl.load(
-        t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-        mask=mask_m[:, None] & mask_r[None, :],
-        other=0.0,
-    )
+    if FUSE_PROJECT:
+        t = t_acc * project_scale
+        if pid_n == 0:
+            tl.store(t_ptrs, t, mask=mask_m[:, None] & mask_r[None, :])
+    else:
+        t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     u = tl.load(
         u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
     )
-    in_dtype = a_ptr.dtype.element_ty
     if HAS_DROPOUT:
         lora = tl.dot(t.to(in_dtype), u.to(in_dtype), input_precision=INPUT_PRECISION)
         keep = _dropout_keep(offs_m[:, None], offs_n[None, :], seed_lo, seed_hi, dropout_threshold)
-        acc += tl.where(keep, lora * dropout_scale, 0.0)
+        acc += lora * (keep.to(tl.float32) * dropout_scale)  # a product, not a select: NaN·0 stays NaN
     else:
         acc = tl.dot(t.to(in_dtype), u.to(in_dtype), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
@@ -169,7 +185,7 @@ def _lora_project_kernel(
         )
         if HAS_DROPOUT:
             keep = _dropout_keep(offs_m[:, None], offs_k[None, :], seed_lo, seed_hi, dropout_threshold)
-            a = tl.where(keep, a, 0.0)
+            a = a * keep.to(a.dtype)  # multiply as x·mask does, so a dropped NaN still propagates
         b = tl.load(
             b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_r[None, :] * stride_br,
             mask=mask_k[:, None] & mask_r[None, :],
@@ -220,7 +236,7 @@ def _lora_reduce_rows_kernel(
             colsum += tl.sum(a_t.to(tl.float32), axis=1)
         if HAS_DROPOUT:
             keep = _dropout_keep(offs_m[None, :], offs_p[:, None], seed_lo, seed_hi, dropout_threshold)
-            a_t = tl.where(keep, a_t, 0.0)
+            a_t = a_t * keep.to(a_t.dtype)
         c = tl.load(
             c_ptr + offs_m[:, None] * stride_cm + offs_r[None, :] * stride_cr,
             mask=mask_m[:, None] & mask_r[None, :],
@@ -243,6 +259,15 @@ def _lora_reduce_rows_kernel(
 def interpreting() -> bool:
     """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Triton's interpreter patches triton.language globally while it runs a kernel, so two threads interpreting at
+# once break each other; compiled launches need no lock.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launch_guard() -> contextlib.AbstractContextManager:
+    return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
 
 
 def _pow2_clamp(n: int, low: int, high: int) -> int:
@@ -293,6 +318,15 @@ def _row_splits(M: int, num_blocks: int, block_m: int, device: torch.device) -> 
     return max(1, min(triton.cdiv(M, block_m * 4), triton.cdiv(2 * _num_sms(device.index or 0), num_blocks)))
 
 
+def _fuse_projection(M: int, N: int, K: int, r: int) -> bool:
+    """Whether the GEMM computes the skinny ``a·p`` in its own main loop instead of a separate kernel.
+
+    Fusing saves a pass over ``a`` (and a launch) but costs R/BLOCK_N more MMA work in every tile. Off until
+    GPU measurements pick the shapes where it wins (benchmarks/NOTES.md).
+    """
+    return False
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use TF32 only where torch itself would (``torch.backends.cuda.matmul.allow_tf32``)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -320,25 +354,33 @@ def _linear_with_lora(
     bias: torch.Tensor | None,
     dropout_p: float,
     seed: int,
+    project: torch.Tensor | None = None,
+    project_scale: float = 1.0,
 ) -> torch.Tensor:
-    """``a·b + [mask ⊙] t·u + bias`` with ``a`` (M, K), ``b`` (K, N), ``t`` (M, R), ``u`` (R, N)."""
+    """``a·b + [mask ⊙] t·u + bias`` with ``a`` (M, K), ``b`` (K, N), ``t`` (M, R), ``u`` (R, N).
+
+    With ``project`` (K, R), ``t`` is an output: the kernel fills it with ``project_scale · a·project``.
+    """
     M, K = a.shape
     N = b.shape[1]
     R = t.shape[1]
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     if out.numel() == 0:
+        if project is not None and M > 0:  # N == 0: nothing to fuse into, t is still owed
+            t.copy_(torch.mm(a, project.to(a.dtype)).float().mul_(project_scale))
         return out
     cfg = _linear_config(M, N, K, a.element_size())
     seed_lo, seed_hi, threshold, scale = _dropout_args(dropout_p, seed)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    p = project if project is not None else t
     _lora_linear_kernel[grid](
-        a, b, t, u, bias if bias is not None else out, out,
+        a, b, t, u, p, bias if bias is not None else out, out,
         M, N, K, R,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        t.stride(0), t.stride(1), u.stride(0), u.stride(1),
+        t.stride(0), t.stride(1), u.stride(0), u.stride(1), p.stride(0), p.stride(1),
         out.stride(0), out.stride(1),
-        seed_lo, seed_hi, threshold, scale,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
+        project_scale, seed_lo, seed_hi, threshold, scale,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=project is not None,
         INPUT_PRECISION=_input_precision(a.dtype), BLOCK_R=_block_r(R),
         **cfg,
     )  # fmt: skip
@@ -416,8 +458,14 @@ def lora_forward(
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (float32, returned for backward)."""
-    t = _project(x, lora_A.t(), scaling, dropout_p, seed)
-    y = _linear_with_lora(x, weight.t(), t, lora_B.t(), bias, 0.0, seed)
+    M, K = x.shape
+    with _launch_guard():
+        if dropout_p == 0.0 and _fuse_projection(M, weight.shape[0], K, lora_A.shape[0]):
+            t = torch.empty((M, lora_A.shape[0]), device=x.device, dtype=torch.float32)
+            y = _linear_with_lora(x, weight.t(), t, lora_B.t(), bias, 0.0, seed, lora_A.t(), scaling)
+        else:
+            t = _project(x, lora_A.t(), scaling, dropout_p, seed)
+            y = _linear_with_lora(x, weight.t(), t, lora_B.t(), bias, 0.0, seed)
     return y, t
 
 
@@ -436,17 +484,24 @@ def lora_backward(
     """Gradients of :func:`lora_forward` for ``(x, weight, bias, lora_A, lora_B)``."""
     need_x, need_weight, need_bias, need_A, need_B = needs_grad
     grad_x = grad_weight = grad_bias = grad_A = grad_B = None
-    if need_x or need_A:
-        grad_t = _project(grad_y, lora_B, scaling, 0.0, seed)  # s·dY·B, (M, r) fp32
-    if need_x:
-        grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, dropout_p, seed)
-    if need_A:
-        grad_A_t, _ = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)
-        grad_A = grad_A_t.t().to(lora_A.dtype)
-    if need_B or need_bias:
-        grad_B, grad_bias = _reduce_rows(grad_y, t, 0.0, seed, with_colsum=need_bias)
-        grad_B = grad_B.to(lora_B.dtype) if need_B else None
-        grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
+    M, N = grad_y.shape
+    K, R = x.shape[1], lora_A.shape[0]
+    with _launch_guard():
+        # s·dY·B, (M, r) fp32: computed inside the dX kernel when fused, else by its own pass over dY
+        if need_x and _fuse_projection(M, K, N, R):
+            grad_t = torch.empty((M, R), device=grad_y.device, dtype=torch.float32)
+            grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, dropout_p, seed, lora_B, scaling)
+        elif need_x or need_A:
+            grad_t = _project(grad_y, lora_B, scaling, 0.0, seed)
+        if need_x and grad_x is None:
+            grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, dropout_p, seed)
+        if need_A:
+            grad_A_t, _ = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)
+            grad_A = grad_A_t.t().to(lora_A.dtype)
+        if need_B or need_bias:
+            grad_B, grad_bias = _reduce_rows(grad_y, t, 0.0, seed, with_colsum=need_bias)
+            grad_B = grad_B.to(lora_B.dtype) if need_B else None
+            grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
     if need_weight:
         grad_weight = torch.mm(grad_y.t(), x)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B
