@@ -1,0 +1,103 @@
+// CUDA forward: the skinny projection t = s·dropout(x)·Aᵀ (lora_project_kernel, in lora_kernels.cuh, where
+// the reasons for each kernel are given), the output y = x·Wᵀ + b + t·Bᵀ (cuBLAS through ATen), and the
+// dropout mask itself (for tests).
+#include <torch/library.h>
+
+#include "lora_cuda_common.cuh"
+
+namespace lora_kernels {
+namespace cuda {
+namespace {
+
+at::Tensor lora_project_cuda(const at::Tensor& x, const at::Tensor& lora_A, double scaling, double dropout_p,
+                             int64_t seed) {
+  check_project_args(x, lora_A, dropout_p, seed);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t M = x.size(0);
+  const int64_t K = x.size(1);
+  const int64_t r = lora_A.size(0);
+  at::Tensor t = at::empty({M, r}, x.options().dtype(at::kFloat));
+  if (M == 0) {
+    return t;
+  }
+  if (K == 0) {
+    return t.zero_();
+  }
+  // A is r x K: casting it to x.dtype is cheap, and makes the kernel's operands those of an x.dtype GEMM.
+  const at::Tensor A = lora_A.to(x.scalar_type()).contiguous();
+  const DropoutParams dropout = make_dropout_params(dropout_p, seed);
+  const float scale = static_cast<float>(dropout_p > 0.0 ? scaling / (1.0 - dropout_p) : scaling);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  LORA_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_project_cuda", [&] {
+    dispatch_rank_tile(r, [&](auto rank_tile) {
+      constexpr int RP = decltype(rank_tile)::value;
+      using Tile = ProjectTile<RP>;
+      const ProjectPlan plan = plan_project<RP>(M, K, target_blocks());
+      TORCH_CHECK(plan.m_tiles <= std::numeric_limits<int32_t>::max(), "lora_project: too many rows, got x ",
+                  describe(x));
+      // One split writes t directly; more write (splits, M, r) partials reduced in order below.
+      at::Tensor partial = plan.splits == 1 ? t : at::empty({plan.splits, M, r}, t.options());
+      const dim3 grid(static_cast<unsigned>(plan.m_tiles), static_cast<unsigned>(plan.splits));
+      lora_project_kernel<scalar_t, Tile::BM, Tile::BK, RP, Tile::TX><<<grid, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), A.const_data_ptr<scalar_t>(),
+          partial.mutable_data_ptr<float>(), M, K, r, plan.k_per_split, scale, dropout);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (plan.splits > 1) {
+        sum_partials(partial, t, 1.0f);
+      }
+    });
+  });
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// y = x·Wᵀ + b + t·Bᵀ. Why cuBLAS (through at::addmm): the base GEMM is the large one and is best left to
+// cuBLAS' tensor-core kernels; the LoRA term is a second GEMM with beta = 1 that accumulates into y in place,
+// so there is no extra (M, N) tensor, only y read once more inside cuBLAS' epilogue.
+// ---------------------------------------------------------------------------------------------------------
+at::Tensor lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& t,
+                                const at::Tensor& lora_B) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  return lora_linear_fwd_aten(x, weight, bias, t, lora_B);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The (M, K) float32 dropout mask (1 / (1 - p) kept, 0 dropped): lets the tests compare the device Philox
+// with lora_kernels.dropout.dropout_mask bit for bit. The ops themselves never materialise it.
+// ---------------------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(kThreads)
+    dropout_mask_kernel(float* __restrict__ out, int64_t rows, int64_t cols, float scale, DropoutParams dropout) {
+  const int64_t n = rows * cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    out[i] = dropout_keep(dropout, i / cols, i % cols) ? scale : 0.0f;
+  }
+}
+
+at::Tensor lora_dropout_mask_cuda(const at::Tensor& x, double dropout_p, int64_t seed) {
+  check_dropout_mask_args(x, dropout_p, seed);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor mask = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
+  const int64_t n = mask.numel();
+  if (n == 0) {
+    return mask;
+  }
+  const int64_t blocks = std::min(ceil_div(n, kThreads), 8 * target_blocks());
+  dropout_mask_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      mask.mutable_data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(1.0 / (1.0 - dropout_p)),
+      make_dropout_params(dropout_p, seed));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return mask;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("lora_project", &lora_kernels::cuda::lora_project_cuda);
+  m.impl("lora_linear_fwd", &lora_kernels::cuda::lora_linear_fwd_cuda);
+  m.impl("lora_dropout_mask", &lora_kernels::cuda::lora_dropout_mask_cuda);
+}

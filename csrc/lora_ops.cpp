@@ -1,0 +1,374 @@
+// lora_kernels._C: op schemas, argument checks, the CPU and Meta implementations, and the module stub.
+//
+// The ops split the fused LoRA linear y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ into the pieces the autograd
+// Function in Python calls (see lora_kernels/ops/cuda_lora.py):
+//
+//   lora_project       t  = s·dropout(x)·Aᵀ                      (M, r) float32
+//   lora_linear_fwd    y  = x·Wᵀ + b + t·Bᵀ                      (M, N) x.dtype
+//   lora_grad_t_and_B  gt = s·(dY·B), dB = dYᵀ·t                 (M, r) dY.dtype, (N, r) float32
+//   lora_grad_A        dA = gtᵀ·dropout(x)                       (r, K) float32
+//   lora_grad_x        dX = dY·W + dropout'(gt·A)                (M, K) dY.dtype
+//   lora_dropout_mask  the (M, K) float32 mask itself (tests and debugging; the ops never store it)
+//
+// The CPU implementation below is an ATen composite that follows lora_kernels/ops/torch_lora.py op for op,
+// with the Philox mask from philox.h; the CUDA kernels live in lora_kernels.cuh, launched from lora_fwd.cu
+// and lora_bwd.cu.
+#include <Python.h>  // first, as the Python docs ask
+
+#include "lora_ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+#include "philox.h"
+
+namespace lora_kernels {
+
+std::string describe(const at::Tensor& t) {
+  if (!t.defined()) {
+    return "an undefined tensor";
+  }
+  std::ostringstream os;
+  os << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();
+  return os.str();
+}
+
+namespace {
+
+bool is_compute_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+void check_matrix(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got ", describe(t));
+}
+
+// The tensor every other argument of the op is compared against: float16, bfloat16 or float32.
+void check_compute_dtype(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(is_compute_dtype(t.scalar_type()), op, ": ", name,
+              " must be float16, bfloat16 or float32, got ", describe(t));
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ", ref_name, " (",
+              ref.device(), "), got ", describe(t));
+}
+
+void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                      const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+              ref.scalar_type(), "), got ", describe(t));
+}
+
+// LoRA adapters may keep float32 weights on a half-precision base (PEFT's default); they are cast to the
+// compute dtype inside the op (a copy of r·K or N·r elements, never of x).
+void check_adapter_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                         const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type() || t.scalar_type() == at::kFloat, op, ": ", name,
+              " must have the dtype of ", ref_name, " (", ref.scalar_type(), ") or float32, got ", describe(t));
+}
+
+void check_size(const char* op, const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
+                const char* what) {
+  TORCH_CHECK(t.size(dim) == expected, op, ": ", name, ".size(", dim, ") must equal ", what, " = ", expected,
+              ", got ", describe(t));
+}
+
+void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  const int64_t r = t.size(dim);
+  TORCH_CHECK(r >= 1 && r <= kMaxRank, op, ": the LoRA rank ", name, ".size(", dim, ") must be in [1, ",
+              kMaxRank, "], got ", describe(t));
+}
+
+void check_dropout(const char* op, double dropout_p, int64_t seed) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2**63), got ", seed);
+}
+
+}  // namespace
+
+void check_project_args(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, int64_t seed) {
+  constexpr const char* op = "lora_project";
+  check_matrix(op, "x", x);
+  check_compute_dtype(op, "x", x);
+  check_matrix(op, "lora_A", lora_A);
+  check_same_device(op, "lora_A", lora_A, "x", x);
+  check_adapter_dtype(op, "lora_A", lora_A, "x", x);
+  check_rank(op, "lora_A", lora_A, 0);
+  check_size(op, "lora_A", lora_A, 1, x.size(1), "x.size(1) (in_features)");
+  check_dropout(op, dropout_p, seed);
+}
+
+void check_linear_fwd_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& t, const at::Tensor& lora_B) {
+  constexpr const char* op = "lora_linear_fwd";
+  check_matrix(op, "x", x);
+  check_compute_dtype(op, "x", x);
+  check_matrix(op, "weight", weight);
+  check_same_device(op, "weight", weight, "x", x);
+  check_same_dtype(op, "weight", weight, "x", x);
+  check_size(op, "weight", weight, 1, x.size(1), "x.size(1) (in_features)");
+  const int64_t n = weight.size(0);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1, op, ": bias must be a 1-D (out_features,) tensor, got ", describe(*bias));
+    check_same_device(op, "bias", *bias, "x", x);
+    check_same_dtype(op, "bias", *bias, "x", x);
+    check_size(op, "bias", *bias, 0, n, "weight.size(0) (out_features)");
+  }
+  check_matrix(op, "t", t);
+  check_same_device(op, "t", t, "x", x);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": t must be float32 (the output of lora_project), got ",
+              describe(t));
+  check_size(op, "t", t, 0, x.size(0), "x.size(0) (rows)");
+  check_rank(op, "t", t, 1);
+  check_matrix(op, "lora_B", lora_B);
+  check_same_device(op, "lora_B", lora_B, "x", x);
+  check_adapter_dtype(op, "lora_B", lora_B, "x", x);
+  check_size(op, "lora_B", lora_B, 0, n, "weight.size(0) (out_features)");
+  check_size(op, "lora_B", lora_B, 1, t.size(1), "t.size(1) (rank)");
+}
+
+void check_grad_t_and_B_args(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& t) {
+  constexpr const char* op = "lora_grad_t_and_B";
+  check_matrix(op, "grad_y", grad_y);
+  check_compute_dtype(op, "grad_y", grad_y);
+  check_matrix(op, "lora_B", lora_B);
+  check_same_device(op, "lora_B", lora_B, "grad_y", grad_y);
+  check_adapter_dtype(op, "lora_B", lora_B, "grad_y", grad_y);
+  check_rank(op, "lora_B", lora_B, 1);
+  check_size(op, "lora_B", lora_B, 0, grad_y.size(1), "grad_y.size(1) (out_features)");
+  check_matrix(op, "t", t);
+  check_same_device(op, "t", t, "grad_y", grad_y);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": t must be float32 (the output of lora_project), got ",
+              describe(t));
+  check_size(op, "t", t, 0, grad_y.size(0), "grad_y.size(0) (rows)");
+  check_size(op, "t", t, 1, lora_B.size(1), "lora_B.size(1) (rank)");
+}
+
+void check_grad_A_args(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p, int64_t seed) {
+  constexpr const char* op = "lora_grad_A";
+  check_matrix(op, "x", x);
+  check_compute_dtype(op, "x", x);
+  check_matrix(op, "grad_t", grad_t);
+  check_same_device(op, "grad_t", grad_t, "x", x);
+  check_same_dtype(op, "grad_t", grad_t, "x", x);
+  check_size(op, "grad_t", grad_t, 0, x.size(0), "x.size(0) (rows)");
+  check_rank(op, "grad_t", grad_t, 1);
+  check_dropout(op, dropout_p, seed);
+}
+
+void check_grad_x_args(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_t,
+                       const at::Tensor& lora_A, double dropout_p, int64_t seed) {
+  constexpr const char* op = "lora_grad_x";
+  check_matrix(op, "grad_y", grad_y);
+  check_compute_dtype(op, "grad_y", grad_y);
+  check_matrix(op, "weight", weight);
+  check_same_device(op, "weight", weight, "grad_y", grad_y);
+  check_same_dtype(op, "weight", weight, "grad_y", grad_y);
+  check_size(op, "weight", weight, 0, grad_y.size(1), "grad_y.size(1) (out_features)");
+  check_matrix(op, "grad_t", grad_t);
+  check_same_device(op, "grad_t", grad_t, "grad_y", grad_y);
+  check_same_dtype(op, "grad_t", grad_t, "grad_y", grad_y);
+  check_size(op, "grad_t", grad_t, 0, grad_y.size(0), "grad_y.size(0) (rows)");
+  check_rank(op, "grad_t", grad_t, 1);
+  check_matrix(op, "lora_A", lora_A);
+  check_same_device(op, "lora_A", lora_A, "grad_y", grad_y);
+  check_adapter_dtype(op, "lora_A", lora_A, "grad_y", grad_y);
+  check_size(op, "lora_A", lora_A, 0, grad_t.size(1), "grad_t.size(1) (rank)");
+  check_size(op, "lora_A", lora_A, 1, weight.size(1), "weight.size(1) (in_features)");
+  check_dropout(op, dropout_p, seed);
+}
+
+void check_dropout_mask_args(const at::Tensor& x, double dropout_p, int64_t seed) {
+  constexpr const char* op = "lora_dropout_mask";
+  check_matrix(op, "x", x);
+  check_dropout(op, dropout_p, seed);
+}
+
+at::Tensor lora_linear_fwd_aten(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& t,
+                                const at::Tensor& lora_B) {
+  check_linear_fwd_args(x, weight, bias, t, lora_B);
+  const auto dtype = x.scalar_type();
+  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  // beta = 1: the LoRA term is accumulated into the base output, no second (M, N) tensor. t is cast to
+  // x.dtype (an (M, r) copy) so the GEMM runs in the compute dtype, as in every backend.
+  y.addmm_(t.to(dtype), lora_B.to(dtype).t());
+  return y;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// CPU: ATen composite, the same math as lora_kernels/ops/torch_lora.py.
+// ---------------------------------------------------------------------------------------------------------
+
+// The (M, K) float32 mask: 1 / (1 - p) where kept, 0 where dropped.
+at::Tensor dropout_mask_cpu(int64_t rows, int64_t cols, double dropout_p, int64_t seed) {
+  at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+  const DropoutParams params = make_dropout_params(dropout_p, seed);
+  const float scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  float* out = mask.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t col = 0; col < cols; ++col) {
+        out[row * cols + col] = dropout_keep(params, row, col) ? scale : 0.0f;
+      }
+    }
+  });
+  return mask;
+}
+
+at::Tensor dropped_cpu(const at::Tensor& x, double dropout_p, int64_t seed) {
+  if (dropout_p == 0.0) {
+    return x;
+  }
+  return x * dropout_mask_cpu(x.size(0), x.size(1), dropout_p, seed).to(x.scalar_type());
+}
+
+at::Tensor lora_project_cpu(const at::Tensor& x, const at::Tensor& lora_A, double scaling, double dropout_p,
+                            int64_t seed) {
+  check_project_args(x, lora_A, dropout_p, seed);
+  const auto dtype = x.scalar_type();
+  at::Tensor t = at::mm(dropped_cpu(x, dropout_p, seed), lora_A.to(dtype).t()).to(at::kFloat);
+  return t.mul_(scaling);
+}
+
+at::Tensor lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& t,
+                               const at::Tensor& lora_B) {
+  return lora_linear_fwd_aten(x, weight, bias, t, lora_B);
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_grad_t_and_B_cpu(const at::Tensor& grad_y, const at::Tensor& lora_B,
+                                                         const at::Tensor& t, double scaling) {
+  check_grad_t_and_B_args(grad_y, lora_B, t);
+  const auto dtype = grad_y.scalar_type();
+  at::Tensor grad_t = at::mm(grad_y, lora_B.to(dtype)).to(at::kFloat).mul_(scaling).to(dtype);
+  at::Tensor grad_B = at::mm(grad_y.t(), t.to(dtype)).to(at::kFloat);
+  return {grad_t, grad_B};
+}
+
+at::Tensor lora_grad_A_cpu(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p, int64_t seed) {
+  check_grad_A_args(grad_t, x, dropout_p, seed);
+  return at::mm(grad_t.t(), dropped_cpu(x, dropout_p, seed)).to(at::kFloat);
+}
+
+at::Tensor lora_grad_x_cpu(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_t,
+                           const at::Tensor& lora_A, double dropout_p, int64_t seed) {
+  check_grad_x_args(grad_y, weight, grad_t, lora_A, dropout_p, seed);
+  const auto dtype = grad_y.scalar_type();
+  at::Tensor grad_x = at::mm(grad_y, weight);
+  if (dropout_p == 0.0) {
+    grad_x.addmm_(grad_t, lora_A.to(dtype));
+  } else {
+    grad_x.add_(dropped_cpu(at::mm(grad_t, lora_A.to(dtype)), dropout_p, seed));
+  }
+  return grad_x;
+}
+
+at::Tensor lora_dropout_mask_cpu(const at::Tensor& x, double dropout_p, int64_t seed) {
+  check_dropout_mask_args(x, dropout_p, seed);
+  return dropout_mask_cpu(x.size(0), x.size(1), dropout_p, seed);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Meta: shapes and dtypes only, for FakeTensor tracing (torch.compile, opcheck).
+// ---------------------------------------------------------------------------------------------------------
+
+at::Tensor lora_project_meta(const at::Tensor& x, const at::Tensor& lora_A, double scaling, double dropout_p,
+                             int64_t seed) {
+  check_project_args(x, lora_A, dropout_p, seed);
+  return at::empty({x.size(0), lora_A.size(0)}, x.options().dtype(at::kFloat));
+}
+
+at::Tensor lora_linear_fwd_meta(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& t,
+                                const at::Tensor& lora_B) {
+  check_linear_fwd_args(x, weight, bias, t, lora_B);
+  return at::empty({x.size(0), weight.size(0)}, x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_grad_t_and_B_meta(const at::Tensor& grad_y, const at::Tensor& lora_B,
+                                                          const at::Tensor& t, double scaling) {
+  check_grad_t_and_B_args(grad_y, lora_B, t);
+  return {at::empty({grad_y.size(0), lora_B.size(1)}, grad_y.options()),
+          at::empty({grad_y.size(1), lora_B.size(1)}, grad_y.options().dtype(at::kFloat))};
+}
+
+at::Tensor lora_grad_A_meta(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p, int64_t seed) {
+  check_grad_A_args(grad_t, x, dropout_p, seed);
+  return at::empty({grad_t.size(1), x.size(1)}, x.options().dtype(at::kFloat));
+}
+
+at::Tensor lora_grad_x_meta(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_t,
+                            const at::Tensor& lora_A, double dropout_p, int64_t seed) {
+  check_grad_x_args(grad_y, weight, grad_t, lora_A, dropout_p, seed);
+  return at::empty({grad_y.size(0), weight.size(1)}, grad_y.options());
+}
+
+at::Tensor lora_dropout_mask_meta(const at::Tensor& x, double dropout_p, int64_t seed) {
+  check_dropout_mask_args(x, dropout_p, seed);
+  return at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
+}
+
+}  // namespace
+}  // namespace lora_kernels
+
+// A fragment rather than TORCH_LIBRARY: the Python side may add its own ops (torch.library.custom_op) to the
+// same `lora_kernels` namespace, and only one non-fragment definition of a namespace is allowed.
+TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  m.def("lora_project(Tensor x, Tensor lora_A, float scaling, float dropout_p, int seed) -> Tensor");
+  m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor t, Tensor lora_B) -> Tensor");
+  m.def("lora_grad_t_and_B(Tensor grad_y, Tensor lora_B, Tensor t, float scaling) -> (Tensor, Tensor)");
+  m.def("lora_grad_A(Tensor grad_t, Tensor x, float dropout_p, int seed) -> Tensor");
+  m.def(
+      "lora_grad_x(Tensor grad_y, Tensor weight, Tensor grad_t, Tensor lora_A, float dropout_p, int seed) -> "
+      "Tensor");
+  m.def("lora_dropout_mask(Tensor x, float dropout_p, int seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("lora_project", &lora_kernels::lora_project_cpu);
+  m.impl("lora_linear_fwd", &lora_kernels::lora_linear_fwd_cpu);
+  m.impl("lora_grad_t_and_B", &lora_kernels::lora_grad_t_and_B_cpu);
+  m.impl("lora_grad_A", &lora_kernels::lora_grad_A_cpu);
+  m.impl("lora_grad_x", &lora_kernels::lora_grad_x_cpu);
+  m.impl("lora_dropout_mask", &lora_kernels::lora_dropout_mask_cpu);
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels, Meta, m) {
+  m.impl("lora_project", &lora_kernels::lora_project_meta);
+  m.impl("lora_linear_fwd", &lora_kernels::lora_linear_fwd_meta);
+  m.impl("lora_grad_t_and_B", &lora_kernels::lora_grad_t_and_B_meta);
+  m.impl("lora_grad_A", &lora_kernels::lora_grad_A_meta);
+  m.impl("lora_grad_x", &lora_kernels::lora_grad_x_meta);
+  m.impl("lora_dropout_mask", &lora_kernels::lora_dropout_mask_meta);
+}
+
+// `import lora_kernels._C` loads this library, which runs the registrations above; the module itself only
+// says whether the CUDA kernels were compiled in (setup.py defines LORA_KERNELS_WITH_CUDA for that build).
+#ifndef LORA_KERNELS_WITH_CUDA
+#define LORA_KERNELS_WITH_CUDA 0
+#endif
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "Fused LoRA linear ops, registered under torch.ops.lora_kernels.",
+      -1,
+      nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_CUDA", LORA_KERNELS_WITH_CUDA) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

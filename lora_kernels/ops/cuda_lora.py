@@ -1,0 +1,92 @@
+"""The C++/CUDA extension backend: ``lora_kernels._C``'s ops behind the backend interface of :mod:`.`.
+
+The extension registers its ops under ``torch.ops.lora_kernels`` (schemas in ``csrc/lora_ops.cpp``); they
+take CPU tensors (an ATen composite with the same Philox mask) and CUDA tensors (the kernels of
+``csrc/lora_fwd.cu`` / ``csrc/lora_bwd.cu``). This module only sequences them. Importing it never fails:
+without the extension, :func:`has_extension` and :func:`is_available` are False.
+
+Layouts: ``x`` and ``grad_y`` may have any strides (the kernels index them logically); the small operands
+(``t``, adapters cast to the compute dtype) are made contiguous inside the ops; ``y`` and ``grad_x`` come
+out contiguous.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+try:
+    _C = importlib.import_module("lora_kernels._C")
+except (ImportError, OSError):  # not built (LORA_KERNELS_SKIP_EXT=1, failed build) or built for another torch
+    _C = None
+
+_PROJECT_OP = "lora_kernels::lora_project"
+
+
+def has_extension() -> bool:
+    """Whether ``lora_kernels._C`` imported (a CPU-only build counts)."""
+    return _C is not None
+
+
+def is_available() -> bool:
+    """Whether the extension imported and carries CUDA kernels for its ops."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_PROJECT_OP, "CUDA")
+
+
+def _ops():
+    if _C is None:
+        raise RuntimeError(
+            "the lora_kernels._C extension is not built; reinstall with "
+            "`pip install --no-build-isolation -e .` (see csrc/README.md)"
+        )
+    return torch.ops.lora_kernels
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (float32, returned for backward)."""
+    ops = _ops()
+    t = ops.lora_project(x, lora_A, float(scaling), float(dropout_p), int(seed))
+    y = ops.lora_linear_fwd(x, weight, bias, t, lora_B)
+    return y, t
+
+
+def lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    t: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    needs_grad: tuple[bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of :func:`lora_forward` for ``(x, weight, bias, lora_A, lora_B)``."""
+    need_x, need_weight, need_bias, need_A, need_B = needs_grad
+    ops = _ops()
+    grad_x = grad_weight = grad_bias = grad_A = grad_B = None
+    if need_x or need_A or need_B:
+        # One read of dY gives both s·(dY·B) (for dX and dA) and dB = dYᵀ·t.
+        grad_t, grad_B_f32 = ops.lora_grad_t_and_B(grad_y, lora_B, t, float(scaling))
+        if need_B:
+            grad_B = grad_B_f32.to(lora_B.dtype)
+        if need_x:
+            grad_x = ops.lora_grad_x(grad_y, weight, grad_t, lora_A, float(dropout_p), int(seed))
+        if need_A:
+            grad_A = ops.lora_grad_A(grad_t, x, float(dropout_p), int(seed)).to(lora_A.dtype)
+    if need_bias:
+        grad_bias = grad_y.sum(0)
+    if need_weight:
+        grad_weight = torch.mm(grad_y.t(), x)
+    return grad_x, grad_weight, grad_bias, grad_A, grad_B
