@@ -3,6 +3,7 @@
 from .dispatch import available_backends, use_backend
 from .dropout import dropout_mask
 from .functional import LoRALinearFunction, lora_linear
+from .inject import inject_lora, lora_state_dict, merge_lora, unmerge_lora
 from .modules import FusedLoRALinear
 from .reference import lora_linear_reference
 
@@ -13,7 +14,20 @@ __all__ = [
     "LoRALinearFunction",
     "available_backends",
     "dropout_mask",
+    "inject_lora",
     "lora_linear",
     "lora_linear_reference",
+    "lora_state_dict",
+    "merge_lora",
+    "unmerge_lora",
     "use_backend",
 ]
+
+
+def __getattr__(name: str):
+    # ``lora_kernels.peft`` imports PEFT's dependencies only when asked for.
+    if name == "peft":
+        import importlib
+
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

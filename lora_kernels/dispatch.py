@@ -48,8 +48,12 @@ def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | No
         return None
     if dtype is not None and dtype not in KERNEL_DTYPES:
         return f"its kernels support {', '.join(str(d) for d in KERNEL_DTYPES)}, not {dtype}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     if name == "triton" and device.type != "cuda" and not _interpreting():
         return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on the CPU interpreter)"
+    if name == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return "the Triton kernels target compute capability 8.0 and newer (Ampere, Ada, Hopper)"
     if name == "cuda" and device.type != "cuda":
         return "the CUDA extension needs CUDA tensors"
     _, why = _load(name)

@@ -1,7 +1,9 @@
 """The fused LoRA linear as an autograd Function and a functional call.
 
-``lora_linear`` validates its inputs, picks the backend (:mod:`lora_kernels.dispatch`) and runs
-:class:`LoRALinearFunction`, which saves only ``x`` (as ``nn.Linear`` does), the frozen weight and adapters
+``lora_linear`` applies autocast's casts, validates its inputs, picks the backend
+(:mod:`lora_kernels.dispatch`) and runs :class:`LoRALinearFunction` in eager mode, or the registered custom
+op ``lora_kernels::lora_linear`` (:mod:`lora_kernels.library`) under ``torch.compile``. Both run the same
+backend code (:func:`lora_kernels.ops.run_forward`) and save only ``x`` (as ``nn.Linear`` does), the frozen weight and adapters
 (parameters, no copies) and the ``(M, r)`` float32 intermediate ``t``. The dropout mask is regenerated
 from its seed in backward, never saved.
 """
@@ -11,16 +13,21 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .dispatch import backend_module, select_backend
+from .dispatch import select_backend
 from .dropout import new_seed
+from .library import lora_linear_op, once_differentiable_grads
+from .ops import run_backward, run_forward
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` with a fused forward and backward on one backend."""
+    """``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` with a fused forward and backward on one backend.
+
+    The eager path of :func:`lora_linear` (cheaper to call than the registered op, which adds custom-op
+    dispatch on every call); under ``torch.compile`` the op of :mod:`lora_kernels.library` runs instead.
+    """
 
     @staticmethod
     def forward(
@@ -35,37 +42,22 @@ class LoRALinearFunction(torch.autograd.Function):
         seed: int,
         backend: str,
     ) -> torch.Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
-        y, t = backend_module(backend).lora_forward(
-            x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
-        )
+        y, t = run_forward(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, t)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         x, weight, lora_A, lora_B, t = ctx.saved_tensors
-        grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
-        if grad_y2d.dtype != x.dtype:
-            grad_y2d = grad_y2d.to(x.dtype)
-        grads = backend_module(ctx.backend).lora_backward(
-            grad_y2d,
-            x.reshape(-1, x.shape[-1]),
-            weight,
-            lora_A,
-            lora_B,
-            t,
-            ctx.scaling,
-            ctx.dropout_p,
-            ctx.seed,
-            tuple(ctx.needs_input_grad[:5]),
-        )
-        grad_x, grad_weight, grad_bias, grad_A, grad_B = grads
-        if grad_x is not None:
-            grad_x = grad_x.reshape(x.shape)
-        return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None, None
+        needs = tuple(ctx.needs_input_grad[:5])
+        with torch.no_grad():
+            grads = run_backward(
+                ctx.backend, grad_y, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed, needs
+            )
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is an error, not 0
+            grads = once_differentiable_grads((grad_y, x, weight, lora_A, lora_B), grads)
+        return (*grads, None, None, None, None)
 
 
 def _describe(name: str, tensor: torch.Tensor) -> str:
@@ -162,10 +154,52 @@ def lora_linear(
     Returns:
         ``(..., out_features)`` in ``x.dtype``.
     """
+    x, weight, bias = _autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     dropout_p = float(dropout_p) if training else 0.0
-    seed = 0
+    backend = _backend_for(x.device, x.dtype)
+    if not torch.compiler.is_compiling():
+        seed = 0
+        if dropout_p > 0.0:
+            seed = new_seed() if dropout_seed is None else int(dropout_seed)
+        return LoRALinearFunction.apply(
+            x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed, backend
+        )
+    # Traced: the registered op, with the seed as a tensor so the draw stays in the graph (no .item() break).
+    seed_tensor = None
     if dropout_p > 0.0:
-        seed = new_seed() if dropout_seed is None else int(dropout_seed)
-    backend = select_backend(x.device, x.dtype)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed, backend)
+        if dropout_seed is None:
+            seed_tensor = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+        else:
+            seed_tensor = torch.tensor(int(dropout_seed), dtype=torch.int64)
+    y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed_tensor, backend)
+    return y
+
+
+@torch.compiler.assume_constant_result
+def _backend_for(device: torch.device, dtype: torch.dtype) -> str:
+    """:func:`select_backend`, evaluated once when ``torch.compile`` traces (the choice is baked in)."""
+    return select_backend(device, dtype)
+
+
+def _autocast_inputs(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Under ``torch.autocast``, cast ``x``, ``weight`` and ``bias`` as ``nn.Linear`` would be.
+
+    The adapters keep their dtype (the backends cast them tile by tile); float64 is left alone, as autocast
+    does.
+    """
+    if not isinstance(x, torch.Tensor):
+        return x, weight, bias  # check_inputs names the bad argument
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+            return t
+        return t.to(dtype)
+
+    return cast(x), cast(weight), cast(bias)

@@ -8,3 +8,5 @@ bash scripts/setup_env.sh
 ruff check .
 ruff format --check .
 python -m pytest tests/ -v "$@"
+# The CPU benchmark set, each benchmark run once (timings off), so the benchmark code cannot rot.
+python -m pytest benchmarks/ --benchmark-disable -q -p no:cacheprovider

@@ -5,7 +5,7 @@ import torch
 from helpers import HAS_TRITON
 
 from lora_kernels import dropout_mask, use_backend
-from lora_kernels.dropout import philox4x32
+from lora_kernels.dropout import dropout_mask_torch, philox4x32
 
 
 @pytest.mark.parametrize(
@@ -62,3 +62,12 @@ def test_triton_kernel_mask_equals_helper(device):
     with use_backend("triton"):
         t = triton_lora._project(x, torch.eye(K, device=device), 1.0, p, seed)
     torch.testing.assert_close(t, dropout_mask(seed, 0, (M, K), p, device=device), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(37, 70), (2, 0, 5), (0, 3), (3, 17, 9)])
+def test_fast_path_equals_the_torch_specification(shape):
+    """dropout_mask (the extension's Philox when built) gives the bits of the pure-torch specification."""
+    for seed in (0, 77, 2**40 + 5, 2**63 - 1):
+        expected = dropout_mask_torch(seed, 0, shape, 0.3)
+        assert torch.equal(dropout_mask(seed, 0, shape, 0.3), expected)
+    assert torch.equal(dropout_mask(5, 3, shape, 0.3), dropout_mask_torch(5, 3, shape, 0.3))  # offset

@@ -15,3 +15,60 @@ Precision contract (the same in every backend): the matmuls run in the input's d
 tile by tile, never x), accumulate in float32, and ``t`` stays float32; ``y`` and ``grad_x`` come out in
 ``x.dtype``, ``grad_A``/``grad_B`` in the adapters' dtype, as under ``torch.autocast``.
 """
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..dispatch import backend_module
+
+
+def t_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the intermediate ``t`` for inputs of ``dtype``: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def run_forward(
+    backend: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``backend``'s ``lora_forward`` on an ``(..., in_features)`` input: ``(y (..., out), t (M, r))``."""
+    rows = math.prod(x.shape[:-1])
+    with torch.autocast(x.device.type, enabled=False):  # the caller applied autocast's casts already
+        y, t = backend_module(backend).lora_forward(
+            x.reshape(rows, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed
+        )
+    return y.reshape(*x.shape[:-1], weight.shape[0]), t
+
+
+def run_backward(
+    backend: str,
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    t: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    needs_grad: tuple[bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """``backend``'s ``lora_backward`` for an ``(..., in_features)`` input; ``grad_x`` comes back in x's shape."""
+    rows = math.prod(x.shape[:-1])
+    grad_y2d = grad_y.reshape(rows, weight.shape[0]).to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        grad_x, *rest = backend_module(backend).lora_backward(
+            grad_y2d, x.reshape(rows, x.shape[-1]), weight, lora_A, lora_B, t, scaling, dropout_p, seed,
+            needs_grad,
+        )  # fmt: skip
+    return (None if grad_x is None else grad_x.reshape(x.shape), *rest)

@@ -10,17 +10,13 @@ from __future__ import annotations
 import torch
 
 from ..dropout import dropout_mask
+from . import t_dtype
 
 
 def _dropped(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
     if dropout_p == 0.0:
         return x
     return x * dropout_mask(seed, 0, x.shape, dropout_p, device=x.device, dtype=x.dtype)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for the kernel dtypes; float64 inputs keep float64 (gradcheck, reference runs)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def lora_forward(
@@ -35,7 +31,7 @@ def lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (float32, returned for backward)."""
     dtype = x.dtype
-    t = torch.mm(_dropped(x, dropout_p, seed), lora_A.t().to(dtype)).to(_acc_dtype(dtype)).mul_(scaling)
+    t = torch.mm(_dropped(x, dropout_p, seed), lora_A.t().to(dtype)).to(t_dtype(dtype)).mul_(scaling)
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     y.addmm_(t.to(dtype), lora_B.t().to(dtype))
     return y, t
@@ -59,7 +55,7 @@ def lora_backward(
     grad_x = grad_weight = grad_bias = grad_A = grad_B = None
     if need_x or need_A:
         # s·(dY·B): the gradient reaching t, scaled once here for both dX and dA.
-        grad_t = torch.mm(grad_y, lora_B.to(dtype)).to(_acc_dtype(dtype)).mul_(scaling).to(dtype)
+        grad_t = torch.mm(grad_y, lora_B.to(dtype)).to(t_dtype(dtype)).mul_(scaling).to(dtype)
     mask = None
     if dropout_p > 0.0 and (need_x or need_A):  # regenerated once, shared by dX and dA
         mask = dropout_mask(seed, 0, x.shape, dropout_p, device=x.device, dtype=dtype)

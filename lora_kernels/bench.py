@@ -1,0 +1,879 @@
+"""``python -m lora_kernels bench``: time and measure the fused LoRA linear against its baselines.
+
+Read top to bottom: the cases (shapes, dtypes, modes), the providers (what runs), memory accounting
+(bytes saved for backward, CUDA peak memory), timing, ratios, and the report (``results.json``,
+``results.md``, ``speedup.png``, ``log.txt``). ``benchmarks/`` (pytest-benchmark) builds on the same
+cases, providers and memory helpers, so the report and the benchmark suite measure the same thing.
+
+Providers, all computing ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` from the same tensors:
+
+``base``       ``F.linear(x, W, b)`` without LoRA: the floor no LoRA layer can beat.
+``peft``       ``peft.tuners.lora.Linear`` around an ``nn.Linear`` (what users run today).
+``composite``  the best unfused PyTorch: ``out = x·Wᵀ; out.addmm_(x·Aᵀ, Bᵀ, alpha=s)`` with a hand-written
+               backward (as Unsloth does) and a boolean dropout mask saved for backward.
+``triton``, ``cuda``, ``torch``  ours: :func:`lora_kernels.lora_linear` on that backend.
+``ours``       (merged mode only) :class:`~lora_kernels.FusedLoRALinear` after ``merge()``.
+
+Modes: ``fwd`` (forward under ``no_grad``, dropout active as in training), ``fwd_bwd`` (forward and
+backward, ``W``/``b`` frozen, gradients for ``x``, ``A``, ``B``), ``merged`` (inference after merging the
+adapter into ``W``; PEFT after its ``merge()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .dispatch import available_backends, use_backend
+from .functional import lora_linear
+from .modules import FusedLoRALinear
+from .reference import lora_linear_reference
+
+MODES = ("fwd", "fwd_bwd", "merged")
+BASELINES = ("base", "peft", "composite")
+MERGED_OURS = "ours"
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark problem: ``x`` is ``(M, in_features)``, the layer ``in_features → out_features``."""
+
+    M: int
+    in_features: int
+    out_features: int
+    r: int
+    dropout: float
+    dtype: str  # "fp32", "fp16", "bf16"
+    mode: str  # one of MODES
+    bias: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES_BY_NAME[self.dtype]
+
+    @property
+    def shape(self) -> str:
+        return f"{self.in_features}x{self.out_features}"
+
+    @property
+    def label(self) -> str:
+        """A compact, unique, pytest-id-safe name."""
+        return f"{self.mode}-{self.dtype}-{self.shape}-M{self.M}-r{self.r}-p{self.dropout:g}"
+
+
+def _grid(
+    shapes: Iterable[tuple[int, int]],
+    tokens: Iterable[int],
+    ranks: Iterable[int],
+    dropouts: Iterable[float],
+    dtypes: Iterable[str],
+    modes: Iterable[str] = MODES,
+) -> list[Case]:
+    """Every combination; ``merged`` only without dropout (merged inference has no dropout)."""
+    cases = []
+    for mode in modes:
+        for dtype in dtypes:
+            for in_f, out_f in shapes:
+                for r in ranks:
+                    for p in dropouts:
+                        if mode == "merged" and p > 0:
+                            continue
+                        cases.extend(Case(M, in_f, out_f, r, p, dtype, mode) for M in tokens)
+    return cases
+
+
+def gpu_cases() -> list[Case]:
+    """LLaMA-style projections (q/o, up/gate, down, a 70B-class square), decode to long-prefill tokens."""
+    return _grid(
+        shapes=[(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)],
+        tokens=[16, 512, 4096, 16384],
+        ranks=[8, 16, 64],
+        dropouts=[0.0, 0.1],
+        dtypes=["bf16", "fp16"],
+    )
+
+
+def cpu_cases() -> list[Case]:
+    """A handful of fp32 shapes small enough for a 2-core CPU: M sweep at r=16, r sweep at M=256.
+
+    M stays at or below 1024: the torch backend draws its dropout mask with Philox in int64 torch ops,
+    about a second per million elements on a 2-core CPU, twice per training step.
+    """
+    return _grid([(1024, 1024)], [16, 256, 1024], [16], [0.0, 0.1], ["fp32"]) + _grid(
+        [(512, 1024)], [256], [8, 64], [0.0, 0.1], ["fp32"]
+    )
+
+
+def quick_cases(device: torch.device) -> list[Case]:
+    """A tiny set for ``bench --quick``: seconds on a CPU, a minute on a GPU."""
+    if device.type == "cuda":
+        return _grid([(4096, 4096)], [16, 512, 4096], [16], [0.0, 0.1], ["bf16"])
+    return _grid([(256, 512)], [16, 64, 256], [8], [0.0, 0.1], ["fp32"])
+
+
+def default_cases(device: torch.device) -> list[Case]:
+    return gpu_cases() if device.type == "cuda" else cpu_cases()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Providers
+# --------------------------------------------------------------------------------------------------------
+
+
+class CompositeLoRAFunction(torch.autograd.Function):
+    """The best unfused LoRA in plain PyTorch: two GEMMs into one output buffer, a hand-written backward.
+
+    Saves ``x`` (as ``nn.Linear`` does), the ``(M, r)`` product ``t = dropout(x)·Aᵀ`` and, with dropout, the
+    boolean keep-mask (one byte per element of ``x``); the dropped ``x`` is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
+        x2d = x.reshape(-1, x.shape[-1])
+        keep = None
+        x_lora = x2d
+        if dropout_p > 0.0:
+            keep = torch.empty_like(x2d, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+            x_lora = x2d * keep * (1.0 / (1.0 - dropout_p))
+        t = torch.mm(x_lora, lora_A.t())
+        out = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
+        out.addmm_(t, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, keep)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B, t, keep = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        grad_x = grad_A = grad_B = None
+        need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+        if need_B:
+            grad_B = torch.mm(g.t(), t).mul_(s)
+        if need_x or need_A:
+            grad_t = torch.mm(g, lora_B).mul_(s)
+            if need_A:
+                x_lora = x2d if keep is None else x2d * keep * (1.0 / (1.0 - p))
+                grad_A = torch.mm(grad_t.t(), x_lora)
+            if need_x:
+                grad_x = torch.mm(g, weight)
+                if keep is None:
+                    grad_x.addmm_(grad_t, lora_A)
+                else:
+                    grad_x.add_(torch.mm(grad_t, lora_A).mul_(keep).mul_(1.0 / (1.0 - p)))
+                grad_x = grad_x.reshape(x.shape)
+        return grad_x, None, None, grad_A, grad_B, None, None
+
+
+@dataclasses.dataclass
+class Inputs:
+    """The tensors of one case; every provider starts from these (copies where a module needs its own)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    grad_y: torch.Tensor
+    scaling: float
+
+    def known(self) -> list[torch.Tensor]:
+        """Tensors whose storage is the caller's, not the layer's: saving them costs no memory."""
+        return [t for t in (self.x, self.weight, self.bias, self.lora_A, self.lora_B) if t is not None]
+
+
+def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> Inputs:
+    """Random inputs with outputs of order one; non-zero ``B`` so both adapter GEMMs do real work."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = case.torch_dtype
+
+    def rand(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
+
+    K, N = case.in_features, case.out_features
+    return Inputs(
+        x=rand(case.M, K),
+        weight=rand(N, K, std=K**-0.5),
+        bias=rand(N) if case.bias else None,
+        lora_A=rand(case.r, K, std=K**-0.5),
+        lora_B=rand(N, case.r, std=case.r**-0.5),
+        grad_y=rand(case.M, N),
+        scaling=2.0,  # lora_alpha = 2r
+    )
+
+
+def providers(mode: str, device: torch.device | str) -> list[str]:
+    """Provider names for ``mode`` on ``device``; ``base`` first and ``peft`` second (the references).
+
+    On the CPU only the ``torch`` backend is ours: Triton there needs the interpreter, which is no speed
+    measurement (``TRITON_INTERPRET=1`` is never set by the benchmarks).
+    """
+    device = torch.device(device)
+    if mode == "merged":
+        return ["base", "peft", MERGED_OURS]
+    ours = available_backends(device) if device.type == "cuda" else ["torch"]
+    return [*BASELINES, *ours]
+
+
+@functools.cache
+def peft_import_error() -> str | None:
+    """``None`` if ``peft`` imports, else why not (the ``peft`` provider is then skipped with a note)."""
+    try:
+        import peft.tuners.lora  # noqa: F401
+    except ImportError as err:
+        return f"peft is not installed ({err}); pip install peft"
+    return None
+
+
+def _linear(inputs: Inputs) -> nn.Linear:
+    """A fresh ``nn.Linear`` holding copies of the frozen base weight and bias."""
+    N, K = inputs.weight.shape
+    linear = nn.Linear(
+        K, N, bias=inputs.bias is not None, device=inputs.weight.device, dtype=inputs.weight.dtype
+    )
+    with torch.no_grad():
+        linear.weight.copy_(inputs.weight)
+        if inputs.bias is not None:
+            linear.bias.copy_(inputs.bias)
+    linear.requires_grad_(False)
+    return linear
+
+
+def make_peft_layer(case: Case, inputs: Inputs) -> nn.Module:
+    """A real PEFT LoRA ``Linear`` with the adapters of ``inputs`` (copied) in the base dtype."""
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    alpha = inputs.scaling * case.r
+    config = LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=case.dropout, target_modules=["base"])
+    layer = PeftLoraLinear(
+        _linear(inputs), "default", config=config, r=case.r, lora_alpha=alpha, lora_dropout=case.dropout
+    )
+    layer.to(inputs.weight.dtype)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(inputs.lora_A)
+        layer.lora_B["default"].weight.copy_(inputs.lora_B)
+    layer.base_layer.requires_grad_(False)
+    if not math.isclose(layer.scaling["default"], inputs.scaling):
+        raise AssertionError(f"PEFT scaling {layer.scaling['default']} != {inputs.scaling}")
+    return layer
+
+
+def _forward_fn(
+    provider: str, case: Case, inputs: Inputs
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list]:
+    """``(forward(x) -> y, trainable adapter tensors)`` for ``provider``; modules are built here, once."""
+    training = case.mode != "merged"
+    p = case.dropout if training else 0.0
+    if provider == "base":
+        weight, bias = inputs.weight, inputs.bias
+        return (lambda x: F.linear(x, weight, bias)), []
+    if provider == "peft":
+        layer = make_peft_layer(case, inputs)
+        if case.mode == "merged":
+            layer.merge()
+        layer.train(training)
+        return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    if provider == "composite":
+        w, b, A, B, s = inputs.weight, inputs.bias, inputs.lora_A, inputs.lora_B, inputs.scaling
+        return (lambda x: CompositeLoRAFunction.apply(x, w, b, A, B, s, p)), [A, B]
+    if provider == MERGED_OURS:
+        layer = FusedLoRALinear.from_linear(
+            _linear(inputs), r=case.r, lora_alpha=inputs.scaling * case.r, init_lora_weights=False
+        )
+        with torch.no_grad():
+            layer.lora_A.copy_(inputs.lora_A)
+            layer.lora_B.copy_(inputs.lora_B)
+        layer.merge()
+        layer.eval()
+        return layer, []
+    # ours on one backend; the backend is fixed at forward time and recorded for backward.
+    w, b, A, B, s = inputs.weight, inputs.bias, inputs.lora_A, inputs.lora_B, inputs.scaling
+
+    def ours(x: torch.Tensor) -> torch.Tensor:
+        with use_backend(provider):
+            return lora_linear(x, w, b, A, B, s, p, training=training)
+
+    return ours, [A, B]
+
+
+def make_step(provider: str, case: Case, inputs: Inputs) -> Callable[[], None]:
+    """One untimed-setup, timed-call step of ``provider`` in ``case.mode`` (no synchronisation here)."""
+    forward, adapters = _forward_fn(provider, case, inputs)
+    if case.mode in ("fwd", "merged"):
+
+        def step() -> None:
+            with torch.no_grad():
+                forward(inputs.x)
+
+        return step
+    x = inputs.x.detach().requires_grad_()
+    for tensor in adapters:
+        tensor.requires_grad_()
+    wrt = [x, *adapters]
+    grad_y = inputs.grad_y
+
+    def step() -> None:
+        y = forward(x)
+        torch.autograd.grad(y, wrt, grad_y)
+
+    return step
+
+
+def check_provider(provider: str, case: Case, inputs: Inputs) -> float:
+    """Relative max error of ``provider``'s output against the fp64 reference (cases without dropout).
+
+    Keeps the benchmarks honest: every provider must compute the same function before it is timed.
+    """
+    forward, _ = _forward_fn(provider, case, inputs)
+    with torch.no_grad():
+        y = forward(inputs.x)
+        if provider == "base":
+            ref = F.linear(inputs.x.double(), inputs.weight.double(), _double(inputs.bias))
+        else:
+            ref = lora_linear_reference(
+                inputs.x,
+                inputs.weight,
+                inputs.bias,
+                inputs.lora_A,
+                inputs.lora_B,
+                inputs.scaling,
+                upcast=True,
+            )
+    return ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def _double(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.double()
+
+
+#: Largest tolerated relative error of a provider against the fp64 reference, per dtype.
+CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Memory accounting
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SavedTensor:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int  # bytes of its storage; 0 when the storage was already counted
+    kind: str  # "input" (shares a storage with an input/parameter) or "activation" (new memory)
+
+
+class SavedTensorCounter:
+    """Counts the bytes autograd saves for backward inside the ``with`` block.
+
+    A saved tensor whose storage is that of one of ``known`` (inputs and parameters, possibly a view or a
+    reshape of them) costs nothing and is ``kind="input"``; every other storage is new activation memory,
+    counted once however many nodes save it.
+    """
+
+    def __init__(self, known: Iterable[torch.Tensor] = ()) -> None:
+        self._known = {_storage_key(t) for t in known if t is not None}
+        self._seen: set[tuple] = set()
+        self.saved: list[SavedTensor] = []
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes of new memory held for backward (storages not shared with an input or parameter)."""
+        return sum(s.nbytes for s in self.saved if s.kind == "activation")
+
+    def activations(self) -> list[SavedTensor]:
+        return [s for s in self.saved if s.kind == "activation"]
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        kind = "input" if key in self._known else "activation"
+        nbytes = 0
+        if kind == "activation" and key not in self._seen:
+            self._seen.add(key)
+            nbytes = tensor.untyped_storage().nbytes()
+        self.saved.append(SavedTensor(tuple(tensor.shape), tensor.dtype, nbytes, kind))
+        return tensor
+
+    def __enter__(self) -> SavedTensorCounter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    storage = tensor.untyped_storage()
+    return (tensor.device.type, tensor.device.index, storage.data_ptr(), storage.nbytes())
+
+
+def saved_bytes(provider: str, case: Case, inputs: Inputs) -> SavedTensorCounter:
+    """Run ``provider``'s forward with gradients once and return what it saved for backward."""
+    training_case = dataclasses.replace(case, mode="fwd_bwd")
+    forward, adapters = _forward_fn(provider, training_case, inputs)
+    x = inputs.x.detach().requires_grad_()
+    for tensor in adapters:
+        tensor.requires_grad_()
+    known = [x, *inputs.known(), *adapters]
+    if provider == "peft":
+        known += [p for p in forward.parameters()]  # type: ignore[union-attr]
+    with SavedTensorCounter(known) as counter:
+        forward(x)
+    return counter
+
+
+def peak_memory_bytes(step: Callable[[], None], device: torch.device) -> int | None:
+    """Peak CUDA memory of one ``step`` above what was allocated before it; ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+# --------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------
+
+
+def synchronized(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``step`` followed by a device synchronisation, so a timer around it measures the work."""
+    if device.type != "cuda":
+        return step
+
+    def call() -> None:
+        step()
+        torch.cuda.synchronize(device)
+
+    return call
+
+
+@functools.cache
+def _l2_flush_buffer(device_index: int) -> torch.Tensor:
+    return torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=torch.device("cuda", device_index))
+
+
+def flush_l2(device: torch.device) -> None:
+    """Overwrite a 256 MiB buffer so the next call finds no weights in the GPU's L2 cache."""
+    if device.type == "cuda":
+        _l2_flush_buffer(device.index or 0).zero_()
+        torch.cuda.synchronize(device)
+
+
+def median_ms(step: Callable[[], None], device: torch.device, quick: bool = False) -> float:
+    """Median time of ``step`` in milliseconds.
+
+    CUDA: ``triton.testing.do_bench`` (warm-up, L2 flushed before each call, CUDA events around each call,
+    median), or a CUDA-event loop with the same flush when triton is missing; the events time the work on
+    the device, and the loop synchronises after each call. CPU: ``time.perf_counter`` around each call
+    after warm-up; as many calls as fit a time budget (at least 5, 3 with ``quick``), median.
+    """
+    if device.type == "cuda":
+        warmup, rep = (10, 40) if quick else (25, 100)
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            return _cuda_event_median(step, device, 5 if quick else 10, 20 if quick else 50)
+        return float(do_bench(step, warmup=warmup, rep=rep, return_mode="median"))
+    budget, min_calls = (0.1, 3) if quick else (0.5, 5)
+    step()  # warm-up: allocator, first-call dispatch
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < min_calls or (time.perf_counter() - start_all < budget and len(times) < 200):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _cuda_event_median(step: Callable[[], None], device: torch.device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        flush_l2(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Environment and ratios
+# --------------------------------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def cpu_load_note() -> str | None:
+    """A warning when other processes compete for the CPU (timings, CPU ones above all, are then noisy)."""
+    with contextlib.suppress(OSError, AttributeError):
+        load = os.getloadavg()[0]
+        cores = os.cpu_count() or 1
+        if load > cores:
+            return (
+                f"the machine was busy: 1-minute load average {load:.1f} on {cores} cores; "
+                "timings are contended and not trustworthy"
+            )
+    return None
+
+
+def device_slug(device: torch.device | str) -> str:
+    """Folder name for a device's results: ``cpu`` or the GPU name, lower-case and dashed."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+@functools.cache
+def versions() -> dict[str, str | None]:
+    """Versions of everything that shapes a number, plus the git commit when run from a checkout."""
+
+    def version_of(module: str) -> str | None:
+        try:
+            return __import__(module).__version__
+        except ImportError:
+            return None
+
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = (
+            subprocess.run(
+                ["git", "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": version_of("triton"),
+        "peft": version_of("peft"),
+        "lora_kernels": __version__,
+        "git": commit,
+        "python": platform.python_version(),
+    }
+
+
+def case_fields(case: Case) -> dict:
+    return {
+        "dtype": case.dtype,
+        "shape": case.shape,
+        "in_features": case.in_features,
+        "out_features": case.out_features,
+        "M": case.M,
+        "r": case.r,
+        "dropout": case.dropout,
+        "bias": case.bias,
+        "mode": case.mode,
+    }
+
+
+def case_key(row: dict) -> tuple:
+    """Rows of one case (all providers) share this key; ratios are taken within it."""
+    return tuple(
+        row[k] for k in ("device", "dtype", "in_features", "out_features", "M", "r", "dropout", "mode")
+    )
+
+
+def add_ratios(rows: Sequence[dict]) -> None:
+    """Add ``ratio_to_base``/``ratio_to_peft`` (time / reference time: below 1 is faster) and
+    ``speedup_over_peft`` (peft time / time) to each row with a ``median_ms``, from the same run."""
+    refs: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        if row.get("median_ms") and row["provider"] in ("base", "peft"):
+            refs.setdefault(case_key(row), {})[row["provider"]] = row["median_ms"]
+    for row in rows:
+        ms = row.get("median_ms")
+        ref = refs.get(case_key(row), {})
+        row["ratio_to_base"] = ms / ref["base"] if ms and "base" in ref else None
+        row["ratio_to_peft"] = ms / ref["peft"] if ms and "peft" in ref else None
+        row["speedup_over_peft"] = ref["peft"] / ms if ms and "peft" in ref else None
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _mib(nbytes: int | None) -> str:
+    return "–" if nbytes is None else f"{nbytes / 2**20:.2f}"
+
+
+TABLE_COLUMNS = [
+    "mode",
+    "dtype",
+    "shape",
+    "M",
+    "r",
+    "dropout",
+    "provider",
+    "median_ms",
+    "ratio_to_base",
+    "ratio_to_peft",
+    "peak_MiB",
+    "saved_MiB",
+]
+
+
+def table_rows(rows: Sequence[dict]) -> list[list[str]]:
+    """Rows as strings, in TABLE_COLUMNS order, grouped by case."""
+    out = []
+    for row in sorted(rows, key=lambda r: (MODES.index(r["mode"]), *case_key(r)[1:7], r.get("order", 0))):
+        out.append(
+            [
+                row["mode"],
+                row["dtype"],
+                row["shape"],
+                str(row["M"]),
+                str(row["r"]),
+                f"{row['dropout']:g}",
+                row["provider"],
+                _fmt(row.get("median_ms"), ".4f"),
+                _fmt(row.get("ratio_to_base"), ".2f"),
+                _fmt(row.get("ratio_to_peft"), ".2f"),
+                _mib(row.get("peak_bytes")),
+                _mib(row.get("saved_bytes")),
+            ]
+        )
+    return out
+
+
+def format_text_table(rows: Sequence[dict]) -> str:
+    body = table_rows(rows)
+    widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(TABLE_COLUMNS)] if body else []
+    lines = ["  ".join(c.rjust(w) for c, w in zip(TABLE_COLUMNS, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body]
+    return "\n".join(lines)
+
+
+def format_markdown(rows: Sequence[dict], env: dict) -> str:
+    lines = [
+        f"# LoRA linear benchmark: {env['device']}",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
+        "",
+        "`median_ms`: median time of one call (forward, or forward + backward in `fwd_bwd`). "
+        "`ratio_to_base` / `ratio_to_peft`: that time divided by the time of `base` (`F.linear`, no LoRA) / "
+        "`peft` on the same case in the same run; below 1 is faster. `peak_MiB`: peak CUDA memory of one "
+        "call above the inputs (– on CPU). `saved_MiB`: new memory autograd keeps for backward (`fwd_bwd`).",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
+    if env.get("notes"):
+        lines += ["", *(f"- {note}" for note in env["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedup(rows: Sequence[dict], path: Path, title: str) -> None:
+    """Speed-up over PEFT and overhead over ``base`` against tokens M, one row of panels per mode.
+
+    Each line is the geometric mean over the cases at that M (shapes, ranks, dropout, dtypes); the band
+    spans their minimum and maximum.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(len(modes), 2, figsize=(11, 3.4 * len(modes)), squeeze=False)
+    for row_axes, mode in zip(axes, modes, strict=True):
+        mode_rows = [r for r in rows if r["mode"] == mode and r.get("median_ms")]
+        names = list(dict.fromkeys(r["provider"] for r in mode_rows))
+        for ax, metric, ylabel, skip in (
+            (row_axes[0], "speedup_over_peft", "speed-up over PEFT (×)", "peft"),
+            (row_axes[1], "ratio_to_base", "time / base time (×)", "base"),
+        ):
+            for name in names:
+                if name == skip:
+                    continue
+                by_m: dict[int, list[float]] = {}
+                for r in mode_rows:
+                    if r["provider"] == name and r.get(metric):
+                        by_m.setdefault(r["M"], []).append(r[metric])
+                if not by_m:
+                    continue
+                ms = sorted(by_m)
+                geo = [math.exp(statistics.fmean(math.log(v) for v in by_m[m])) for m in ms]
+                (line,) = ax.plot(ms, geo, marker="o", label=name)
+                lo, hi = [min(by_m[m]) for m in ms], [max(by_m[m]) for m in ms]
+                ax.fill_between(ms, lo, hi, color=line.get_color(), alpha=0.12)
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_xlabel("tokens M")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{mode}: {ylabel.split(' (')[0]}")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"{title}\nline: geometric mean over cases at each M; band: min–max", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The report command
+# --------------------------------------------------------------------------------------------------------
+
+
+def measure(provider: str, case: Case, device: torch.device, quick: bool = False) -> dict:
+    """One row: check, time, and measure ``provider`` on ``case``."""
+    inputs = make_inputs(case, device)
+    row = {"provider": provider, **case_fields(case)}
+    if case.dropout == 0.0:
+        row["max_rel_error"] = check_provider(provider, case, inputs)
+        if row["max_rel_error"] > CHECK_TOLERANCE[case.dtype]:
+            raise AssertionError(f"{provider} on {case.label}: relative error {row['max_rel_error']:.2e}")
+    step = make_step(provider, case, inputs)
+    row["saved_bytes"] = (
+        saved_bytes(provider, case, inputs).activation_bytes if case.mode == "fwd_bwd" else None
+    )
+    row["median_ms"] = median_ms(step, device, quick=quick)
+    row["peak_bytes"] = peak_memory_bytes(step, device)
+    return row
+
+
+@contextlib.contextmanager
+def _tee(path: Path) -> Iterator[Callable[[str], None]]:
+    """``print`` that also appends to ``path`` (the raw log kept next to the results)."""
+    with path.open("w") as log:
+
+        def emit(text: str) -> None:
+            print(text)
+            log.write(text + "\n")
+            log.flush()
+
+        yield emit
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_kernels bench",
+        description="Benchmark the fused LoRA linear against F.linear, PEFT and the unfused composite on "
+        "the device here; write results.json, results.md, speedup.png and log.txt.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny set of cases (seconds on a CPU)")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
+    )
+    parser.add_argument("--providers", help="comma-separated subset of providers (default: all available)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    wanted = set(args.providers.split(",")) if args.providers else None
+    out = args.out or Path("benchmarks") / "results" / device_slug(device)
+    out.mkdir(parents=True, exist_ok=True)
+
+    cases = [c for c in (quick_cases(device) if args.quick else default_cases(device)) if c.mode in modes]
+    notes = []
+    if peft_import_error():
+        notes.append(f"peft provider skipped: {peft_import_error()}")
+    if load_note := cpu_load_note():
+        notes.append(load_note)
+    if device.type != "cuda":
+        notes.append(
+            "CPU run: ours is the torch backend only (Triton on the CPU is the interpreter, not a speed "
+            "measurement); peak memory is CUDA-only."
+        )
+    jobs = []
+    for case in cases:
+        for order, provider in enumerate(providers(case.mode, device)):
+            if provider == "peft" and peft_import_error():
+                continue
+            if wanted is None or provider in wanted or provider in ("base", "peft"):
+                jobs.append((case, provider, order))
+
+    env = {"device": device_name(device), "device_slug": device_slug(device), "versions": versions()}
+    env["notes"] = notes
+    from tqdm import tqdm
+
+    rows = []
+    with _tee(out / "log.txt") as emit:
+        emit(f"python -m lora_kernels bench {' '.join(argv if argv is not None else sys.argv[1:])}")
+        emit(f"device: {env['device']}")
+        emit("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+        for note in notes:
+            emit(f"note: {note}")
+        emit(f"{len(cases)} cases, {len(jobs)} measurements")
+        started = time.perf_counter()
+        for case, provider, order in tqdm(jobs, desc="bench", unit="run", file=sys.stderr):
+            row = measure(provider, case, device, quick=args.quick)
+            row.update(device=env["device"], order=order, versions=env["versions"])
+            rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        add_ratios(rows)
+        if (load_note := cpu_load_note()) and load_note not in notes:
+            notes.append(f"at the end, {load_note}")
+            emit(f"note: at the end, {load_note}")
+        emit(format_text_table(rows))
+        emit(f"total {time.perf_counter() - started:.1f} s")
+
+    (out / "results.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    (out / "results.md").write_text(format_markdown(rows, env))
+    plot_speedup(rows, out / "speedup.png", f"{env['device']} — lora_kernels {__version__}")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'speedup.png'}, {out / 'log.txt'}")
+    return 0

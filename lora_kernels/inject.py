@@ -1,0 +1,147 @@
+"""Put fused LoRA adapters into an existing model, as PEFT's ``target_modules`` does, without PEFT.
+
+``inject_lora`` swaps matching ``nn.Linear`` modules for :class:`FusedLoRALinear` in place (the base
+weights are reused, not copied) and freezes everything but the adapters. ``lora_state_dict`` takes the
+adapter tensors out for saving; ``merge_lora``/``unmerge_lora`` fold them into the base weights and back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .modules import FusedLoRALinear
+
+__all__ = [
+    "inject_lora",
+    "lora_layers",
+    "lora_state_dict",
+    "matches_target",
+    "merge_lora",
+    "unmerge_lora",
+]
+
+
+def matches_target(name: str, target_modules: str | Iterable[str]) -> bool:
+    """PEFT's rule: a str is a regex that must match the whole module name; a list of names matches a
+    module whose name equals one of them or ends with ``"." + name``."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == key or name.endswith("." + key) for key in target_modules)
+
+
+def lora_layers(model: nn.Module) -> dict[str, FusedLoRALinear]:
+    """Every :class:`FusedLoRALinear` in ``model`` by its module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FusedLoRALinear)}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _linear_names(model: nn.Module, limit: int = 12) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    if not names:
+        return "the model has no nn.Linear modules"
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    return f"nn.Linear modules in the model: {shown}"
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    *,
+    r: int = 8,
+    lora_alpha: float = 8,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    init_lora_weights: bool | str = True,
+    adapter_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Replace the ``nn.Linear`` modules named by ``target_modules`` with :class:`FusedLoRALinear`.
+
+    Args:
+        model: modified in place and returned.
+        target_modules: as PEFT's ``LoraConfig.target_modules``: a list of names (``["q_proj", "v_proj"]``
+            matches ``model.layers.0.self_attn.q_proj``; a dotted suffix also works) or a regex string
+            matched against the full module name.
+        r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype: see
+            :class:`FusedLoRALinear`.
+
+    Every parameter outside the adapters is frozen (``requires_grad=False``), as ``get_peft_model`` does.
+    Modules that already are :class:`FusedLoRALinear` are left as they are.
+
+    Raises:
+        ValueError: no module matches (the message lists some ``nn.Linear`` names to pick from).
+        TypeError: a matching module is neither ``nn.Linear`` nor :class:`FusedLoRALinear`.
+    """
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("target_modules is empty; name at least one module")
+    matched = [(n, m) for n, m in model.named_modules() if n and matches_target(n, target_modules)]
+    if not matched:
+        raise ValueError(
+            f"no module of the model matches target_modules={target_modules!r}; {_linear_names(model)}"
+        )
+    bad = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, (nn.Linear, FusedLoRALinear))]
+    if bad:
+        raise TypeError(
+            f"target_modules={target_modules!r} matches modules that are not nn.Linear: {', '.join(bad[:8])}; "
+            f"only nn.Linear can take a fused LoRA adapter. {_linear_names(model)}"
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, module in matched:
+        if isinstance(module, FusedLoRALinear):
+            continue
+        _set_submodule(
+            model,
+            name,
+            FusedLoRALinear.from_linear(
+                module,
+                r=r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                use_rslora=use_rslora,
+                init_lora_weights=init_lora_weights,
+                adapter_dtype=adapter_dtype,
+            ),
+        )
+    for layer in lora_layers(model).values():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors only (``...lora_A`` / ``...lora_B``), keyed as in ``model.state_dict()``.
+
+    Load them back with ``model.load_state_dict(sd, strict=False)`` on an injected model.
+    """
+    keys = set()
+    for name in lora_layers(model):
+        prefix = f"{name}." if name else ""
+        keys.update((prefix + "lora_A", prefix + "lora_B"))
+    return {k: v for k, v in model.state_dict().items() if k in keys}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (for inference); already merged layers are skipped."""
+    for layer in lora_layers(model).values():
+        if not layer.merged:
+            layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_lora`; layers that are not merged are skipped."""
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            layer.unmerge()
+    return model

@@ -1,0 +1,122 @@
+"""inject_lora, lora_state_dict, merge_lora / unmerge_lora on plain torch models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lora_kernels import (
+    FusedLoRALinear,
+    inject_lora,
+    lora_state_dict,
+    merge_lora,
+    unmerge_lora,
+    use_backend,
+)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16)
+        self.v_proj = nn.Linear(16, 16, bias=False)
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.out(self.norm(self.q_proj(x) + self.v_proj(x)))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _run(model, x):
+    with use_backend("torch"):
+        return model(x)
+
+
+def test_names_match_like_peft_and_freeze_the_rest():
+    model = Net()
+    before = _run(model, torch.randn(3, 16))
+    inject_lora(model, ["q_proj", "layers.1.v_proj"], r=4, lora_alpha=8)
+    fused = {n for n, m in model.named_modules() if isinstance(m, FusedLoRALinear)}
+    assert fused == {"layers.0.q_proj", "layers.1.q_proj", "layers.1.v_proj"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.{p}" for m in fused for p in ("lora_A", "lora_B")}
+    assert model.layers[0].q_proj.scaling == 2.0
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    after = _run(model, x)
+    assert after.shape == before.shape
+    # B starts at zero: the injected model computes what the base model did.
+    base = Net()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    torch.testing.assert_close(after, _run(base, x))
+
+
+def test_regex_is_a_full_match_and_rslora():
+    model = Net()
+    inject_lora(model, r"layers\.\d+\.(q|v)_proj", r=4, lora_alpha=8, use_rslora=True)
+    fused = [n for n, m in model.named_modules() if isinstance(m, FusedLoRALinear)]
+    assert len(fused) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in fused)
+    assert model.layers[1].v_proj.scaling == pytest.approx(8 / 2)
+    model = Net()
+    with pytest.raises(ValueError, match="no module"):
+        inject_lora(model, r"q_proj")  # a regex must match the whole name
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match=r"no module .* layers\.0\.q_proj"):
+        inject_lora(Net(), ["k_proj"])
+    with pytest.raises(TypeError, match=r"norm.*not nn.Linear"):
+        inject_lora(Net(), ["norm", "q_proj"])
+
+
+def test_training_updates_only_adapters_and_state_dict_round_trip():
+    model = inject_lora(Net(), ["q_proj", "v_proj", "out"], r=2, lora_alpha=4)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(5, 16)
+    for _ in range(3):
+        opt.zero_grad()
+        _run(model, x).square().mean().backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    sd = lora_state_dict(model)
+    assert set(sd) == {
+        f"layers.{i}.{m}.{p}"
+        for i in (0, 1)
+        for m in ("q_proj", "v_proj", "out")
+        for p in ("lora_A", "lora_B")
+    }
+    other = inject_lora(Net(), ["q_proj", "v_proj", "out"], r=2, lora_alpha=4)
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if k not in sd}, strict=False)
+    _, unexpected = other.load_state_dict(sd, strict=False)
+    assert not unexpected
+    torch.testing.assert_close(_run(other, x), _run(model, x))
+
+
+def test_merge_and_unmerge():
+    model = inject_lora(Net(), ["q_proj", "v_proj"], r=2, lora_alpha=4, init_lora_weights=False)
+    x = torch.randn(4, 16)
+    y = _run(model, x)
+    weight = model.layers[0].q_proj.weight.clone()
+    merge_lora(model)
+    assert all(m.merged for m in model.modules() if isinstance(m, FusedLoRALinear))
+    torch.testing.assert_close(_run(model, x), y, rtol=1e-5, atol=1e-5)
+    merge_lora(model)  # idempotent, no warning storm
+    unmerge_lora(model)
+    torch.testing.assert_close(model.layers[0].q_proj.weight, weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_run(model, x), y, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,109 @@
+"""What the fused LoRA linear keeps for backward, counted with ``saved_tensors_hooks``.
+
+Our autograd must keep nothing of size M×N, no M×K tensor other than ``x`` itself (same storage), and
+nothing for the dropout mask (regenerated from its seed in backward). PEFT with dropout saves the dropped
+copy of ``x`` and the mask; comparing against it shows the counter can tell the difference, so these
+assertions can fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_kernels import bench, lora_linear, use_backend
+
+# Distinct sizes so that M×N, M×K, M×r and the weights cannot be confused: x is (3, 37, K), M = 111.
+LEAD, K, N, R = (3, 37), 96, 80, 6
+M = LEAD[0] * LEAD[1]
+
+
+def _backends() -> list[str]:
+    names = ["torch"]
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return names
+    return [*names, "triton"]
+
+
+def _tensors(dtype=torch.float32):
+    x = torch.randn(*LEAD, K, dtype=dtype, requires_grad=True)
+    weight = torch.randn(N, K, dtype=dtype) * K**-0.5
+    bias = torch.randn(N, dtype=dtype)
+    lora_A = (torch.randn(R, K, dtype=dtype) * K**-0.5).requires_grad_()
+    lora_B = (torch.randn(N, R, dtype=dtype) * R**-0.5).requires_grad_()
+    return x, weight, bias, lora_A, lora_B
+
+
+def _ours_saved(backend: str, dropout_p: float) -> tuple[bench.SavedTensorCounter, torch.Tensor]:
+    x, weight, bias, lora_A, lora_B = _tensors()
+    with use_backend(backend), bench.SavedTensorCounter([x, weight, bias, lora_A, lora_B]) as counter:
+        y = lora_linear(x, weight, bias, lora_A, lora_B, 2.0, dropout_p, training=True, dropout_seed=5)
+    y.sum().backward()  # the saved tensors are usable: backward runs
+    assert x.grad is not None and lora_A.grad is not None and lora_B.grad is not None
+    return counter, x
+
+
+def _peft_saved(dropout_p: float) -> bench.SavedTensorCounter:
+    pytest.importorskip("peft")
+    case = bench.Case(M, K, N, R, dropout_p, "fp32", "fwd_bwd", bias=True)
+    x, weight, bias, lora_A, lora_B = _tensors()
+    inputs = bench.Inputs(x.detach().reshape(M, K), weight, bias, lora_A, lora_B, x.detach(), 2.0)
+    return bench.saved_bytes("peft", case, inputs)
+
+
+def test_counter_tells_inputs_from_activations():
+    x = torch.randn(M, K, requires_grad=True)
+    w = torch.randn(N, K, requires_grad=True)
+    with bench.SavedTensorCounter([x, w]) as counter:
+        h = torch.nn.functional.linear(x.reshape(M, K), w)  # saves x (a view) and w: inputs
+        (h * h).sum()  # saves h twice: one new M×N storage, counted once
+    # x's view and w's transpose share storages with the inputs: they cost nothing.
+    assert {s.shape for s in counter.saved if s.kind == "input"} == {(M, K), (K, N)}
+    assert counter.activation_bytes == M * N * 4
+    assert [s.shape for s in counter.activations()] == [(M, N), (M, N)]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_ours_saves_no_MxN_no_extra_MxK(backend, dropout_p):
+    counter, _ = _ours_saved(backend, dropout_p)
+    for saved in counter.saved:
+        numel = torch.Size(saved.shape).numel()
+        assert numel != M * N, f"{backend} saved an M×N tensor {saved}"
+        if numel == M * K:
+            assert saved.kind == "input", f"{backend} saved an M×K tensor that is not x: {saved}"
+    # Everything new is the (M, r) fp32 projection t, plus with dropout at most the 0-dim int64 seed.
+    new = [s for s in counter.activations() if s.shape != ()]
+    assert [(s.shape, s.dtype) for s in new] == [((M, R), torch.float32)]
+    assert M * R * 4 <= counter.activation_bytes <= M * R * 4 + 8
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_ours_saves_nothing_for_dropout_mask(backend):
+    without, _ = _ours_saved(backend, 0.0)
+    with_dropout, _ = _ours_saved(backend, 0.1)
+
+    # The mask is regenerated in backward: dropout may add its seed (one 0-dim int64), never a mask
+    # (a mask would be at least M·K bits). Non-scalar saved tensors are identical with and without dropout.
+    def shapes(counter):
+        return [(s.shape, s.dtype, s.kind) for s in counter.saved if s.shape != ()]
+
+    assert shapes(with_dropout) == shapes(without)
+    extra = with_dropout.activation_bytes - without.activation_bytes
+    assert 0 <= extra <= 8, f"dropout added {extra} saved bytes: {with_dropout.saved}"
+    assert all(s.dtype == torch.int64 for s in with_dropout.saved if s.shape == ())
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_peft_with_dropout_saves_more_than_ours(backend):
+    ours, _ = _ours_saved(backend, 0.1)
+    peft = _peft_saved(0.1)
+    # PEFT keeps the dropped copy of x (M×K, fp32) and the mask (M×K, bool) as new activations.
+    peft_mxk = [s for s in peft.activations() if torch.Size(s.shape).numel() == M * K]
+    assert peft_mxk, f"the counter should see PEFT's dropped x: {peft.saved}"
+    assert peft.activation_bytes >= M * K * 4
+    assert ours.activation_bytes < peft.activation_bytes
+    # Without dropout PEFT's adapter reads x itself: no M×K activation there either.
+    assert not [s for s in _peft_saved(0.0).activations() if torch.Size(s.shape).numel() == M * K]

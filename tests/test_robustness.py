@@ -1,0 +1,258 @@
+"""Bad input fails early and clearly; edge cases just work; numerics follow the reference exactly."""
+
+import copy
+import io
+import pickle
+import threading
+
+import pytest
+import torch
+from helpers import HAS_TRITON, make_problem, requires_cuda, run_op
+from torch import nn
+
+import lora_kernels
+from lora_kernels import FusedLoRALinear, lora_linear, lora_linear_reference, use_backend
+
+BACKENDS = [b for b in ("triton", "torch") if b != "triton" or HAS_TRITON]
+
+
+def _args(problem):
+    return [problem.x, problem.weight, problem.bias, problem.lora_A, problem.lora_B, problem.scaling]
+
+
+# ---------------------------------------------------------------- validation, before any kernel launch
+
+
+@pytest.mark.parametrize(
+    "position, bad, error, message",
+    [
+        (0, torch.randn(4, 7), ValueError, r"last dim of x \(shape \(4, 7\).*in_features=6"),
+        (0, torch.randint(0, 3, (4, 6)), TypeError, r"x \(shape \(4, 6\), torch.int64.*floating-point"),
+        (1, torch.randn(5, 6, 1), ValueError, r"weight .* must be 2-D"),
+        (2, torch.randn(4), ValueError, r"bias \(shape \(4,\).*out_features=5"),
+        (3, torch.randn(3, 7), ValueError, r"lora_A \(shape \(3, 7\).*in_features=6"),
+        (3, torch.randn(0, 6), ValueError, r"rank r must be >= 1"),
+        (4, torch.randn(5, 4), ValueError, r"lora_B \(shape \(5, 4\).*r=3"),
+        (4, torch.randn(5, 3, dtype=torch.float64), TypeError, r"lora_A .* and lora_B .* share one dtype"),
+        (1, torch.randn(5, 6, dtype=torch.float16), TypeError, r"share one dtype, as nn.Linear requires"),
+        (1, torch.randn(5, 6, device="meta"), ValueError, r"weight .*meta.* is not on the device of x"),
+        (5, float("nan"), ValueError, r"scaling must be a finite"),
+        (5, float("inf"), ValueError, r"scaling must be a finite"),
+        (0, [[1.0] * 6], TypeError, r"x must be a torch.Tensor"),
+    ],
+)
+def test_bad_arguments_name_the_argument(position, bad, error, message):
+    args = _args(make_problem((4,), 6, 5, 3, bias=True))
+    args[position] = bad
+    with pytest.raises(error, match=message):
+        lora_linear(*args)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_probability_outside_range(p):
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        lora_linear(*_args(make_problem((4,), 6, 5, 3)), dropout_p=p, training=True)
+
+
+def test_fp64_runs_on_the_torch_path_and_matches():
+    problem = make_problem((5,), 6, 4, 2, torch.float64)
+    y = lora_linear(*_args(problem))
+    expected = lora_linear_reference(*_args(problem))
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------- edge cases that work
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_x_without_grad_and_frozen_adapters(backend):
+    problem = make_problem((7,), 9, 5, 2)
+    problem.x.requires_grad_(False)
+    problem.lora_A.requires_grad_(False)
+    with use_backend(backend):
+        _, grads = run_op(problem, torch.ones(7, 5))
+    assert set(grads) == {"bias", "lora_B"}
+    problem.lora_B.requires_grad_(False)
+    problem.bias.requires_grad_(False)
+    with use_backend(backend):
+        y = lora_linear(*_args(problem))
+    assert not y.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_accumulate_into_existing_grad(backend):
+    problem = make_problem((6,), 8, 5, 2)
+    with use_backend(backend):
+        lora_linear(*_args(problem)).sum().backward()
+        first = problem.lora_A.grad.clone()
+        lora_linear(*_args(problem)).sum().backward()
+    torch.testing.assert_close(problem.lora_A.grad, 2 * first)
+
+
+def test_double_backward_is_a_clear_error():
+    problem = make_problem((3,), 4, 5, 2)
+    y = lora_linear(*_args(problem))
+    (grad_x,) = torch.autograd.grad(y.sum(), problem.x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_for_a_fixed_seed(backend):
+    problem = make_problem((33,), 20, 18, 4)
+    grad_y = torch.randn(33, 18)
+
+    def once():
+        torch.manual_seed(5)
+        with use_backend(backend):
+            return run_op(problem, grad_y, dropout_p=0.3, training=True)
+
+    (y1, g1), (y2, g2) = once(), once()
+    assert torch.equal(y1, y2)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_more_than_2_to_31_elements_cuda():
+    """int64 offsets: x and y over 2**31 elements must not wrap (needs ~10 GB of GPU memory)."""
+    M, K, N, r = 2**31 // 256 + 1, 256, 256, 8
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 16
+    lora_A = torch.randn(r, K, device="cuda", dtype=torch.bfloat16) / 16
+    lora_B = torch.randn(N, r, device="cuda", dtype=torch.bfloat16) / 4
+    with use_backend("triton"):
+        y = lora_linear(x, weight, None, lora_A, lora_B, 2.0)
+    tail = slice(M - 64, M)
+    expected = lora_linear_reference(x[tail], weight, None, lora_A, lora_B, 2.0, upcast=True)
+    torch.testing.assert_close(y[tail].double(), expected, atol=5e-2, rtol=5e-2)
+
+
+# --------------------------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["x", "weight", "lora_A", "lora_B"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_like_the_reference(backend, where, value):
+    problem = make_problem((6,), 8, 5, 2, bias=False)
+    tensor = getattr(problem, where).detach().clone()
+    tensor.view(-1)[3] = value
+    setattr(problem, where, tensor)
+    with use_backend(backend):
+        y = lora_linear(*_args(problem), dropout_p=0.5, training=True, dropout_seed=1)
+    mask = lora_kernels.dropout_mask(1, 0, problem.x.shape, 0.5)
+    expected = lora_linear_reference(*_args(problem), dropout_mask=mask)
+    assert torch.equal(torch.isnan(y), torch.isnan(expected))
+    assert torch.equal(torch.isinf(y), torch.isinf(expected))
+    assert torch.isnan(y).any() or torch.isinf(y).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_overflow_like_nn_linear(backend):
+    x = torch.full((4, 64), 300.0, dtype=torch.float16)
+    weight = torch.full((3, 64), 300.0, dtype=torch.float16)
+    lora_A, lora_B = torch.zeros(2, 64, dtype=torch.float16), torch.zeros(3, 2, dtype=torch.float16)
+    with use_backend(backend):
+        y = lora_linear(x, weight, None, lora_A, lora_B, 1.0)
+    assert torch.equal(y, nn.functional.linear(x, weight))
+    assert torch.isinf(y).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitude", [1e-6, 1e6])
+def test_large_and_small_magnitudes_keep_relative_error(backend, magnitude):
+    problem = make_problem((40,), 64, 48, 8)
+    problem.x = (problem.x.detach() * magnitude).requires_grad_()
+    with use_backend(backend):
+        y = lora_linear(*_args(problem))
+    expected = lora_linear_reference(*_args(problem), upcast=True)
+    plain = lora_linear_reference(*_args(problem))  # plain PyTorch in the same dtype
+    ours = ((y.double() - expected).abs().max() / expected.abs().max()).item()
+    torch_error = ((plain.double() - expected).abs().max() / expected.abs().max()).item()
+    assert ours <= 4 * torch_error + 1e-7
+
+
+# ------------------------------------------------------------------------------------ module robustness
+
+
+def _model():
+    return nn.Sequential(FusedLoRALinear(12, 10, r=3, init_lora_weights=False), nn.ReLU(), nn.Linear(10, 2))
+
+
+def test_deepcopy_and_pickle_keep_outputs():
+    model = _model()
+    x = torch.randn(5, 12)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(clone(x), model(x))
+        assert clone[0].lora_A.data_ptr() != model[0].lora_A.data_ptr()
+
+
+def test_torch_save_load_whole_model():
+    model = _model()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert isinstance(loaded[0], FusedLoRALinear)
+
+
+def test_to_dtype():
+    layer = FusedLoRALinear(12, 10, r=3, init_lora_weights=False)
+    half = copy.deepcopy(layer).to(torch.float16)
+    assert half.weight.dtype == half.lora_A.dtype == torch.float16
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(half(x.half()).float(), layer(x), atol=5e-3, rtol=5e-3)
+    assert not half.weight.requires_grad and half.lora_A.requires_grad
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_to_device_cuda():
+    layer = FusedLoRALinear(12, 10, r=3, init_lora_weights=False)
+    x = torch.randn(4, 12)
+    gpu = copy.deepcopy(layer).to("cuda")
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), layer(x), atol=1e-4, rtol=1e-4)
+
+
+def test_merge_unmerge_within_rounding_in_half_precision():
+    layer = FusedLoRALinear(64, 48, r=8, init_lora_weights=False, dtype=torch.float16)
+    original = layer.weight.detach().clone()
+    layer.merge()
+    layer.unmerge()
+    delta = layer.delta_weight().abs().max().item()
+    eps = torch.finfo(torch.float16).eps
+    bound = 2 * eps * (delta + original.abs().max().item())
+    assert (layer.weight.float() - original.float()).abs().max().item() <= bound
+
+
+# ------------------------------------------------------------------------------------------ concurrency
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_threads_at_once(backend):
+    problems = [make_problem((17,), 20, 14, 3) for _ in range(2)]
+    expected = [lora_linear_reference(*_args(p), upcast=True) for p in problems]
+    results, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def work(i):
+        try:
+            barrier.wait()
+            with use_backend(backend):
+                for _ in range(5):
+                    results[i] = lora_linear(*_args(problems[i])).detach()
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for result, reference in zip(results, expected, strict=True):
+        torch.testing.assert_close(result.double(), reference, atol=1e-5, rtol=1e-5)
