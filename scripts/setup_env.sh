@@ -22,5 +22,11 @@ python -m pip install -q "$TORCH_SPEC" "$TRITON_SPEC" numpy \
 # Build the optional extension against the torch above (no build isolation: it would fetch a second torch).
 export MAX_JOBS=${MAX_JOBS:-2}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
-python -m pip install -q --no-build-isolation --no-deps -e .
+mkdir -p build
+if ! python -m pip install -v --no-build-isolation --no-deps -e . > build/install.log 2>&1; then
+  tail -50 build/install.log
+  exit 1
+fi
+echo "extension build (full log: build/install.log):"
+grep -E "\[lora_kernels setup\]|nvcc .* -c |Successfully installed" build/install.log | sed -E 's/(.{220}).*/\1 .../' || true
 python -c "import lora_kernels, torch; print('lora_kernels', lora_kernels.__version__, '| torch', torch.__version__, '| backends here:', lora_kernels.available_backends())"

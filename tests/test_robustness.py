@@ -256,3 +256,42 @@ def test_two_threads_at_once(backend):
     assert not errors, errors
     for result, reference in zip(results, expected, strict=True):
         torch.testing.assert_close(result.double(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_two_processes_start_together(tmp_path):
+    """Two processes importing the package and JIT-compiling the same Triton kernel into one fresh cache
+    at the same moment both succeed (Triton's file cache is the build step shared between processes; the
+    C++/CUDA extension is built ahead of time by pip, so importing it involves no build)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import sys; sys.path.insert(0, 'tools'); import compile_kernels as c, lora_kernels, torch\n"
+        "from lora_kernels.ops import cuda_lora\n"
+        "c.compile_kernel('_lora_linear_kernel', 'bf16', True, {'FUSE_PROJECT': False}, 90)\n"
+        "if cuda_lora.has_extension():\n"
+        "    x, w, a, b = torch.randn(5, 8), torch.randn(3, 8), torch.randn(2, 8), torch.randn(3, 2)\n"
+        "    y, _ = cuda_lora.lora_forward(x, w, None, a, b, 2.0, 0.0, 0)\n"
+        "    assert torch.allclose(y, x @ w.T + 2.0 * (x @ a.T) @ b.T, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0 and out.strip().endswith("ok"), out
