@@ -135,7 +135,8 @@ def _mib(n: int | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_kernels demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
     parser.add_argument("--quick", action="store_true", help="a short run: 6 steps, 2 timed steps")
     parser.add_argument("--backend", default="auto", help="auto (default), triton, cuda or torch")
     parser.add_argument("--no-peft", action="store_true", help="skip the comparison with PEFT")
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         max_position_embeddings=256,
     )
     base = transformers.LlamaForCausalLM(config).to(device).eval()
-    model = inject_lora(copy.deepcopy(base), TARGETS, r=8, lora_alpha=16).train()
+    model = inject_lora(copy.deepcopy(base), TARGETS, r=8, lora_alpha=16, lora_dropout=args.dropout).train()
     with torch.no_grad():  # a small non-zero B, so the comparisons below exercise the adapter path
         for layer in lora_layers(model).values():
             layer.lora_B.normal_(std=1e-3)
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(p.numel() for p in model.parameters())
     print(
         f"model: Llama {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size} "
-        f"(characters) | {len(lora_layers(model))} FusedLoRALinear (r=8, alpha=16) | trainable {trainable:,} "
+        f"(characters) | {len(lora_layers(model))} FusedLoRALinear (r=8, alpha=16, dropout {args.dropout:g}) | "
+        f"trainable {trainable:,} "
         f"of {total:,} parameters ({100 * trainable / total:.1f} %)"
     )
 
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if peft is not None:
         from peft import LoraConfig, get_peft_model
 
-        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
+        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=args.dropout)
         peft_model = get_peft_model(copy.deepcopy(base), peft_config).train()
         with torch.no_grad():  # the same initial adapters
             for name, layer in lora_layers(model).items():
@@ -207,10 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     with use_backend(args.backend):
         if peft_model is not None:
-            print("\n1) same initialisation: fused model vs PEFT")
+            print("\n1) same initialisation: fused model vs PEFT (logits in eval mode, steps in train mode)")
             with torch.no_grad():
-                ours = model(input_ids=bench_ids).logits
-                theirs = peft_model(input_ids=bench_ids).logits
+                ours = model.eval()(input_ids=bench_ids).logits
+                theirs = peft_model.eval()(input_ids=bench_ids).logits
+            model.train(), peft_model.train()
             err = (ours - theirs).abs().max().item()
             ok &= err < 1e-3
             print(f"   logits max abs difference: {err:.2e}")
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             peft_t, peft_saved, peft_peak = _measure(
                 copy.deepcopy(peft_model), bench_ids, device, timed_steps
             )
-            print(f"   {'':24}{'lora_kernels':>16}{'PEFT':>16}{'ratio':>10}")
+            print(f"   {'':24}{'lora_kernels':>16}{'PEFT':>16}{'PEFT ÷ ours':>13}")
             print(
                 f"   {'time per train step':24}{ours_t * 1e3:>13.1f} ms{peft_t * 1e3:>13.1f} ms"
                 f"{peft_t / ours_t:>9.2f}x"
