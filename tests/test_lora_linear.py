@@ -188,3 +188,33 @@ def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, device):
     # forward: project + linear; backward: project (s·dY·B) + linear (dX) + reduce (dA) + reduce (dB, dbias)
     assert launches == {"_lora_project_kernel": 2, "_lora_linear_kernel": 2, "_lora_reduce_rows_kernel": 2}
     print("Triton kernel launches:", launches, "interpreter:", triton_lora.interpreting())
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_launch_falls_back_to_a_config_that_fits():
+    """A config the GPU cannot hold (OutOfResources at load) is skipped for the next smaller one, once."""
+    from triton.runtime.errors import OutOfResources
+
+    from lora_kernels.ops import triton_lora
+
+    launched, refused = [], []
+
+    class SmallGPUKernel:  # refuses tiles over a budget, as a GPU with little shared memory does
+        def __getitem__(self, grid):
+            def run(*args, **cfg):
+                if cfg["BLOCK_N"] * cfg["num_stages"] > 128:
+                    refused.append(cfg)
+                    raise OutOfResources(cfg["BLOCK_N"] * cfg["num_stages"], 128, "shared memory")
+                launched.append((grid, cfg))
+
+            return run
+
+    preferred = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_stages=3)
+    configs = triton_lora._smaller_configs(preferred, ("BLOCK_N", "BLOCK_M", "BLOCK_K"))
+    assert configs[0] == preferred and configs[-1] == dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_stages=2)
+    kernel, args = SmallGPUKernel(), (torch.zeros(1),)
+    cfg = triton_lora._launch(kernel, lambda c: (c["BLOCK_N"],), configs, args, {"FLAG": True})
+    assert cfg == dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_stages=2)
+    assert launched == [((64,), {"FLAG": True, **cfg})] and len(refused) == 2
+    triton_lora._launch(kernel, lambda c: (c["BLOCK_N"],), configs, args, {"FLAG": True})
+    assert len(refused) == 2  # the second launch starts from the config that fitted

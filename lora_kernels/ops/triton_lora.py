@@ -31,6 +31,7 @@ import threading
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .. import dropout
 from ..dropout import dropout_threshold, split_seed
@@ -284,7 +285,7 @@ def _num_sms(device_index: int) -> int:
 
 
 def _linear_config(M: int, N: int, K: int, element_size: int) -> dict:
-    """Tile config for :func:`_lora_linear_kernel` (GEMM + LoRA epilogue)."""
+    """Preferred tile config for :func:`_lora_linear_kernel` (GEMM + LoRA epilogue)."""
     if interpreting():
         return dict(
             BLOCK_M=_pow2_clamp(M, 16, 128),
@@ -302,13 +303,53 @@ def _linear_config(M: int, N: int, K: int, element_size: int) -> dict:
 
 
 def _skinny_config(rows: int, inner: int, r: int) -> dict:
-    """Tile config for the skinny projection / row-reduction kernels (``r`` columns)."""
+    """Preferred tile config for the skinny projection / row-reduction kernels (``r`` columns)."""
     block_r = _block_r(r)
     if interpreting():
         return dict(BLOCK_M=_pow2_clamp(rows, 16, 128), BLOCK_K=_pow2_clamp(inner, 16, 128),
                     BLOCK_R=block_r, num_warps=4, num_stages=1)  # fmt: skip
     block_m = 64 if block_r <= 64 else 32
     return dict(BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=block_r, num_warps=4, num_stages=3)
+
+
+def _smaller_configs(cfg: dict, shrinkable: tuple[str, ...]) -> list[dict]:
+    """``cfg`` then ever smaller variants: fewer pipeline stages first, then halved tiles (down to 16).
+
+    Large ranks (the epilogue holds r-wide tiles) and fp32 can exceed a GPU's shared memory with the
+    preferred config, e.g. the 99 KiB of sm_86/sm_89; :func:`_launch` walks this list until one fits.
+    """
+    configs = [cfg]
+    while True:
+        last = dict(configs[-1])
+        if last.get("num_stages", 1) > 2:
+            last["num_stages"] -= 1
+        else:
+            name = max((k for k in shrinkable if last[k] > 16), key=lambda k: last[k], default=None)
+            if name is None:
+                return configs
+            last[name] //= 2
+        configs.append(last)
+
+
+# The first config that fitted, per kernel and compile-time signature, so the search runs once.
+_FITTING_CONFIG: dict[tuple, int] = {}
+
+
+def _launch(kernel, grid_of, configs: list[dict], args: tuple, constexprs: dict) -> dict:
+    """Launch ``kernel`` with the first of ``configs`` that fits the GPU's resources; returns that config."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    key = (getattr(kernel, "__name__", repr(kernel)), str(tensors[0].device), *sorted(constexprs.items()),
+           *(str(t.dtype) for t in tensors), tuple(sorted(configs[0].items())))  # fmt: skip
+    start = _FITTING_CONFIG.get(key, 0)
+    for index in range(start, len(configs)):
+        cfg = configs[index]
+        try:
+            kernel[grid_of(cfg)](*args, **constexprs, **cfg)
+        except OutOfResources:  # raised when the kernel is loaded, before anything runs
+            continue
+        _FITTING_CONFIG[key] = index
+        return cfg
+    raise RuntimeError(f"no tile config of {key[0]} fits this GPU's shared memory / registers: {configs}")
 
 
 def _row_splits(M: int, num_blocks: int, block_m: int, device: torch.device) -> int:
@@ -369,20 +410,22 @@ def _linear_with_lora(
         if project is not None and M > 0:  # N == 0: nothing to fuse into, t is still owed
             t.copy_(torch.mm(a, project.to(a.dtype)).float().mul_(project_scale))
         return out
-    cfg = _linear_config(M, N, K, a.element_size())
     seed_lo, seed_hi, threshold, scale = _dropout_args(dropout_p, seed)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     p = project if project is not None else t
-    _lora_linear_kernel[grid](
-        a, b, t, u, p, bias if bias is not None else out, out,
-        M, N, K, R,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        t.stride(0), t.stride(1), u.stride(0), u.stride(1), p.stride(0), p.stride(1),
-        out.stride(0), out.stride(1),
-        project_scale, seed_lo, seed_hi, threshold, scale,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=project is not None,
-        INPUT_PRECISION=_input_precision(a.dtype), BLOCK_R=_block_r(R),
-        **cfg,
+    _launch(
+        _lora_linear_kernel,
+        lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),),
+        _smaller_configs(_linear_config(M, N, K, a.element_size()), ("BLOCK_N", "BLOCK_M", "BLOCK_K")),
+        (
+            a, b, t, u, p, bias if bias is not None else out, out,
+            M, N, K, R,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            t.stride(0), t.stride(1), u.stride(0), u.stride(1), p.stride(0), p.stride(1),
+            out.stride(0), out.stride(1),
+            project_scale, seed_lo, seed_hi, threshold, scale,
+        ),
+        dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=project is not None,
+             INPUT_PRECISION=_input_precision(a.dtype), BLOCK_R=_block_r(R)),
     )  # fmt: skip
     return out
 
@@ -394,18 +437,20 @@ def _project(a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float, s
     out = torch.empty((M, R), device=a.device, dtype=torch.float32)
     if M == 0:
         return out
-    cfg = _skinny_config(M, K, R)
     seed_lo, seed_hi, threshold, dropout_scale = _dropout_args(dropout_p, seed)
     if dropout_p > 0.0:
         scale = scale * dropout_scale
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _lora_project_kernel[grid](
-        a, b, out,
-        M, K, R,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        scale, seed_lo, seed_hi, threshold,
-        HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(a.dtype),
-        **cfg,
+    _launch(
+        _lora_project_kernel,
+        lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]),),
+        _smaller_configs(_skinny_config(M, K, R), ("BLOCK_M", "BLOCK_K")),
+        (
+            a, b, out,
+            M, K, R,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            scale, seed_lo, seed_hi, threshold,
+        ),
+        dict(HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(a.dtype)),
     )  # fmt: skip
     return out
 
@@ -417,25 +462,27 @@ def _reduce_rows(
     M, P = a.shape
     R = c.shape[1]
     cfg = _skinny_config(M, P, R)
-    block_m, block_p = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_K")
-    num_p = triton.cdiv(P, block_p)
-    splits = _row_splits(M, num_p, block_m, a.device)
-    rows_per_split = triton.cdiv(max(M, 1), splits * block_m) * block_m
+    cfg["BLOCK_P"] = cfg.pop("BLOCK_K")
+    splits = _row_splits(M, triton.cdiv(P, cfg["BLOCK_P"]), cfg["BLOCK_M"], a.device)
+    rows_per_split = triton.cdiv(max(M, 1), splits * cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     splits = triton.cdiv(max(M, 1), rows_per_split)
     partial = torch.empty((splits, P, R), device=a.device, dtype=torch.float32)
     colsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if with_colsum else None
     seed_lo, seed_hi, threshold, scale = _dropout_args(dropout_p, seed)
     if dropout_p == 0.0:
         scale = 1.0
-    if P > 0:
-        _lora_reduce_rows_kernel[(num_p, splits)](
-            a, c, partial, colsum if colsum is not None else partial,
-            M, P, R, rows_per_split,
-            a.stride(0), a.stride(1), c.stride(0), c.stride(1),
-            scale, seed_lo, seed_hi, threshold,
-            HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=with_colsum,
-            INPUT_PRECISION=_input_precision(a.dtype), BLOCK_M=block_m, BLOCK_P=block_p,
-            **cfg,
+    if P > 0:  # a smaller BLOCK_M only adds loop trips: the row splits stay as computed here
+        _launch(
+            _lora_reduce_rows_kernel,
+            lambda cfg: (triton.cdiv(P, cfg["BLOCK_P"]), splits),
+            _smaller_configs(cfg, ("BLOCK_P", "BLOCK_M")),
+            (
+                a, c, partial, colsum if colsum is not None else partial,
+                M, P, R, rows_per_split,
+                a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+                scale, seed_lo, seed_hi, threshold,
+            ),
+            dict(HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=with_colsum, INPUT_PRECISION=_input_precision(a.dtype)),
         )  # fmt: skip
     if splits == 1:
         return partial[0], None if colsum is None else colsum[0]
