@@ -21,6 +21,8 @@ import torch
 BACKENDS = ("triton", "cuda", "torch")
 #: Input dtypes the fused kernels take; others (float64) run on the torch composite under ``auto``.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: The largest LoRA rank the fused kernels take; larger ranks run on the torch composite under ``auto``.
+MAX_KERNEL_RANK = 256
 ENV_VAR = "LORA_KERNELS_BACKEND"
 
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("lora_kernels_backend", default=None)
@@ -42,12 +44,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
-    """Why backend ``name`` cannot run on ``device`` (for inputs of ``dtype``), or ``None`` if it can."""
+def _unavailable_reason(
+    name: str, device: torch.device, dtype: torch.dtype | None = None, rank: int | None = None
+) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (for ``dtype`` inputs, LoRA ``rank``), or ``None``."""
     if name == "torch":
         return None
     if dtype is not None and dtype not in KERNEL_DTYPES:
         return f"its kernels support {', '.join(str(d) for d in KERNEL_DTYPES)}, not {dtype}"
+    if rank is not None and rank > MAX_KERNEL_RANK:
+        return f"its kernels take LoRA ranks up to {MAX_KERNEL_RANK}, not {rank}"
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
     if name == "triton" and device.type != "cuda" and not _interpreting():
@@ -89,12 +95,12 @@ def use_backend(name: str) -> Iterator[None]:
         _requested.reset(token)
 
 
-def select_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """Name of the backend that will run for inputs of ``dtype`` on ``device``."""
+def select_backend(device: torch.device, dtype: torch.dtype | None = None, rank: int | None = None) -> str:
+    """Name of the backend that will run for inputs of ``dtype`` on ``device`` with LoRA rank ``rank``."""
     name = requested_backend()
     if name == "auto":
-        return next(n for n in BACKENDS if _unavailable_reason(n, device, dtype) is None)
-    why = _unavailable_reason(name, device, dtype)
+        return next(n for n in BACKENDS if _unavailable_reason(n, device, dtype, rank) is None)
+    why = _unavailable_reason(name, device, dtype, rank)
     if why is not None:
         raise RuntimeError(
             f"lora_kernels backend {name!r} was requested but cannot run {dtype} inputs on {device}: {why}"

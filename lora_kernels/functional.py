@@ -157,7 +157,7 @@ def lora_linear(
     x, weight, bias = _autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     dropout_p = float(dropout_p) if training else 0.0
-    backend = _backend_for(x.device, x.dtype)
+    backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
     if not torch.compiler.is_compiling():
         seed = 0
         if dropout_p > 0.0:
@@ -177,9 +177,9 @@ def lora_linear(
 
 
 @torch.compiler.assume_constant_result
-def _backend_for(device: torch.device, dtype: torch.dtype) -> str:
+def _backend_for(device: torch.device, dtype: torch.dtype, rank: int) -> str:
     """:func:`select_backend`, evaluated once when ``torch.compile`` traces (the choice is baked in)."""
-    return select_backend(device, dtype)
+    return select_backend(device, dtype, rank)
 
 
 def _autocast_inputs(

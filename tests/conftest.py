@@ -29,3 +29,35 @@ def _seed():
 @pytest.fixture
 def device() -> str:
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+# Count every launch of the Triton kernels in the session, so the log shows which kernels really ran
+# (and whether through the interpreter), not only which tests passed.
+_KERNEL_LAUNCHES: dict[str, int] = {}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _count_triton_launches():
+    try:
+        from lora_kernels.ops import triton_lora
+    except ImportError:  # no triton: nothing to count
+        yield
+        return
+    launch = triton_lora._launch
+
+    def counting_launch(kernel, grid_of, configs, args, constexprs):
+        name = getattr(kernel, "__name__", "")
+        if name.startswith("_lora"):
+            _KERNEL_LAUNCHES[name] = _KERNEL_LAUNCHES.get(name, 0) + 1
+        return launch(kernel, grid_of, configs, args, constexprs)
+
+    triton_lora._launch = counting_launch
+    yield
+    triton_lora._launch = launch
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _KERNEL_LAUNCHES:
+        where = "through the interpreter (TRITON_INTERPRET=1)" if not _HAS_CUDA else "on the GPU"
+        counts = ", ".join(f"{name} ×{count}" for name, count in sorted(_KERNEL_LAUNCHES.items()))
+        terminalreporter.write_line(f"Triton kernels launched {where}: {counts}")

@@ -55,3 +55,16 @@ def test_float64_falls_back_to_torch_under_auto():
     assert select_backend(torch.device("cpu"), torch.float64) == "torch"
     with use_backend("triton"), pytest.raises(RuntimeError, match="float64"):
         select_backend(torch.device("cpu"), torch.float64)
+
+
+def test_ranks_above_256_fall_back_to_torch_under_auto(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend(torch.device("cpu"), torch.float32, 257) == "torch"
+    with use_backend("triton"), pytest.raises(RuntimeError, match="ranks up to 256, not 257"):
+        select_backend(torch.device("cpu"), torch.float32, 257)
+    problem = make_problem((5,), 6, 4, 300)
+    y = lora_kernels.lora_linear(problem.x, problem.weight, problem.bias, problem.lora_A, problem.lora_B, 0.5)
+    expected = lora_kernels.lora_linear_reference(
+        problem.x, problem.weight, problem.bias, problem.lora_A, problem.lora_B, 0.5
+    )
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
