@@ -18,11 +18,11 @@ import statistics
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from .bench import SavedTensorCounter
 from .dispatch import select_backend, use_backend
 from .inject import inject_lora, lora_layers
 from .reference import lora_linear_reference
@@ -75,24 +75,6 @@ def _batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generato
         yield torch.stack([data[s : s + seq] for s in starts.tolist()])
 
 
-@contextmanager
-def _saved_activation_bytes(model: nn.Module, out: list[int]):
-    """Count the bytes autograd saves for backward (unique storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params and ptr != 0:
-            seen[ptr] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield
-    out.append(sum(seen.values()))
-
-
 def _step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
     opt.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=ids).loss
@@ -110,8 +92,7 @@ def _measure(model, ids, device, steps: int) -> tuple[float, int, int | None]:
     """Median seconds per training step, saved-activation bytes of one step, CUDA peak bytes (or None)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     _step(model, opt, ids)  # warm-up
-    saved: list[int] = []
-    with _saved_activation_bytes(model, saved):
+    with SavedTensorCounter(known=model.parameters()) as saved:
         model(input_ids=ids, labels=ids).loss.backward()
     opt.zero_grad(set_to_none=True)
     peak = None
@@ -126,7 +107,7 @@ def _measure(model, ids, device, steps: int) -> tuple[float, int, int | None]:
         times.append(time.perf_counter() - start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-    return statistics.median(times), saved[0], peak
+    return statistics.median(times), saved.activation_bytes, peak
 
 
 def _mib(n: int | None) -> str:

@@ -40,7 +40,8 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
     return module, ""
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -56,7 +57,7 @@ def _unavailable_reason(
         return f"its kernels take LoRA ranks up to {MAX_KERNEL_RANK}, not {rank}"
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
-    if name == "triton" and device.type != "cuda" and not _interpreting():
+    if name == "triton" and device.type != "cuda" and not interpreting():
         return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on the CPU interpreter)"
     if name == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return "the Triton kernels target compute capability 8.0 and newer (Ampere, Ada, Hopper)"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 
 import torch
@@ -34,6 +33,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from .. import dropout
+from ..dispatch import interpreting
 from ..dropout import dropout_threshold, split_seed
 
 # Globals read inside @triton.jit functions must be constexpr.
@@ -255,11 +255,6 @@ def _lora_reduce_rows_kernel(
 # Tile configs: chosen by a function of the shape (no runtime autotuning), one config under the
 # interpreter, where the cost grows with programs × loop trips and big blocks are cheapest.
 # --------------------------------------------------------------------------------------------------
-
-
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Triton's interpreter patches triton.language globally while it runs a kernel, so two threads interpreting at
