@@ -71,6 +71,7 @@ class Case:
     dtype: str  # "fp32", "fp16", "bf16"
     mode: str  # one of MODES
     bias: bool = False
+    adapter_dtype: str | None = None  # e.g. "fp32" adapters on a "bf16" base (PEFT's default); None: dtype
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -83,7 +84,8 @@ class Case:
     @property
     def label(self) -> str:
         """A compact, unique, pytest-id-safe name."""
-        return f"{self.mode}-{self.dtype}-{self.shape}-M{self.M}-r{self.r}-p{self.dropout:g}"
+        adapters = f"-A{self.adapter_dtype}" if self.adapter_dtype else ""
+        return f"{self.mode}-{self.dtype}{adapters}-{self.shape}-M{self.M}-r{self.r}-p{self.dropout:g}"
 
 
 def _grid(
@@ -155,6 +157,8 @@ class CompositeLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
         x2d = x.reshape(-1, x.shape[-1])
+        ctx.adapter_dtype = lora_A.dtype
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # fp32 adapters on a half base: cast them
         keep = None
         x_lora = x2d
         if dropout_p > 0.0:
@@ -189,6 +193,8 @@ class CompositeLoRAFunction(torch.autograd.Function):
                 else:
                     grad_x.add_(torch.mm(grad_t, lora_A).mul_(keep).mul_(1.0 / (1.0 - p)))
                 grad_x = grad_x.reshape(x.shape)
+        grad_A = None if grad_A is None else grad_A.to(ctx.adapter_dtype)
+        grad_B = None if grad_B is None else grad_B.to(ctx.adapter_dtype)
         return grad_x, None, None, grad_A, grad_B, None, None
 
 
@@ -215,16 +221,18 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> Inputs
     gen = torch.Generator(device=device).manual_seed(seed)
     dtype = case.torch_dtype
 
-    def rand(*shape: int, std: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
+    adapter_dtype = _DTYPES_BY_NAME[case.adapter_dtype] if case.adapter_dtype else dtype
+
+    def rand(*shape: int, std: float = 1.0, dt: torch.dtype = dtype) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(dt)
 
     K, N = case.in_features, case.out_features
     return Inputs(
         x=rand(case.M, K),
         weight=rand(N, K, std=K**-0.5),
         bias=rand(N) if case.bias else None,
-        lora_A=rand(case.r, K, std=K**-0.5),
-        lora_B=rand(N, case.r, std=case.r**-0.5),
+        lora_A=rand(case.r, K, std=K**-0.5, dt=adapter_dtype),
+        lora_B=rand(N, case.r, std=case.r**-0.5, dt=adapter_dtype),
         grad_y=rand(case.M, N),
         scaling=2.0,  # lora_alpha = 2r
     )
@@ -278,6 +286,8 @@ def make_peft_layer(case: Case, inputs: Inputs) -> nn.Module:
         _linear(inputs), "default", config=config, r=case.r, lora_alpha=alpha, lora_dropout=case.dropout
     )
     layer.to(inputs.weight.dtype)
+    layer.lora_A.to(inputs.lora_A.dtype)  # fp32 adapters on a half base stay fp32, as PEFT's default
+    layer.lora_B.to(inputs.lora_B.dtype)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(inputs.lora_A)
         layer.lora_B["default"].weight.copy_(inputs.lora_B)
@@ -616,28 +626,40 @@ def case_fields(case: Case) -> dict:
         "dropout": case.dropout,
         "bias": case.bias,
         "mode": case.mode,
+        "adapter_dtype": case.adapter_dtype or case.dtype,
     }
 
 
 def case_key(row: dict) -> tuple:
     """Rows of one case (all providers) share this key; ratios are taken within it."""
     return tuple(
-        row[k] for k in ("device", "dtype", "in_features", "out_features", "M", "r", "dropout", "mode")
+        row.get(k)
+        for k in (
+            "device",
+            "dtype",
+            "adapter_dtype",
+            "in_features",
+            "out_features",
+            "M",
+            "r",
+            "dropout",
+            "mode",
+        )
     )
 
 
 def add_ratios(rows: Sequence[dict]) -> None:
-    """Add ``ratio_to_base``/``ratio_to_peft`` (time / reference time: below 1 is faster) and
-    ``speedup_over_peft`` (peft time / time) to each row with a ``median_ms``, from the same run."""
+    """Add ``ratio_to_base``/``ratio_to_peft``/``ratio_to_composite`` (time / that provider's time on the same
+    case in the same run: below 1 is faster) and ``speedup_over_peft`` (peft time / time) to each row."""
     refs: dict[tuple, dict[str, float]] = {}
     for row in rows:
-        if row.get("median_ms") and row["provider"] in ("base", "peft"):
+        if row.get("median_ms") and row["provider"] in BASELINES:
             refs.setdefault(case_key(row), {})[row["provider"]] = row["median_ms"]
     for row in rows:
         ms = row.get("median_ms")
         ref = refs.get(case_key(row), {})
-        row["ratio_to_base"] = ms / ref["base"] if ms and "base" in ref else None
-        row["ratio_to_peft"] = ms / ref["peft"] if ms and "peft" in ref else None
+        for name in BASELINES:
+            row[f"ratio_to_{name}"] = ms / ref[name] if ms and name in ref else None
         row["speedup_over_peft"] = ref["peft"] / ms if ms and "peft" in ref else None
 
 
@@ -660,19 +682,33 @@ TABLE_COLUMNS = [
     "median_ms",
     "ratio_to_base",
     "ratio_to_peft",
+    "ratio_to_composite",
     "peak_MiB",
     "saved_MiB",
 ]
 
 
+def _sortable(values: Iterable) -> list[tuple]:
+    """Numbers before strings before None, so rows of mixed or missing fields still sort."""
+    return [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in values]
+
+
+def _dtype_label(row: dict) -> str:
+    """``bf16``, or ``bf16/A fp32`` for adapters of another dtype than the base."""
+    adapters = row.get("adapter_dtype")
+    return row["dtype"] if adapters in (None, row["dtype"]) else f"{row['dtype']}/A {adapters}"
+
+
 def table_rows(rows: Sequence[dict]) -> list[list[str]]:
     """Rows as strings, in TABLE_COLUMNS order, grouped by case."""
     out = []
-    for row in sorted(rows, key=lambda r: (MODES.index(r["mode"]), *case_key(r)[1:7], r.get("order", 0))):
+    for row in sorted(
+        rows, key=lambda r: (MODES.index(r["mode"]), *_sortable(case_key(r)[1:8]), r.get("order", 0))
+    ):
         out.append(
             [
                 row["mode"],
-                row["dtype"],
+                _dtype_label(row),
                 row["shape"],
                 str(row["M"]),
                 str(row["r"]),
@@ -681,6 +717,7 @@ def table_rows(rows: Sequence[dict]) -> list[list[str]]:
                 _fmt(row.get("median_ms"), ".4f"),
                 _fmt(row.get("ratio_to_base"), ".2f"),
                 _fmt(row.get("ratio_to_peft"), ".2f"),
+                _fmt(row.get("ratio_to_composite"), ".2f"),
                 _mib(row.get("peak_bytes")),
                 _mib(row.get("saved_bytes")),
             ]
@@ -703,8 +740,9 @@ def format_markdown(rows: Sequence[dict], env: dict) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
         "",
         "`median_ms`: median time of one call (forward, or forward + backward in `fwd_bwd`). "
-        "`ratio_to_base` / `ratio_to_peft`: that time divided by the time of `base` (`F.linear`, no LoRA) / "
-        "`peft` on the same case in the same run; below 1 is faster. `peak_MiB`: peak CUDA memory of one "
+        "`ratio_to_base` / `ratio_to_peft` / `ratio_to_composite`: that time divided by the time of `base` "
+        "(`F.linear`, no LoRA) / `peft` / `composite` (cuBLAS GEMM + `addmm_` of the LoRA term) on the same "
+        "case in the same run; below 1 is faster. `peak_MiB`: peak CUDA memory of one "
         "call above the inputs (– on CPU). `saved_MiB`: new memory autograd keeps for backward (`fwd_bwd`).",
         "",
         "| " + " | ".join(TABLE_COLUMNS) + " |",

@@ -77,7 +77,16 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 def requested_backend() -> str:
     """The backend asked for: :func:`use_backend` first, then ``LORA_KERNELS_BACKEND``, else ``auto``."""
-    name = _requested.get() or os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    name = _requested.get()
+    if name is None:
+        name = _parse_env(os.environ.get(ENV_VAR))
+    return name
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env(value: str | None) -> str:
+    """``LORA_KERNELS_BACKEND``'s value as a backend name (cached per value; a bad one is an error each time)."""
+    name = (value or "auto").strip().lower() or "auto"
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={name!r} is not a backend; choose one of auto, {', '.join(BACKENDS)}")
     return name
@@ -96,17 +105,33 @@ def use_backend(name: str) -> Iterator[None]:
         _requested.reset(token)
 
 
+# select_backend's answers (only successful ones: errors are re-derived so that their message is exact), keyed by
+# everything they depend on that can change while a program runs: the backend asked for (use_backend or the env
+# var, read on every call), TRITON_INTERPRET, the device, the dtype and whether the rank is over the limit.
+# Whether CUDA is available, a device's compute capability and which backends import do not change.
+_SELECTED: dict[tuple, str] = {}
+
+
 def select_backend(device: torch.device, dtype: torch.dtype | None = None, rank: int | None = None) -> str:
     """Name of the backend that will run for inputs of ``dtype`` on ``device`` with LoRA rank ``rank``."""
     name = requested_backend()
+    key = (name, device, dtype, rank is not None and rank > MAX_KERNEL_RANK, interpreting())
+    selected = _SELECTED.get(key)
+    if selected is not None:
+        return selected
     if name == "auto":
-        return next(n for n in BACKENDS if _unavailable_reason(n, device, dtype, rank) is None)
-    why = _unavailable_reason(name, device, dtype, rank)
-    if why is not None:
-        raise RuntimeError(
-            f"lora_kernels backend {name!r} was requested but cannot run {dtype} inputs on {device}: {why}"
-        )
-    return name
+        selected = next(n for n in BACKENDS if _unavailable_reason(n, device, dtype, rank) is None)
+    else:
+        why = _unavailable_reason(name, device, dtype, rank)
+        if why is not None:
+            raise RuntimeError(
+                f"lora_kernels backend {name!r} was requested but cannot run {dtype} inputs on {device}: {why}"
+            )
+        selected = name
+    # "cuda" with no index means the current device, which can change: such a device is not cached.
+    if not (device.type == "cuda" and device.index is None) and len(_SELECTED) < 1024:
+        _SELECTED[key] = selected
+    return selected
 
 
 def backend_module(name: str) -> ModuleType:

@@ -1,6 +1,12 @@
 """Test set-up: without a GPU, the Triton kernels run on the CPU through Triton's interpreter.
 
 ``TRITON_INTERPRET`` must be set before triton is imported, so this happens before any package import.
+An explicit ``TRITON_INTERPRET=0`` wins (``setdefault``): it simulates a GPU machine's setting, where the
+Triton backend cannot take CPU tensors and the tests that need it skip.
+
+Fixtures: ``backend`` (every backend with the device it runs on, see :func:`helpers.backend_on_device`;
+narrow it with ``@pytest.mark.parametrize("backend", ["triton"], indirect=True)``) and ``device`` (the
+device of backend-independent tests).
 """
 
 import os
@@ -17,6 +23,9 @@ except ImportError:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# after TRITON_INTERPRET is set
+from lora_kernels.dispatch import BACKENDS
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -29,6 +38,15 @@ def _seed():
 @pytest.fixture
 def device() -> str:
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """A :class:`helpers.Backend` ``(name, device)``: tensors go to ``backend.device``, skipped where the
+    backend cannot run here (the reason says why)."""
+    from helpers import backend_on_device
+
+    return backend_on_device(request.param)
 
 
 # Count every launch of the Triton kernels in the session, so the log shows which kernels really ran
@@ -58,6 +76,7 @@ def _count_triton_launches():
 
 def pytest_terminal_summary(terminalreporter):
     if _KERNEL_LAUNCHES:
-        where = "through the interpreter (TRITON_INTERPRET=1)" if not _HAS_CUDA else "on the GPU"
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        where = "through the interpreter (TRITON_INTERPRET=1)" if interpreted else "on the GPU"
         counts = ", ".join(f"{name} ×{count}" for name, count in sorted(_KERNEL_LAUNCHES.items()))
         terminalreporter.write_line(f"Triton kernels launched {where}: {counts}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -20,6 +21,54 @@ except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+# ------------------------------------------------------------------------------- backends and their devices
+
+
+class Backend(NamedTuple):
+    """A backend and the device whose tensors it runs on in these tests (see :func:`backend_on_device`)."""
+
+    name: str
+    device: str
+
+    @property
+    def interpreted(self) -> bool:
+        """True when this is Triton on CPU tensors, i.e. its kernels run through Triton's interpreter."""
+        return self.name == "triton" and self.device != "cuda"
+
+
+def backend_on_device(name: str) -> Backend:
+    """``name`` with the device it runs on here, from :func:`lora_kernels.available_backends`; else skip.
+
+    CUDA first: on a GPU machine ``triton``, ``cuda`` and ``torch`` all get CUDA tensors (``torch`` too, as
+    that is where ``auto`` sends CUDA inputs the kernels do not take, and so that backends can be compared
+    on the same tensors). Without a GPU: ``triton`` on CPU tensors under the interpreter
+    (``TRITON_INTERPRET=1``, set by conftest.py), ``torch`` on the CPU; ``cuda`` cannot run and is skipped.
+    """
+    from lora_kernels import available_backends, dispatch
+
+    devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:
+        if name in available_backends(device):
+            return Backend(name, device)
+    reason = getattr(dispatch, "_unavailable_reason", lambda name, device: "not in available_backends()")
+    why = "; ".join(f"on {d}: {reason(name, torch.device(d))}" for d in devices)
+    pytest.skip(f"backend {name!r} cannot run here ({why})")
+
+
+#: Why bf16 is not run through the interpreter (see :func:`skip_unless_dtype_runs`).
+INTERPRETER_BF16 = (
+    "Triton's interpreter gets bf16 tl.dot wrong (numpy has no bfloat16; errors of 1e10 with triton 3.8): "
+    "bf16 through the Triton kernels is checked on CUDA only"
+)
+
+
+def skip_unless_dtype_runs(backend: Backend, dtype: torch.dtype) -> None:
+    """Skip a ``dtype`` case that ``backend`` cannot be checked with on its device."""
+    if dtype == torch.bfloat16 and backend.interpreted:
+        pytest.skip(INTERPRETER_BF16)
+
 
 #: Relative tolerance of each dtype against the float64 reference (scaled by the result's magnitude).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import HAS_TRITON, assert_close, make_problem
+from helpers import assert_close, make_problem
 from torch import nn
 
 from lora_kernels import FusedLoRALinear, lora_linear, lora_linear_reference, use_backend
 from lora_kernels.dropout import dropout_mask
 from lora_kernels.library import lora_linear_backward_op, lora_linear_op
-
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
 
 
 def _device() -> str:
@@ -19,31 +17,34 @@ def _device() -> str:
 
 
 def _forward_args(problem, dropout_p: float, backend: str, seed: int = 5):
+    """Arguments of the registered forward op; ``backend`` is a name."""
     seed_t = torch.tensor(seed, dtype=torch.int64) if dropout_p > 0 else None
     p = problem
     return (p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, dropout_p, seed_t, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# The opcheck tests run every backend (the ``backend`` fixture of conftest.py) on the device it runs on.
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_forward(backend, dropout_p, bias):
-    problem = make_problem((2, 3), 12, 10, 4, bias=bias, weight_requires_grad=bias, device=_device())
-    torch.library.opcheck(lora_linear_op, _forward_args(problem, dropout_p, backend))
+    problem = make_problem((2, 3), 12, 10, 4, bias=bias, weight_requires_grad=bias, device=backend.device)
+    torch.library.opcheck(lora_linear_op, _forward_args(problem, dropout_p, backend.name))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "needs", [[True, False, True, True, True], [False, True, False, True, False], [True] * 5]
 )
 def test_opcheck_backward(backend, needs):
-    p = make_problem((2, 3), 12, 10, 4, device=_device())
+    p = make_problem((2, 3), 12, 10, 4, device=backend.device)
     seed = torch.tensor(11, dtype=torch.int64)
+    name = backend.name
     with torch.no_grad():
-        _, t = lora_linear_op(p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, 0.25, seed, backend)
+        _, t = lora_linear_op(p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, 0.25, seed, name)
     grad_y = torch.randn(2, 3, 10, device=p.x.device)
     args = (grad_y, p.x.detach(), p.weight.detach(), p.lora_A.detach(), p.lora_B.detach(), t)
-    torch.library.opcheck(lora_linear_backward_op, (*args, p.scaling, 0.25, seed, backend, needs))
+    torch.library.opcheck(lora_linear_backward_op, (*args, p.scaling, 0.25, seed, name, needs))
 
 
 def _small_model(dropout: float) -> nn.Module:

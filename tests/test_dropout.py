@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from helpers import HAS_TRITON
 
 from lora_kernels import dropout_mask, use_backend
 from lora_kernels.dropout import dropout_mask_torch, philox4x32
@@ -52,12 +51,13 @@ def test_rows_beyond_2_to_32_are_distinct():
     assert not torch.equal(words[0], words[1])
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_kernel_mask_equals_helper(device):
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_kernel_mask_equals_helper(backend):
     """x·Aᵀ with A = identity rows exposes the kernel's mask: it must equal dropout_mask exactly."""
     from lora_kernels.ops import triton_lora
 
     M, K, p, seed = 45, 16, 0.4, 2**40 + 77  # a seed with a non-zero high word
+    device = backend.device
     x = torch.ones(M, K, device=device)
     with use_backend("triton"):
         t = triton_lora._project(x, torch.eye(K, device=device), 1.0, p, seed)

@@ -1,17 +1,31 @@
-"""Parity of the fused LoRA linear (every backend that can run here) against the float64 reference."""
+"""Parity of the fused LoRA linear (every backend, on the device it runs on) against the float64 reference.
+
+The ``backend`` fixture (conftest.py) gives each backend its device: on a GPU machine ``triton``, ``cuda``
+and ``torch`` all get CUDA tensors; on a CPU machine ``triton`` runs through Triton's interpreter and
+``cuda`` is skipped.
+"""
 
 import pytest
 import torch
-from helpers import HAS_TRITON, assert_close, make_problem, reference_outputs, requires_cuda, run_op
+from helpers import (
+    HAS_TRITON,
+    assert_close,
+    make_problem,
+    reference_outputs,
+    requires_cuda,
+    run_op,
+    skip_unless_dtype_runs,
+)
 
 import lora_kernels
 from lora_kernels import dropout_mask, use_backend
 
-BACKENDS = [b for b in ("triton", "torch") if b != "triton" or HAS_TRITON]
+TRITON_ONLY = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 
 
-def check_parity(problem, backend, dtype, *, dropout_p=0.0, seed=1234, slack=1.0, grad_slack=2.0):
-    """Output and every gradient of ``backend`` against the float64 reference, dropout included."""
+def check_parity(problem, backend: str, dtype, *, dropout_p=0.0, seed=1234, slack=1.0, grad_slack=2.0):
+    """Output and every gradient of backend ``backend`` (a name) against the float64 reference, dropout
+    included; the problem's tensors are already on the backend's device."""
     grad_y = torch.randn(*problem.x.shape[:-1], problem.weight.shape[0], device=problem.x.device).to(dtype)
     training = dropout_p > 0.0
     with use_backend(backend):
@@ -35,74 +49,71 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}")
-def test_parity(backend, dtype, shape, device):
+def test_parity(backend, dtype, shape):
     lead, k, n, r = shape
-    check_parity(make_problem(lead, k, n, r, dtype, device=device), backend, dtype)
+    check_parity(make_problem(lead, k, n, r, dtype, device=backend.device), backend.name, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dropout_matches_reference_exactly(backend, dtype, device):
-    problem = make_problem((2, 21), 70, 45, 6, dtype, device=device)
-    check_parity(problem, backend, dtype, dropout_p=0.3)
+def test_dropout_matches_reference_exactly(backend, dtype):
+    problem = make_problem((2, 21), 70, 45, 6, dtype, device=backend.device)
+    check_parity(problem, backend.name, dtype, dropout_p=0.3)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@TRITON_ONLY
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("shape", [((3, 50), 70, 45, 5), ((130,), 150, 140, 20), ((9,), 33, 1, 2)])
-def test_projection_fused_into_the_gemm(monkeypatch, dtype, dropout_p, shape, device):
+def test_projection_fused_into_the_gemm(monkeypatch, backend, dtype, dropout_p, shape):
     """The in-mainloop variant of the skinny projection (forward without dropout, and dX) is exact too."""
     from lora_kernels.ops import triton_lora
 
     monkeypatch.setattr(triton_lora, "_fuse_projection", lambda M, N, K, r: True)
     lead, k, n, r = shape
-    check_parity(make_problem(lead, k, n, r, dtype, device=device), "triton", dtype, dropout_p=dropout_p)
+    problem = make_problem(lead, k, n, r, dtype, device=backend.device)
+    check_parity(problem, backend.name, dtype, dropout_p=dropout_p)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_large_rank_and_no_bias(backend, device):
-    check_parity(make_problem((19,), 40, 36, 256, device=device, bias=False), backend, torch.float32)
+def test_large_rank_and_no_bias(backend):
+    problem = make_problem((19,), 40, 36, 256, device=backend.device, bias=False)
+    check_parity(problem, backend.name, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fp32_adapters_on_fp16_base(backend, device):
-    problem = make_problem((23,), 48, 40, 8, torch.float16, adapter_dtype=torch.float32, device=device)
-    check_parity(problem, backend, torch.float16)
+def test_fp32_adapters_on_fp16_base(backend):
+    problem = make_problem(
+        (23,), 48, 40, 8, torch.float16, adapter_dtype=torch.float32, device=backend.device
+    )
+    check_parity(problem, backend.name, torch.float16)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_weight_grad_when_weight_trains(backend, device):
-    problem = make_problem((29,), 35, 27, 4, device=device, weight_requires_grad=True)
-    grads = check_parity(problem, backend, torch.float32)
+def test_weight_grad_when_weight_trains(backend):
+    problem = make_problem((29,), 35, 27, 4, device=backend.device, weight_requires_grad=True)
+    grads = check_parity(problem, backend.name, torch.float32)
     assert set(grads) == {"x", "weight", "bias", "lora_A", "lora_B"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_input(backend, device):
-    problem = make_problem((6, 11), 40, 33, 4, device=device)
-    base = torch.randn(40, 11, 6, dtype=torch.float32, device=device)
+def test_non_contiguous_input(backend):
+    problem = make_problem((6, 11), 40, 33, 4, device=backend.device)
+    base = torch.randn(40, 11, 6, dtype=torch.float32, device=backend.device)
     problem.x = base.permute(2, 1, 0).requires_grad_()  # (6, 11, 40) with the features strided
     assert not problem.x.is_contiguous()
-    check_parity(problem, backend, torch.float32)
+    check_parity(problem, backend.name, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_rows(backend, device):
+def test_strided_rows(backend):
     """Every other row of a larger matrix: a 2-D view that the kernels read through its strides."""
-    problem = make_problem((30,), 24, 20, 3, device=device)
-    problem.x = torch.randn(60, 24, device=device)[::2].requires_grad_()
-    check_parity(problem, backend, torch.float32)
+    problem = make_problem((30,), 24, 20, 3, device=backend.device)
+    problem.x = torch.randn(60, 24, device=backend.device)[::2].requires_grad_()
+    check_parity(problem, backend.name, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch(backend, device):
+def test_empty_batch(backend):
+    device = backend.device
     problem = make_problem((0,), 16, 8, 2, device=device)
     problem.x = torch.zeros(2, 0, 16, device=device, requires_grad=True)
-    with use_backend(backend):
+    with use_backend(backend.name):
         y, grads = run_op(problem, torch.zeros(2, 0, 8, device=device))
     assert y.shape == (2, 0, 8)
     assert grads["x"].shape == (2, 0, 16)
@@ -110,14 +121,13 @@ def test_empty_batch(backend, device):
     assert torch.count_nonzero(grads["bias"]) == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backends_agree(backend, device):
-    """Same seed, same dropout mask, same numbers on every backend."""
-    problem = make_problem((17,), 40, 24, 4, device=device)
-    grad_y = torch.randn(17, 24, device=device)
+def test_backends_agree(backend):
+    """Same seed, same dropout mask, same numbers on every backend (against torch on the same tensors)."""
+    problem = make_problem((17,), 40, 24, 4, device=backend.device)
+    grad_y = torch.randn(17, 24, device=backend.device)
     with use_backend("torch"):
         expected = run_op(problem, grad_y, dropout_p=0.25, training=True, dropout_seed=99)
-    with use_backend(backend):
+    with use_backend(backend.name):
         actual = run_op(problem, grad_y, dropout_p=0.25, training=True, dropout_seed=99)
     torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
     for name in expected[1]:
@@ -147,25 +157,25 @@ def test_gradcheck_torch_path_float64():
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [((3, 333), 515, 771, 16), ((1000,), 4096, 1000, 64), ((7,), 256, 4096, 8)])
 def test_parity_cuda(backend, dtype, shape):
     lead, k, n, r = shape
-    problem = make_problem(lead, k, n, r, dtype, device="cuda")
-    check_parity(problem, backend, dtype, slack=2.0, grad_slack=4.0)
-    check_parity(problem, backend, dtype, dropout_p=0.1, slack=2.0, grad_slack=4.0)
+    problem = make_problem(lead, k, n, r, dtype, device=backend.device)
+    check_parity(problem, backend.name, dtype, slack=2.0, grad_slack=4.0)
+    check_parity(problem, backend.name, dtype, dropout_p=0.1, slack=2.0, grad_slack=4.0)
 
 
-@requires_cuda
-@pytest.mark.cuda
-def test_bf16_base_with_fp32_adapters_cuda():
-    problem = make_problem((257,), 384, 320, 16, torch.bfloat16, adapter_dtype=torch.float32, device="cuda")
-    check_parity(problem, "triton", torch.bfloat16, slack=2.0, grad_slack=4.0)
+def test_bf16_base_with_fp32_adapters(backend):
+    skip_unless_dtype_runs(backend, torch.bfloat16)
+    problem = make_problem(
+        (257,), 384, 320, 16, torch.bfloat16, adapter_dtype=torch.float32, device=backend.device
+    )
+    check_parity(problem, backend.name, torch.bfloat16, slack=2.0, grad_slack=4.0)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, device):
+@TRITON_ONLY
+def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, backend):
     """Forward and backward launch all three kernels, over several tiles, K-steps and row splits."""
     from lora_kernels.ops import triton_lora
 
@@ -183,8 +193,8 @@ def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, device):
 
         monkeypatch.setattr(triton_lora, name, Counting(kernel, name))
     monkeypatch.setattr(triton_lora, "_row_splits", lambda M, num_blocks, block_m, device: 3)
-    problem = make_problem((300,), 260, 200, 12, device=device)
-    check_parity(problem, "triton", torch.float32, dropout_p=0.2)
+    problem = make_problem((300,), 260, 200, 12, device=backend.device)
+    check_parity(problem, backend.name, torch.float32, dropout_p=0.2)
     # forward: project + linear; backward: project (s·dY·B) + linear (dX) + reduce (dA) + reduce (dB, dbias)
     assert launches == {"_lora_project_kernel": 2, "_lora_linear_kernel": 2, "_lora_reduce_rows_kernel": 2}
     print("Triton kernel launches:", launches, "interpreter:", triton_lora.interpreting())
@@ -218,3 +228,105 @@ def test_launch_falls_back_to_a_config_that_fits():
     assert launched == [((64,), {"FLAG": True, **cfg})] and len(refused) == 2
     triton_lora._launch(kernel, lambda c: (c["BLOCK_N"],), configs, args, {"FLAG": True})
     assert len(refused) == 2  # the second launch starts from the config that fitted
+
+
+# --------------------------------------------------------------------------- what a GPU runs, everywhere
+# Each case below runs on every backend: through the interpreter on a CPU machine (small shapes: its cost
+# grows with programs × loop trips), over several tiles on a GPU. bf16 is skipped on the interpreter only.
+
+DROPOUT = pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no_dropout", "dropout"])
+DTYPES = pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+
+
+def _sizes(backend, gpu, cpu):
+    """``gpu`` sizes on CUDA tensors (several tiles), ``cpu`` sizes on CPU tensors (cheap to interpret)."""
+    return gpu if backend.device == "cuda" else cpu
+
+
+@DROPOUT
+@pytest.mark.parametrize("r", [1, 16, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_at_every_rank_tile(backend, dtype, r, dropout_p):
+    """bf16 (and fp16) at r = 1 and 16 (BLOCK_R 16), 128 and 256 (the largest rank the kernels take)."""
+    skip_unless_dtype_runs(backend, dtype)
+    lead, k, n = _sizes(backend, gpu=((3, 111), 200, 300), cpu=((37,), 40, 36))
+    problem = make_problem(lead, k, n, r, dtype, device=backend.device)
+    check_parity(problem, backend.name, dtype, dropout_p=dropout_p, slack=2.0, grad_slack=4.0)
+
+
+def _strided_x(layout: str, m: int, k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """An (m, k) view the kernels must read through its strides (2-D, so no copy is made on the way)."""
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(device, dtype)
+
+    if layout == "transposed":  # column-major: strides (1, m)
+        return rand(k, m).t()
+    if layout == "every_other_row":  # strides (2k, 1)
+        return rand(2 * m, k)[::2]
+    assert layout == "every_other_feature"  # strides (2k, 2)
+    return rand(m, 2 * k)[:, ::2]
+
+
+@DROPOUT
+@DTYPES
+@pytest.mark.parametrize("layout", ["transposed", "every_other_row", "every_other_feature"])
+def test_strided_and_transposed_x(backend, layout, dtype, dropout_p):
+    skip_unless_dtype_runs(backend, dtype)
+    m, k, n, r = _sizes(backend, gpu=(300, 200, 260, 16), cpu=(45, 40, 36, 8))
+    problem = make_problem((m,), k, n, r, dtype, device=backend.device)
+    problem.x = _strided_x(layout, m, k, dtype, backend.device).requires_grad_()
+    assert problem.x.shape == (m, k) and not problem.x.is_contiguous()
+    check_parity(problem, backend.name, dtype, dropout_p=dropout_p, slack=2.0, grad_slack=4.0)
+
+
+@DROPOUT
+def test_fp32_rank_256_over_many_rows(backend, dropout_p, monkeypatch):
+    """fp32 at r = 256 over M >= 200 rows: on a GPU the preferred tiles do not fit in shared memory, so
+    ``triton_lora._launch`` falls back to smaller ones (``_smaller_configs``); the result must not change."""
+    fallbacks = []
+    if backend.name == "triton":
+        from lora_kernels.ops import triton_lora
+
+        launch = triton_lora._launch
+
+        def recording_launch(kernel, grid_of, configs, args, constexprs):
+            cfg = launch(kernel, grid_of, configs, args, constexprs)
+            if cfg != configs[0]:
+                fallbacks.append((getattr(kernel, "__name__", "?"), cfg))
+            return cfg
+
+        monkeypatch.setattr(triton_lora, "_launch", recording_launch)
+    lead, k, n = _sizes(backend, gpu=((2, 150), 320, 288), cpu=((203,), 48, 40))
+    problem = make_problem(lead, k, n, 256, device=backend.device)
+    check_parity(problem, backend.name, torch.float32, dropout_p=dropout_p)
+    print(f"{backend}: launches that fell back to smaller tiles: {fallbacks}")
+
+
+def _strided_bias(view: str, n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A bias of n elements that is a view with stride != 1 (nn.Linear accepts any such bias)."""
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(device, dtype)
+
+    if view == "every_other":  # stride 2
+        return rand(2 * n)[::2]
+    if view == "column":  # a column of a 2-D tensor: stride 3
+        return rand(n, 3)[:, 1]
+    assert view == "expanded"  # one value broadcast: stride 0
+    return rand(1).expand(n)
+
+
+@DROPOUT
+@DTYPES
+@pytest.mark.parametrize("view", ["every_other", "column", "expanded"])
+def test_strided_bias(backend, view, dtype, dropout_p):
+    """The kernels read bias through its stride; its gradient is that of the view."""
+    skip_unless_dtype_runs(backend, dtype)
+    lead, k, n, r = _sizes(backend, gpu=((2, 100), 160, 300, 8), cpu=((2, 9), 24, 20, 4))
+    problem = make_problem(lead, k, n, r, dtype, device=backend.device)
+    problem.bias = _strided_bias(view, n, dtype, backend.device).requires_grad_()
+    assert problem.bias.shape == (n,) and problem.bias.stride(0) != 1
+    check_parity(problem, backend.name, dtype, dropout_p=dropout_p, slack=2.0, grad_slack=4.0)

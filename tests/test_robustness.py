@@ -7,13 +7,11 @@ import threading
 
 import pytest
 import torch
-from helpers import HAS_TRITON, make_problem, requires_cuda, run_op
+from helpers import make_problem, requires_cuda, run_op
 from torch import nn
 
 import lora_kernels
 from lora_kernels import FusedLoRALinear, lora_linear, lora_linear_reference, use_backend
-
-BACKENDS = [b for b in ("triton", "torch") if b != "triton" or HAS_TRITON]
 
 
 def _args(problem):
@@ -64,25 +62,26 @@ def test_fp64_runs_on_the_torch_path_and_matches():
 # ------------------------------------------------------------------------------- edge cases that work
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# Tests taking the ``backend`` fixture (conftest.py) run on every backend, with tensors on its device.
+
+
 def test_x_without_grad_and_frozen_adapters(backend):
-    problem = make_problem((7,), 9, 5, 2)
+    problem = make_problem((7,), 9, 5, 2, device=backend.device)
     problem.x.requires_grad_(False)
     problem.lora_A.requires_grad_(False)
-    with use_backend(backend):
-        _, grads = run_op(problem, torch.ones(7, 5))
+    with use_backend(backend.name):
+        _, grads = run_op(problem, torch.ones(7, 5, device=backend.device))
     assert set(grads) == {"bias", "lora_B"}
     problem.lora_B.requires_grad_(False)
     problem.bias.requires_grad_(False)
-    with use_backend(backend):
+    with use_backend(backend.name):
         y = lora_linear(*_args(problem))
     assert not y.requires_grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_accumulate_into_existing_grad(backend):
-    problem = make_problem((6,), 8, 5, 2)
-    with use_backend(backend):
+    problem = make_problem((6,), 8, 5, 2, device=backend.device)
+    with use_backend(backend.name):
         lora_linear(*_args(problem)).sum().backward()
         first = problem.lora_A.grad.clone()
         lora_linear(*_args(problem)).sum().backward()
@@ -97,14 +96,13 @@ def test_double_backward_is_a_clear_error():
         grad_x.sum().backward()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic_for_a_fixed_seed(backend):
-    problem = make_problem((33,), 20, 18, 4)
-    grad_y = torch.randn(33, 18)
+    problem = make_problem((33,), 20, 18, 4, device=backend.device)
+    grad_y = torch.randn(33, 18, device=backend.device)
 
     def once():
         torch.manual_seed(5)
-        with use_backend(backend):
+        with use_backend(backend.name):
             return run_op(problem, grad_y, dropout_p=0.3, training=True)
 
     (y1, g1), (y2, g2) = once(), once()
@@ -115,14 +113,15 @@ def test_deterministic_for_a_fixed_seed(backend):
 
 @requires_cuda
 @pytest.mark.cuda
-def test_more_than_2_to_31_elements_cuda():
+@pytest.mark.parametrize("backend", ["triton", "cuda"], indirect=True)
+def test_more_than_2_to_31_elements_cuda(backend):
     """int64 offsets: x and y over 2**31 elements must not wrap (needs ~10 GB of GPU memory)."""
     M, K, N, r = 2**31 // 256 + 1, 256, 256, 8
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 16
-    lora_A = torch.randn(r, K, device="cuda", dtype=torch.bfloat16) / 16
-    lora_B = torch.randn(N, r, device="cuda", dtype=torch.bfloat16) / 4
-    with use_backend("triton"):
+    x = torch.randn(M, K, device=backend.device, dtype=torch.bfloat16)
+    weight = torch.randn(N, K, device=backend.device, dtype=torch.bfloat16) / 16
+    lora_A = torch.randn(r, K, device=backend.device, dtype=torch.bfloat16) / 16
+    lora_B = torch.randn(N, r, device=backend.device, dtype=torch.bfloat16) / 4
+    with use_backend(backend.name):
         y = lora_linear(x, weight, None, lora_A, lora_B, 2.0)
     tail = slice(M - 64, M)
     expected = lora_linear_reference(x[tail], weight, None, lora_A, lora_B, 2.0, upcast=True)
@@ -132,40 +131,38 @@ def test_more_than_2_to_31_elements_cuda():
 # --------------------------------------------------------------------------------------------- numerics
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["x", "weight", "lora_A", "lora_B"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_and_inf_propagate_like_the_reference(backend, where, value):
-    problem = make_problem((6,), 8, 5, 2, bias=False)
+    problem = make_problem((6,), 8, 5, 2, bias=False, device=backend.device)
     tensor = getattr(problem, where).detach().clone()
     tensor.view(-1)[3] = value
     setattr(problem, where, tensor)
-    with use_backend(backend):
+    with use_backend(backend.name):
         y = lora_linear(*_args(problem), dropout_p=0.5, training=True, dropout_seed=1)
-    mask = lora_kernels.dropout_mask(1, 0, problem.x.shape, 0.5)
+    mask = lora_kernels.dropout_mask(1, 0, problem.x.shape, 0.5, device=backend.device)
     expected = lora_linear_reference(*_args(problem), dropout_mask=mask)
     assert torch.equal(torch.isnan(y), torch.isnan(expected))
     assert torch.equal(torch.isinf(y), torch.isinf(expected))
     assert torch.isnan(y).any() or torch.isinf(y).any()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp16_overflow_like_nn_linear(backend):
-    x = torch.full((4, 64), 300.0, dtype=torch.float16)
-    weight = torch.full((3, 64), 300.0, dtype=torch.float16)
-    lora_A, lora_B = torch.zeros(2, 64, dtype=torch.float16), torch.zeros(3, 2, dtype=torch.float16)
-    with use_backend(backend):
+    half = dict(dtype=torch.float16, device=backend.device)
+    x = torch.full((4, 64), 300.0, **half)
+    weight = torch.full((3, 64), 300.0, **half)
+    lora_A, lora_B = torch.zeros(2, 64, **half), torch.zeros(3, 2, **half)
+    with use_backend(backend.name):
         y = lora_linear(x, weight, None, lora_A, lora_B, 1.0)
     assert torch.equal(y, nn.functional.linear(x, weight))
     assert torch.isinf(y).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("magnitude", [1e-6, 1e6])
 def test_large_and_small_magnitudes_keep_relative_error(backend, magnitude):
-    problem = make_problem((40,), 64, 48, 8)
+    problem = make_problem((40,), 64, 48, 8, device=backend.device)
     problem.x = (problem.x.detach() * magnitude).requires_grad_()
-    with use_backend(backend):
+    with use_backend(backend.name):
         y = lora_linear(*_args(problem))
     expected = lora_linear_reference(*_args(problem), upcast=True)
     plain = lora_linear_reference(*_args(problem))  # plain PyTorch in the same dtype
@@ -232,9 +229,8 @@ def test_merge_unmerge_within_rounding_in_half_precision():
 # ------------------------------------------------------------------------------------------ concurrency
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_two_threads_at_once(backend):
-    problems = [make_problem((17,), 20, 14, 3) for _ in range(2)]
+    problems = [make_problem((17,), 20, 14, 3, device=backend.device) for _ in range(2)]
     expected = [lora_linear_reference(*_args(p), upcast=True) for p in problems]
     results, errors = [None, None], []
     barrier = threading.Barrier(2)
@@ -242,7 +238,7 @@ def test_two_threads_at_once(backend):
     def work(i):
         try:
             barrier.wait()
-            with use_backend(backend):
+            with use_backend(backend.name):
                 for _ in range(5):
                     results[i] = lora_linear(*_args(problems[i])).detach()
         except Exception as err:  # surfaced below

@@ -18,11 +18,31 @@ tile by tile, never x), accumulate in float32, and ``t`` stays float32; ``y`` an
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from ..dispatch import backend_module
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current inside (kernels launch on the current device, not on their tensors').
+
+    A no-op, at the cost of one query, for CPU tensors and when ``device`` is already the current device.
+    """
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device.index)
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off inside; entering ``torch.autocast`` costs several µs, so only when it is on."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_GUARD
 
 
 def t_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,12 +62,13 @@ def run_forward(
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``backend``'s ``lora_forward`` on an ``(..., in_features)`` input: ``(y (..., out), t (M, r))``."""
-    rows = math.prod(x.shape[:-1])
-    with torch.autocast(x.device.type, enabled=False):  # the caller applied autocast's casts already
+    flat = x.dim() != 2  # (the reshapes cost µs a call: skipped where x is 2-D already)
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x
+    with _no_autocast(x.device.type):  # the caller applied autocast's casts already
         y, t = backend_module(backend).lora_forward(
-            x.reshape(rows, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed
+            x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
         )
-    return y.reshape(*x.shape[:-1], weight.shape[0]), t
+    return (y.reshape(*x.shape[:-1], weight.shape[0]) if flat else y), t
 
 
 def run_backward(
@@ -64,11 +85,16 @@ def run_backward(
     needs_grad: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[torch.Tensor | None, ...]:
     """``backend``'s ``lora_backward`` for an ``(..., in_features)`` input; ``grad_x`` comes back in x's shape."""
-    rows = math.prod(x.shape[:-1])
-    grad_y2d = grad_y.reshape(rows, weight.shape[0]).to(x.dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    flat = x.dim() != 2
+    if flat:
+        rows = math.prod(x.shape[:-1])
+        grad_y, x2d = grad_y.reshape(rows, weight.shape[0]), x.reshape(rows, x.shape[-1])
+    else:
+        x2d = x
+    if grad_y.dtype != x.dtype:
+        grad_y = grad_y.to(x.dtype)
+    with _no_autocast(x.device.type):
         grad_x, *rest = backend_module(backend).lora_backward(
-            grad_y2d, x.reshape(rows, x.shape[-1]), weight, lora_A, lora_B, t, scaling, dropout_p, seed,
-            needs_grad,
-        )  # fmt: skip
-    return (None if grad_x is None else grad_x.reshape(x.shape), *rest)
+            grad_y, x2d, weight, lora_A, lora_B, t, scaling, dropout_p, seed, needs_grad
+        )
+    return (grad_x.reshape(x.shape) if flat and grad_x is not None else grad_x, *rest)

@@ -6,8 +6,12 @@ take CPU tensors (an ATen composite with the same Philox mask) and CUDA tensors 
 without the extension, :func:`has_extension` and :func:`is_available` are False.
 
 Layouts: ``x`` and ``grad_y`` may have any strides (the kernels index them logically); the small operands
-(``t``, adapters cast to the compute dtype) are made contiguous inside the ops; ``y`` and ``grad_x`` come
-out contiguous.
+(``t``, adapters cast to the compute dtype) are made contiguous inside the ops; ``bias`` may have any stride,
+0 included (it goes to ``at::addmm``, which broadcasts it); ``y`` and ``grad_x`` come out contiguous.
+
+Devices: every CUDA op sets its tensors' device itself (a ``CUDAGuard`` in csrc/lora_fwd.cu and
+csrc/lora_bwd.cu); the calls below also run under :func:`~lora_kernels.ops.device_guard`, so the torch ops
+beside them and any future op without a guard launch on the tensors' device too.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import importlib
 
 import torch
+
+from . import device_guard
 
 try:
     _C = importlib.import_module("lora_kernels._C")
@@ -55,8 +61,9 @@ def lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (float32, returned for backward)."""
     ops = _ops()
-    t = ops.lora_project(x, lora_A, float(scaling), float(dropout_p), int(seed))
-    y = ops.lora_linear_fwd(x, weight, bias, t, lora_B)
+    with device_guard(x.device):
+        t = ops.lora_project(x, lora_A, float(scaling), float(dropout_p), int(seed))
+        y = ops.lora_linear_fwd(x, weight, bias, t, lora_B)
     return y, t
 
 
@@ -76,17 +83,18 @@ def lora_backward(
     need_x, need_weight, need_bias, need_A, need_B = needs_grad
     ops = _ops()
     grad_x = grad_weight = grad_bias = grad_A = grad_B = None
-    if need_x or need_A or need_B:
-        # One read of dY gives both s·(dY·B) (for dX and dA) and dB = dYᵀ·t.
-        grad_t, grad_B_f32 = ops.lora_grad_t_and_B(grad_y, lora_B, t, float(scaling))
-        if need_B:
-            grad_B = grad_B_f32.to(lora_B.dtype)
-        if need_x:
-            grad_x = ops.lora_grad_x(grad_y, weight, grad_t, lora_A, float(dropout_p), int(seed))
-        if need_A:
-            grad_A = ops.lora_grad_A(grad_t, x, float(dropout_p), int(seed)).to(lora_A.dtype)
-    if need_bias:
-        grad_bias = grad_y.sum(0)
-    if need_weight:
-        grad_weight = torch.mm(grad_y.t(), x)
+    with device_guard(grad_y.device):
+        if need_x or need_A or need_B:
+            # One read of dY gives both s·(dY·B) (for dX and dA) and dB = dYᵀ·t.
+            grad_t, grad_B_f32 = ops.lora_grad_t_and_B(grad_y, lora_B, t, float(scaling))
+            if need_B:
+                grad_B = grad_B_f32.to(lora_B.dtype)
+            if need_x:
+                grad_x = ops.lora_grad_x(grad_y, weight, grad_t, lora_A, float(dropout_p), int(seed))
+            if need_A:
+                grad_A = ops.lora_grad_A(grad_t, x, float(dropout_p), int(seed)).to(lora_A.dtype)
+        if need_bias:
+            grad_bias = grad_y.sum(0)
+        if need_weight:
+            grad_weight = torch.mm(grad_y.t(), x)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B

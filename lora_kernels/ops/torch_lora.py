@@ -13,6 +13,11 @@ from ..dropout import dropout_mask
 from . import t_dtype
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, skipped when it is a no-op (the call alone costs about a µs)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _dropped(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
     if dropout_p == 0.0:
         return x
@@ -31,9 +36,9 @@ def lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (float32, returned for backward)."""
     dtype = x.dtype
-    t = torch.mm(_dropped(x, dropout_p, seed), lora_A.t().to(dtype)).to(t_dtype(dtype)).mul_(scaling)
+    t = _as(torch.mm(_dropped(x, dropout_p, seed), _as(lora_A, dtype).t()), t_dtype(dtype)).mul_(scaling)
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    y.addmm_(t.to(dtype), lora_B.t().to(dtype))
+    y.addmm_(_as(t, dtype), _as(lora_B, dtype).t())
     return y, t
 
 
@@ -55,20 +60,20 @@ def lora_backward(
     grad_x = grad_weight = grad_bias = grad_A = grad_B = None
     if need_x or need_A:
         # s·(dY·B): the gradient reaching t, scaled once here for both dX and dA.
-        grad_t = torch.mm(grad_y, lora_B.to(dtype)).to(t_dtype(dtype)).mul_(scaling).to(dtype)
+        grad_t = _as(_as(torch.mm(grad_y, _as(lora_B, dtype)), t_dtype(dtype)).mul_(scaling), dtype)
     mask = None
     if dropout_p > 0.0 and (need_x or need_A):  # regenerated once, shared by dX and dA
         mask = dropout_mask(seed, 0, x.shape, dropout_p, device=x.device, dtype=dtype)
     if need_x:
         grad_x = torch.mm(grad_y, weight)
         if mask is None:
-            grad_x.addmm_(grad_t, lora_A.to(dtype))
+            grad_x.addmm_(grad_t, _as(lora_A, dtype))
         else:
-            grad_x += torch.mm(grad_t, lora_A.to(dtype)).mul_(mask)
+            grad_x += torch.mm(grad_t, _as(lora_A, dtype)).mul_(mask)
     if need_A:
-        grad_A = torch.mm(grad_t.t(), x if mask is None else x * mask).to(lora_A.dtype)
+        grad_A = _as(torch.mm(grad_t.t(), x if mask is None else x * mask), lora_A.dtype)
     if need_B:
-        grad_B = torch.mm(grad_y.t(), t.to(dtype)).to(lora_B.dtype)
+        grad_B = _as(torch.mm(grad_y.t(), _as(t, dtype)), lora_B.dtype)
     if need_bias:
         grad_bias = grad_y.sum(0)
     if need_weight:

@@ -35,6 +35,7 @@ from triton.runtime.errors import OutOfResources
 from .. import dropout
 from ..dispatch import interpreting
 from ..dropout import dropout_threshold, split_seed
+from . import device_guard
 
 # Globals read inside @triton.jit functions must be constexpr.
 _PHILOX_ROUNDS = tl.constexpr(dropout.PHILOX_ROUNDS)
@@ -46,7 +47,11 @@ _PHILOX_KEY_BUMP_1 = tl.constexpr(dropout.PHILOX_KEY_BUMP_1)
 
 @triton.jit
 def _dropout_keep(rows, cols, seed_lo, seed_hi, threshold):
-    """Boolean keep-mask of the shared Philox scheme (see lora_kernels/dropout.py) at ``(rows, cols)``."""
+    """Boolean keep-mask of the shared Philox scheme (see lora_kernels/dropout.py) at ``(rows, cols)``.
+
+    The seed words arrive as int32 holding the key's bits (see :func:`_int32_word`); ``.to(tl.uint32)``
+    reinterprets them, so the key is the same as :func:`lora_kernels.dropout.split_seed`'s.
+    """
     c0 = (cols + rows * 0).to(tl.uint32)
     c1 = (rows + cols * 0).to(tl.uint32)
     c2 = ((rows + cols * 0) >> 32).to(tl.uint32)
@@ -73,7 +78,7 @@ def _lora_linear_kernel(
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_tm, stride_tr, stride_ur, stride_un, stride_pk, stride_pr,
-    stride_om, stride_on,
+    stride_bias, stride_om, stride_on,
     project_scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_PROJECT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -148,7 +153,8 @@ def _lora_linear_kernel(
     else:
         acc = tl.dot(t.to(in_dtype), u.to(in_dtype), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        # any stride, 0 included (an expanded scalar): bias may be a strided view
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -263,20 +269,37 @@ _INTERPRETER_LOCK = threading.Lock()
 
 
 def _launch_guard() -> contextlib.AbstractContextManager:
-    return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
+    return _INTERPRETER_LOCK if interpreting() else _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def _cdiv(a: int, b: int) -> int:
+    # Plain Python: triton.cdiv / triton.next_power_of_2 are constexpr functions, ~1 µs a host call.
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def _pow2_clamp(n: int, low: int, high: int) -> int:
-    return max(low, min(high, triton.next_power_of_2(max(n, 1))))
+    return max(low, min(high, _next_power_of_2(n)))
 
 
 def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, _next_power_of_2(r))
 
 
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# The compiled configs below were chosen from the sweep of benchmarks/gpu_run.sh on an H200 (bf16, r = 16,
+# benchmarks/results/h200/, benchmarks/NOTES.md); shapes and dtypes the sweep did not cover keep the
+# Triton-tutorial defaults they had before.
 
 
 def _linear_config(M: int, N: int, K: int, element_size: int) -> dict:
@@ -290,21 +313,40 @@ def _linear_config(M: int, N: int, K: int, element_size: int) -> dict:
             num_warps=4,
             num_stages=1,
         )
-    block_k = 64 if element_size <= 2 else 32
-    if M <= 64:  # decode-sized batches: the weight read dominates, so narrow M tiles and wide N
-        return dict(BLOCK_M=_pow2_clamp(M, 16, 64), BLOCK_N=128, BLOCK_K=block_k * 2 if element_size <= 2 else block_k,
-                    GROUP_M=1, num_warps=4, num_stages=4)  # fmt: skip
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+    half = element_size <= 2
+    if M <= 64:  # decode-sized batches: the weight read dominates; narrow N tiles fill more SMs
+        if half:  # H200, M = 16: 0.079 ms against 0.092 for 16x128x128 (both bound by the launch)
+            return dict(
+                BLOCK_M=_pow2_clamp(M, 16, 64), BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=3
+            )
+        return dict(
+            BLOCK_M=_pow2_clamp(M, 16, 64), BLOCK_N=128, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=4
+        )
+    if half:  # H200, 4096x4096, M = 8192: 0.415 ms against 0.499 for 128x128x64 (F.linear: 0.349)
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _skinny_config(rows: int, inner: int, r: int) -> dict:
-    """Preferred tile config for the skinny projection / row-reduction kernels (``r`` columns)."""
+    """Preferred tile config for the skinny projection :func:`_lora_project_kernel` (``r`` columns)."""
     block_r = _block_r(r)
     if interpreting():
         return dict(BLOCK_M=_pow2_clamp(rows, 16, 128), BLOCK_K=_pow2_clamp(inner, 16, 128),
                     BLOCK_R=block_r, num_warps=4, num_stages=1)  # fmt: skip
-    block_m = 64 if block_r <= 64 else 32
-    return dict(BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=block_r, num_warps=4, num_stages=3)
+    if block_r <= 64:  # H200, x 8192x4096, r = 16: 0.028 ms (cuBLAS x·Aᵀ: 0.027) against 0.041 for 64x64
+        return dict(BLOCK_M=32, BLOCK_K=128, BLOCK_R=block_r, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=32, BLOCK_K=64, BLOCK_R=block_r, num_warps=4, num_stages=3)
+
+
+def _reduce_config(rows: int, cols: int, r: int) -> dict:
+    """Preferred tile config for the row reduction :func:`_lora_reduce_rows_kernel` (``cols`` = P)."""
+    block_r = _block_r(r)
+    if interpreting():
+        return dict(BLOCK_M=_pow2_clamp(rows, 16, 128), BLOCK_P=_pow2_clamp(cols, 16, 128),
+                    BLOCK_R=block_r, num_warps=4, num_stages=1)  # fmt: skip
+    if block_r <= 64:  # H200, dB of dY 8192x4096, r = 16: 0.043 ms against 0.058 for 64x64
+        return dict(BLOCK_M=128, BLOCK_P=64, BLOCK_R=block_r, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=32, BLOCK_P=64, BLOCK_R=block_r, num_warps=4, num_stages=3)
 
 
 def _smaller_configs(cfg: dict, shrinkable: tuple[str, ...]) -> list[dict]:
@@ -326,6 +368,16 @@ def _smaller_configs(cfg: dict, shrinkable: tuple[str, ...]) -> list[dict]:
         configs.append(last)
 
 
+class _Configs(list):
+    """A :func:`_smaller_configs` list that carries its preferred config as a hashable key, made once."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, configs: list[dict]):
+        super().__init__(configs)
+        self.key = tuple(sorted(configs[0].items()))
+
+
 # The first config that fitted, per kernel and compile-time signature, so the search runs once.
 _FITTING_CONFIG: dict[tuple, int] = {}
 
@@ -333,8 +385,9 @@ _FITTING_CONFIG: dict[tuple, int] = {}
 def _launch(kernel, grid_of, configs: list[dict], args: tuple, constexprs: dict) -> dict:
     """Launch ``kernel`` with the first of ``configs`` that fits the GPU's resources; returns that config."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    key = (getattr(kernel, "__name__", repr(kernel)), str(tensors[0].device), *sorted(constexprs.items()),
-           *(str(t.dtype) for t in tensors), tuple(sorted(configs[0].items())))  # fmt: skip
+    preferred = configs.key if isinstance(configs, _Configs) else tuple(sorted(configs[0].items()))
+    key = (getattr(kernel, "__name__", None) or repr(kernel), tensors[0].device, *constexprs.items(),
+           *(t.dtype for t in tensors), preferred)  # fmt: skip
     start = _FITTING_CONFIG.get(key, 0)
     for index in range(start, len(configs)):
         cfg = configs[index]
@@ -342,44 +395,106 @@ def _launch(kernel, grid_of, configs: list[dict], args: tuple, constexprs: dict)
             kernel[grid_of(cfg)](*args, **constexprs, **cfg)
         except OutOfResources:  # raised when the kernel is loaded, before anything runs
             continue
-        _FITTING_CONFIG[key] = index
+        if index != start:
+            _FITTING_CONFIG[key] = index
         return cfg
     raise RuntimeError(f"no tile config of {key[0]} fits this GPU's shared memory / registers: {configs}")
+
+
+# Launch plans (config lists, grids, row splits) per shape, so a repeated shape costs a dict lookup. The key
+# holds the config functions themselves, so replacing one (benchmarks and tests monkeypatch them) makes new
+# plans; they must be pure functions of their arguments. Bounded (many distinct M with dynamic shapes): when
+# full it starts over, which is atomic, so threads need no lock (at worst two build the same plan).
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 4096
+
+
+def _plan(key: tuple, make) -> tuple:
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
 
 
 def _row_splits(M: int, num_blocks: int, block_m: int, device: torch.device) -> int:
     """How many chunks the row reduction splits M into, so that the grid fills the GPU (>= 4 row blocks each)."""
     if interpreting() or device.type != "cuda":
         return 1
-    return max(1, min(triton.cdiv(M, block_m * 4), triton.cdiv(2 * _num_sms(device.index or 0), num_blocks)))
+    return max(1, min(_cdiv(M, block_m * 4), _cdiv(2 * _num_sms(device.index or 0), num_blocks)))
 
 
 def _fuse_projection(M: int, N: int, K: int, r: int) -> bool:
-    """Whether the GEMM computes the skinny ``a·p`` in its own main loop instead of a separate kernel.
+    """Whether the forward GEMM computes ``t = s·x·Aᵀ`` in its own main loop instead of a separate kernel.
 
-    Fusing saves a pass over ``a`` (and a launch) but costs R/BLOCK_N more MMA work in every tile. Off until
-    GPU measurements pick the shapes where it wins (benchmarks/NOTES.md).
+    Measured on an H200 (bf16, 4096x4096, r = 16; benchmarks/NOTES.md): the fused forward took 0.493 ms
+    against 0.556 at M = 8192 and 0.054 against 0.095 at M = 16 (one launch less), so the forward fuses
+    whenever it can (no dropout: the kernel's main loop reads ``x`` undropped). The same fusion in dX
+    (``s·dY·B`` in the dX GEMM) was slower, 0.661 ms against 0.509, so the backward never fuses.
     """
-    return False
+    return True
+
+
+def _tf32_allowed() -> bool:
+    """Whether torch's matmuls may use TF32 for float32, read as torch itself resolves it.
+
+    torch >= 2.9: ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" / "ieee"; "none" inherits the global
+    ``torch.backends.fp32_precision``, whose "none" means IEEE). Reading the legacy ``allow_tf32`` there
+    raises once the new API has been used, so it is only the fallback for older torch.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use TF32 only where torch itself would (``torch.backends.cuda.matmul.allow_tf32``)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """fp32 inputs use TF32 only where torch itself would (:func:`_tf32_allowed`); fp16/bf16 ignore it."""
+    if dtype == torch.float32 and not _tf32_allowed():
         return "ieee"
     return "tf32"
 
 
+def _int32_word(word: int) -> int:
+    """A 32-bit word as the signed int32 of the same bits, so Triton types it i32 whatever its value.
+
+    A Python int >= 2**31 would be typed i64: a second signature, hence a recompile, for half the seeds. The
+    kernels cast it back with ``.to(tl.uint32)``, which keeps the bits.
+    """
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
+    """``(seed_lo, seed_hi, threshold, 1 / (1 - p))``: the seed words as int32 bit patterns."""
     seed_lo, seed_hi = split_seed(seed)
     scale = 1.0 / (1.0 - dropout_p)
-    return seed_lo, seed_hi, dropout_threshold(dropout_p), scale
+    return (
+        _int32_word(seed_lo),
+        _int32_word(seed_hi),
+        dropout_threshold(dropout_p),
+        scale,
+    )  # threshold < 2**25
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers: 2-D tensors in, freshly allocated results out. Operands are passed as strided views, so
 # transposes (Wᵀ, Aᵀ, Bᵀ) cost nothing.
 # --------------------------------------------------------------------------------------------------
+
+
+def _linear_plan(M: int, N: int, K: int, element_size: int) -> tuple:
+    def make():
+        configs = _Configs(
+            _smaller_configs(_linear_config(M, N, K, element_size), ("BLOCK_N", "BLOCK_M", "BLOCK_K"))
+        )
+        return configs, lambda cfg: (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
+
+    return _plan(("linear", M, N, K, element_size, interpreting(), _linear_config), make)
 
 
 def _linear_with_lora(
@@ -396,6 +511,7 @@ def _linear_with_lora(
     """``a·b + [mask ⊙] t·u + bias`` with ``a`` (M, K), ``b`` (K, N), ``t`` (M, R), ``u`` (R, N).
 
     With ``project`` (K, R), ``t`` is an output: the kernel fills it with ``project_scale · a·project``.
+    ``bias`` may have any stride (0 included).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -407,16 +523,17 @@ def _linear_with_lora(
         return out
     seed_lo, seed_hi, threshold, scale = _dropout_args(dropout_p, seed)
     p = project if project is not None else t
+    configs, grid_of = _linear_plan(M, N, K, a.element_size())
     _launch(
         _lora_linear_kernel,
-        lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),),
-        _smaller_configs(_linear_config(M, N, K, a.element_size()), ("BLOCK_N", "BLOCK_M", "BLOCK_K")),
+        grid_of,
+        configs,
         (
             a, b, t, u, p, bias if bias is not None else out, out,
             M, N, K, R,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             t.stride(0), t.stride(1), u.stride(0), u.stride(1), p.stride(0), p.stride(1),
-            out.stride(0), out.stride(1),
+            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
             project_scale, seed_lo, seed_hi, threshold, scale,
         ),
         dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=project is not None,
@@ -435,10 +552,16 @@ def _project(a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float, s
     seed_lo, seed_hi, threshold, dropout_scale = _dropout_args(dropout_p, seed)
     if dropout_p > 0.0:
         scale = scale * dropout_scale
+
+    def make():
+        configs = _Configs(_smaller_configs(_skinny_config(M, K, R), ("BLOCK_M", "BLOCK_K")))
+        return configs, lambda cfg: (_cdiv(M, cfg["BLOCK_M"]),)
+
+    configs, grid_of = _plan(("project", M, K, R, interpreting(), _skinny_config), make)
     _launch(
         _lora_project_kernel,
-        lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]),),
-        _smaller_configs(_skinny_config(M, K, R), ("BLOCK_M", "BLOCK_K")),
+        grid_of,
+        configs,
         (
             a, b, out,
             M, K, R,
@@ -456,21 +579,28 @@ def _reduce_rows(
     """``dropout(a)ᵀ·c`` (P, R) and optionally ``a.sum(0)`` (P,), both fp32, ``a`` (M, P), ``c`` (M, R)."""
     M, P = a.shape
     R = c.shape[1]
-    cfg = _skinny_config(M, P, R)
-    cfg["BLOCK_P"] = cfg.pop("BLOCK_K")
-    splits = _row_splits(M, triton.cdiv(P, cfg["BLOCK_P"]), cfg["BLOCK_M"], a.device)
-    rows_per_split = triton.cdiv(max(M, 1), splits * cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-    splits = triton.cdiv(max(M, 1), rows_per_split)
+
+    def make():
+        cfg = _reduce_config(M, P, R)
+        splits = _row_splits(M, _cdiv(P, cfg["BLOCK_P"]), cfg["BLOCK_M"], a.device)
+        rows_per_split = _cdiv(max(M, 1), splits * cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+        splits = _cdiv(max(M, 1), rows_per_split)
+        # a smaller BLOCK_M only adds loop trips: the row splits stay as computed here
+        configs = _Configs(_smaller_configs(cfg, ("BLOCK_P", "BLOCK_M")))
+        return configs, lambda cfg: (_cdiv(P, cfg["BLOCK_P"]), splits), splits, rows_per_split
+
+    key = ("reduce", M, P, R, a.device, interpreting(), _reduce_config, _row_splits)
+    configs, grid_of, splits, rows_per_split = _plan(key, make)
     partial = torch.empty((splits, P, R), device=a.device, dtype=torch.float32)
     colsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if with_colsum else None
     seed_lo, seed_hi, threshold, scale = _dropout_args(dropout_p, seed)
     if dropout_p == 0.0:
         scale = 1.0
-    if P > 0:  # a smaller BLOCK_M only adds loop trips: the row splits stay as computed here
+    if P > 0:
         _launch(
             _lora_reduce_rows_kernel,
-            lambda cfg: (triton.cdiv(P, cfg["BLOCK_P"]), splits),
-            _smaller_configs(cfg, ("BLOCK_P", "BLOCK_M")),
+            grid_of,
+            configs,
             (
                 a, c, partial, colsum if colsum is not None else partial,
                 M, P, R, rows_per_split,
@@ -501,7 +631,7 @@ def lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (float32, returned for backward)."""
     M, K = x.shape
-    with _launch_guard():
+    with _launch_guard(), device_guard(x.device):  # Triton launches on the current device
         if dropout_p == 0.0 and _fuse_projection(M, weight.shape[0], K, lora_A.shape[0]):
             t = torch.empty((M, lora_A.shape[0]), device=x.device, dtype=torch.float32)
             y = _linear_with_lora(x, weight.t(), t, lora_B.t(), bias, 0.0, seed, lora_A.t(), scaling)
@@ -526,16 +656,11 @@ def lora_backward(
     """Gradients of :func:`lora_forward` for ``(x, weight, bias, lora_A, lora_B)``."""
     need_x, need_weight, need_bias, need_A, need_B = needs_grad
     grad_x = grad_weight = grad_bias = grad_A = grad_B = None
-    M, N = grad_y.shape
-    K, R = x.shape[1], lora_A.shape[0]
-    with _launch_guard():
-        # s·dY·B, (M, r) fp32: computed inside the dX kernel when fused, else by its own pass over dY
-        if need_x and _fuse_projection(M, K, N, R):
-            grad_t = torch.empty((M, R), device=grad_y.device, dtype=torch.float32)
-            grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, dropout_p, seed, lora_B, scaling)
-        elif need_x or need_A:
+    with _launch_guard(), device_guard(grad_y.device):
+        # s·dY·B, (M, r) fp32, by its own pass over dY (fusing it into the dX GEMM measured slower)
+        if need_x or need_A:
             grad_t = _project(grad_y, lora_B, scaling, 0.0, seed)
-        if need_x and grad_x is None:
+        if need_x:
             grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, dropout_p, seed)
         if need_A:
             grad_A_t, _ = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)

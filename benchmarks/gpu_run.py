@@ -1,0 +1,667 @@
+"""The measurements of one GPU visit, one phase per sub-command; ``benchmarks/gpu_run.sh`` runs them.
+
+    python benchmarks/gpu_run.py PHASE --work DIR      # PHASE: env, table, overhead, sweep, sanitize, e2e, summary
+
+Every phase appends its rows to ``DIR/<phase>.jsonl`` as it measures them (a phase killed by its timeout
+keeps what it had), and an error goes into its row instead of stopping the phase. ``summary`` reads them all
+and writes ``SUMMARY.md``, ``results.json`` and ``results.md`` (the fields of ``python -m lora_kernels
+bench``'s results, so one report tool reads both).
+
+With ``LORA_GPU_RUN_DRY=1`` (``gpu_run.sh --dry``) every phase runs on the CPU in seconds: tiny shapes, the
+Triton kernels through the interpreter, so that this script cannot rot before a GPU is at hand. Dry
+numbers are no measurement of anything.
+
+Timing: :func:`lora_kernels.bench.median_ms` (``triton.testing.do_bench``: CUDA events, warm-up, the L2
+cache flushed before every call, median of many calls), on random data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import json
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lora_kernels import bench, lora_linear, use_backend
+from lora_kernels.dispatch import available_backends
+
+DRY = os.environ.get("LORA_GPU_RUN_DRY") == "1"
+DEVICE = torch.device("cpu" if DRY else "cuda")
+Case = bench.Case
+
+
+def _emit(path: Path, row: dict) -> None:
+    """Append one row to a JSON-lines file and print it: nothing measured is lost if the phase dies."""
+    with path.open("a") as handle:
+        handle.write(json.dumps(row, default=str) + "\n")
+    print(json.dumps(row, default=str), flush=True)
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut off by a kill
+            rows.append(json.loads(line))
+    return rows
+
+
+def _error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    return bench.median_ms(lambda: fn(), DEVICE, quick=True)
+
+
+# ----------------------------------------------------------------------------------------------- env
+
+
+def phase_env(work: Path) -> None:
+    info = {"versions": bench.versions(), "device": bench.device_name(DEVICE), "dry": DRY}
+    if DEVICE.type == "cuda":
+        props = torch.cuda.get_device_properties(DEVICE)
+        info.update(
+            sms=props.multi_processor_count,
+            memory_GiB=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            l2_MiB=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+            backends=available_backends(DEVICE),
+        )
+    else:
+        info["backends"] = available_backends(DEVICE)
+    _emit(work / "env.jsonl", info)
+
+
+# ----------------------------------------------------------------------------------------------- table
+
+
+def table_cases() -> list[Case]:
+    """The timing table of the GPU visit (bf16 unless said)."""
+    if DRY:
+        return [
+            Case(64, 96, 80, 8, 0.0, "fp32", "fwd"),
+            Case(64, 96, 80, 8, 0.1, "fp32", "fwd_bwd"),
+            Case(8, 96, 80, 8, 0.0, "fp16", "fwd"),
+            Case(64, 96, 80, 8, 0.0, "fp16", "fwd_bwd", adapter_dtype="fp32"),
+        ]
+    square = [Case(8192, 4096, 4096, 16, p, "bf16", mode) for mode in ("fwd", "fwd_bwd") for p in (0.0, 0.1)]
+    mlp = [
+        Case(4096, k, n, r, 0.0, "bf16", "fwd_bwd")
+        for k, n in ((4096, 11008), (11008, 4096))
+        for r in (16, 64)
+    ]
+    return [
+        *square,
+        *mlp,
+        Case(512, 4096, 4096, 16, 0.0, "bf16", "fwd_bwd"),
+        Case(16, 4096, 4096, 16, 0.0, "bf16", "fwd"),
+        Case(8192, 4096, 4096, 16, 0.0, "fp16", "fwd_bwd"),
+        Case(8192, 4096, 4096, 16, 0.0, "bf16", "fwd_bwd", adapter_dtype="fp32"),
+    ]
+
+
+def table_providers(case: Case) -> list[str]:
+    names = bench.providers(case.mode, DEVICE)
+    if DRY and "triton" in available_backends(DEVICE) and case.dtype != "bf16":
+        names.append("triton")  # the interpreter: runs the code, measures nothing
+    if bench.peft_import_error():
+        names.remove("peft")
+    return names
+
+
+def phase_table(work: Path) -> None:
+    out = work / "table.jsonl"
+    env = {"device": bench.device_name(DEVICE), "versions": bench.versions()}
+    for case in table_cases():
+        for order, provider in enumerate(table_providers(case)):
+            row = {"provider": provider, **bench.case_fields(case), "order": order, **env}
+            started = time.perf_counter()
+            try:
+                row.update(bench.measure(provider, case, DEVICE, quick=True))
+            except Exception as err:  # recorded in its row; the table goes on
+                row["error"] = _error(err)
+                traceback.print_exc()
+            row["wall_s"] = round(time.perf_counter() - started, 2)
+            _emit(out, row)
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- overhead
+
+
+def phase_overhead(work: Path) -> None:
+    """Host time of one eager call (forward + backward), on a problem too small to keep the GPU busy.
+
+    The calls are queued without synchronising; on a tiny problem the GPU finishes each kernel before the
+    host has issued the next, so wall time / calls is the host's cost per call: Python, dispatch, launches.
+    """
+    case = Case(16, 256, 256, 8, 0.0, "bf16" if DEVICE.type == "cuda" else "fp32", "fwd_bwd")
+    calls, repeats = (5, 2) if DRY else (200, 3)
+    providers = [*bench.BASELINES, *available_backends(DEVICE)]
+    if DRY:
+        providers = [p for p in providers if p != "triton"]  # the interpreter's time is not host overhead
+    for provider in providers:
+        if provider == "peft" and bench.peft_import_error():
+            continue
+        row = {"provider": provider, **bench.case_fields(case), "calls": calls}
+        try:
+            step = bench.make_step(provider, case, bench.make_inputs(case, DEVICE))
+            for _ in range(3 if DRY else 10):
+                step()
+            _sync()
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                _sync()
+                samples.append((time.perf_counter() - start) / calls * 1e6)
+            row["host_us_per_call"] = round(statistics.median(samples), 1)
+        except Exception as err:
+            row["error"] = _error(err)
+            traceback.print_exc()
+        _emit(work / "overhead.jsonl", row)
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+
+
+def _configs(keys: tuple[str, ...], values: list[tuple]) -> list[dict]:
+    return [dict(zip(keys, v, strict=True)) for v in values]
+
+
+_LINEAR_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+_SKINNY_KEYS = ("BLOCK_M", "BLOCK_K", "num_warps", "num_stages")
+
+
+def sweep_plan() -> dict:
+    """Shapes and candidate configs; the first config of each list is today's choice."""
+    if DRY:
+        return dict(
+            large=(64, 96, 80, 8),
+            decode=(8, 96, 80, 8),
+            linear_large=_configs(_LINEAR_KEYS, [(64, 64, 32, 1, 4, 1), (32, 128, 64, 1, 4, 1)]),
+            linear_decode=_configs(_LINEAR_KEYS, [(16, 128, 128, 1, 4, 1), (16, 32, 64, 1, 4, 1)]),
+            skinny=_configs(_SKINNY_KEYS, [(64, 64, 4, 1), (32, 128, 4, 1)]),
+            reduce=[(64, 64, 4, 1, 1), (32, 128, 4, 1, 1)],
+        )
+    return dict(
+        large=(8192, 4096, 4096, 16),
+        decode=(16, 4096, 4096, 16),
+        linear_large=_configs(
+            _LINEAR_KEYS,
+            [
+                (128, 256, 64, 8, 8, 3),
+                (128, 128, 64, 8, 8, 3),
+                (128, 256, 64, 8, 8, 4),
+                (128, 256, 64, 16, 8, 3),
+                (256, 128, 64, 8, 8, 3),
+                (128, 256, 32, 8, 8, 4),
+                (256, 256, 64, 8, 8, 2),
+            ],
+        ),
+        linear_decode=_configs(
+            _LINEAR_KEYS,
+            [
+                (16, 32, 256, 1, 4, 3),
+                (16, 128, 128, 1, 4, 4),
+                (16, 32, 512, 1, 4, 2),
+                (16, 16, 256, 1, 4, 3),
+                (16, 32, 256, 1, 2, 4),
+                (16, 64, 256, 1, 4, 3),
+            ],
+        ),
+        skinny=_configs(
+            _SKINNY_KEYS,
+            [
+                (32, 128, 4, 4),
+                (64, 64, 4, 3),
+                (16, 128, 4, 4),
+                (32, 256, 4, 3),
+                (32, 128, 2, 4),
+                (64, 128, 8, 4),
+            ],
+        ),
+        # (BLOCK_M, BLOCK_P, num_warps, num_stages, waves of SMs for the row splits)
+        reduce=[
+            (128, 64, 4, 3, 2),
+            (64, 64, 4, 3, 2),
+            (256, 64, 8, 3, 2),
+            (128, 32, 4, 3, 2),
+            (128, 64, 4, 4, 4),
+        ],
+    )
+
+
+@contextlib.contextmanager
+def _patched(module, **replacements) -> Iterator[None]:
+    saved = {name: getattr(module, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def phase_sweep(work: Path) -> None:
+    """Tile configs of the three kernels and the in-mainloop projection, each checked before it is timed."""
+    from lora_kernels.ops import triton_lora as tl_ops
+
+    out = work / "sweep.jsonl"
+    plan = sweep_plan()
+    dtype = torch.float32 if DRY else torch.bfloat16
+    tol = 1e-4 if DRY else 2e-2
+    launched: list[dict] = []
+    real_launch = tl_ops._launch
+
+    def recording_launch(*args, **kwargs):
+        cfg = real_launch(*args, **kwargs)
+        launched.append(cfg)
+        return cfg
+
+    def problem(M, K, N, r):
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+
+        def rand(*shape, std=1.0):
+            return (torch.randn(*shape, generator=g, device=DEVICE) * std).to(dtype)
+
+        return dict(
+            x=rand(M, K),
+            w=rand(N, K, std=K**-0.5),
+            b=rand(N),
+            A=rand(r, K, std=K**-0.5),
+            B=rand(N, r, std=r**-0.5),
+        )
+
+    def record(
+        kind: str, shape: tuple, cfg: dict, fn: Callable[[], torch.Tensor], ref: torch.Tensor, base_ms
+    ):
+        row = {"kernel": kind, "shape": "x".join(map(str, shape)), "config": cfg}
+        try:
+            launched.clear()
+            err = _rel_err(fn(), ref)
+            row["ran_config"] = launched[-1] if launched else None
+            row["max_rel_error"] = err
+            if not err <= tol:
+                raise AssertionError(f"relative error {err:.2e} > {tol:g}")
+            row["median_ms"] = _time_ms(fn)
+            row["baseline_ms"] = base_ms
+            row["ratio_to_baseline"] = row["median_ms"] / base_ms
+        except Exception as error:
+            row["error"] = _error(error)
+            traceback.print_exc()
+        _emit(out, row)
+
+    with _patched(tl_ops, _launch=recording_launch), tl_ops._launch_guard():
+        # 1. the GEMM with the LoRA epilogue (forward: y = x·Wᵀ + t·Bᵀ + b), against F.linear alone
+        for label in ("large", "decode"):
+            M, K, N, r = plan[label]
+            p = problem(M, K, N, r)
+            t = (p["x"].float() @ p["A"].float().t()) * 2.0
+            ref = F.linear(p["x"].float(), p["w"].float(), p["b"].float()) + t @ p["B"].float().t()
+            base_ms = _time_ms(lambda p=p: F.linear(p["x"], p["w"], p["b"]))
+            for cfg in plan[f"linear_{label}"]:
+                with _patched(tl_ops, _linear_config=lambda *a, cfg=cfg: dict(cfg)):
+                    fn = lambda p=p, t=t: tl_ops._linear_with_lora(
+                        p["x"], p["w"].t(), t, p["B"].t(), p["b"], 0.0, 0
+                    )
+                    record(f"linear/{label}", (M, K, N, r), cfg, fn, ref, base_ms)
+        # 2. the skinny projection t = s·dropout(x)·Aᵀ, against cuBLAS's x·Aᵀ (no dropout)
+        M, K, N, r = plan["large"]
+        p = problem(M, K, N, r)
+        base_ms = _time_ms(lambda: torch.mm(p["x"], p["A"].t()))
+        for dropout_p in (0.0, 0.1):
+            mask = None
+            if dropout_p:
+                from lora_kernels import dropout_mask
+
+                mask = dropout_mask(7, 0, (M, K), dropout_p).to(DEVICE)
+            x_ref = p["x"].float() if mask is None else p["x"].float() * mask  # the mask holds 1/(1-p)
+            ref = 2.0 * x_ref @ p["A"].float().t()
+            for cfg in plan["skinny"]:
+                full = dict(cfg, BLOCK_R=tl_ops._block_r(r))
+                with _patched(tl_ops, _skinny_config=lambda *a, full=full: dict(full)):
+                    fn = lambda dp=dropout_p: tl_ops._project(p["x"], p["A"].t(), 2.0, dp, 7)
+                    record(f"project/p{dropout_p:g}", (M, K, r), cfg, fn, ref, base_ms)
+        # 3. the row reduction dB = dYᵀ·t (+ dbias), against cuBLAS's dYᵀ·t
+        grad_y = torch.randn(M, N, device=DEVICE, dtype=dtype)
+        t = torch.randn(M, r, device=DEVICE)
+        ref = grad_y.float().t() @ t
+        base_ms = _time_ms(lambda: torch.mm(grad_y.t(), t.to(dtype)))
+        for block_m, block_p, warps, stages, waves in plan["reduce"]:
+            cfg = dict(BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_R=tl_ops._block_r(r), num_warps=warps,
+                       num_stages=stages)  # fmt: skip
+
+            def splits(M_, num_blocks, bm, device, waves=waves):
+                if DRY:
+                    return 1
+                sms = tl_ops._num_sms(device.index or 0)
+                return max(1, min(-(-M_ // (bm * 4)), -(-waves * sms // num_blocks)))
+
+            with _patched(tl_ops, _reduce_config=lambda *a, cfg=cfg: dict(cfg), _row_splits=splits):
+                fn = lambda: tl_ops._reduce_rows(grad_y, t, 0.0, 0, with_colsum=True)[0]
+                record("reduce_rows/dB", (M, N, r), dict(cfg, waves=waves), fn, ref, base_ms)
+    # 4. the projection computed in the GEMM's main loop (FUSE_PROJECT) against the separate kernel; the
+    # fused dX runs last (it faulted once on an H200 in fp16: a fault ends this process, not what came before)
+    problems = {}
+    for label in ("large", "decode"):
+        M, K, N, r = plan[label]
+        p = problem(M, K, N, r)
+        p["grad_y"] = torch.randn(M, N, device=DEVICE, dtype=dtype)
+        p["base_ms"] = _time_ms(lambda p=p: F.linear(p["x"], p["w"], p["b"]))
+        p["ref_y"] = F.linear(p["x"].float(), p["w"].float(), p["b"].float()) + 2.0 * (
+            p["x"].float() @ p["A"].float().t() @ p["B"].float().t()
+        )
+        p["ref_dx"] = p["grad_y"].float() @ p["w"].float() + 2.0 * (
+            p["grad_y"].float() @ p["B"].float() @ p["A"].float()
+        )
+        problems[label] = (p, (M, K, N, r))
+    for fused, which in ((False, "forward"), (False, "dx"), (True, "forward"), (True, "dx")):
+        for label, (p, shape) in problems.items():
+            if which == "forward":  # lora_forward, with the rule forced either way
+                fn = lambda p=p: tl_ops.lora_forward(p["x"], p["w"], p["b"], p["A"], p["B"], 2.0, 0.0, 0)[0]
+                ref, context = p["ref_y"], _patched(tl_ops, _fuse_projection=lambda *a, f=fused: f)
+            else:  # dX = dY·W + (s·dY·B)·A, s·dY·B by the skinny kernel or in the GEMM's main loop
+
+                def fn(p=p, fused=fused):
+                    grad_t = torch.empty(p["grad_y"].shape[0], p["A"].shape[0], device=DEVICE)
+                    if not fused:
+                        grad_t = tl_ops._project(p["grad_y"], p["B"], 2.0, 0.0, 0)
+                    project = p["B"] if fused else None
+                    return tl_ops._linear_with_lora(
+                        p["grad_y"], p["w"], grad_t, p["A"], None, 0.0, 0, project, 2.0
+                    )
+
+                ref, context = p["ref_dx"], tl_ops._launch_guard()  # launchers called directly: the lock
+            with context:
+                record(f"{which}/{label}", shape, {"FUSE_PROJECT": fused}, fn, ref, p["base_ms"])
+
+
+# ----------------------------------------------------------------------------------------------- sanitize
+
+
+def phase_sanitize(work: Path) -> None:
+    """One forward and backward of every kernel variant on odd shapes (run under compute-sanitizer)."""
+    dtypes = [torch.float32] if DRY else [torch.bfloat16, torch.float32]
+    backends = [b for b in available_backends(DEVICE) if b != "torch"]
+    for backend in backends:
+        for dtype in dtypes:
+            for dropout_p in (0.0, 0.1):
+                for lead in ((3, 37), (1,)):
+                    x = torch.randn(*lead, 67, device=DEVICE, dtype=dtype, requires_grad=True)
+                    w = torch.randn(45, 67, device=DEVICE, dtype=dtype) / 8
+                    b = torch.randn(90, device=DEVICE, dtype=dtype)[::2]  # a strided bias
+                    A = (torch.randn(5, 67, device=DEVICE, dtype=dtype) / 8).requires_grad_()
+                    B = (torch.randn(45, 5, device=DEVICE, dtype=dtype) / 2).requires_grad_()
+                    row = {"backend": backend, "dtype": str(dtype), "dropout": dropout_p, "lead": lead}
+                    try:
+                        with use_backend(backend):
+                            y = lora_linear(x, w, b, A, B, 2.0, dropout_p, training=True, dropout_seed=3)
+                            y.float().square().sum().backward()
+                        _sync()
+                        row["ok"] = bool(torch.isfinite(y).all())
+                    except Exception as err:
+                        row["error"] = _error(err)
+                    _emit(work / "sanitize.jsonl", row)
+    print("sanitizer run done", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- e2e
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def phase_e2e(work: Path) -> None:
+    """A training step of a small Llama-style model: PEFT against PEFT + ``lora_kernels.peft.fuse``."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    import lora_kernels.peft
+
+    if DRY:
+        dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+        dtype, batch, seq, vocab, steps = torch.float32, 2, 16, 128, 1
+    else:
+        dims = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+        dtype, batch, seq, vocab, steps = torch.bfloat16, 4, 1024, 32000, 10
+    config = transformers.LlamaConfig(
+        **dims, num_hidden_layers=2, vocab_size=vocab, max_position_embeddings=max(seq, 64)
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).to(DEVICE, dtype)
+    ids = torch.randint(0, vocab, (batch, seq), device=DEVICE)
+    for dropout_p in (0.0, 0.05):
+        for variant in ("peft", "peft+fuse"):
+            row = {"variant": variant, "dropout": dropout_p, "layers": 2, "hidden": dims["hidden_size"],
+                   "tokens": batch * seq, "r": 16, "dtype": str(dtype)}  # fmt: skip
+            try:
+                torch.manual_seed(1)
+                model = get_peft_model(
+                    copy.deepcopy(base),
+                    LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=dropout_p),
+                )
+                with torch.no_grad():  # the same non-zero B in both variants, so the adapters do work
+                    gen = torch.Generator().manual_seed(2)
+                    for name, param in model.named_parameters():
+                        if "lora_B" in name:
+                            param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+                if variant == "peft+fuse":
+                    row["fused_layers"] = lora_kernels.peft.fuse(model)
+                model.train()
+                params = [p for p in model.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=1e-4)
+
+                def step(model=model, opt=opt) -> float:
+                    opt.zero_grad(set_to_none=True)
+                    loss = model(input_ids=ids, labels=ids).loss
+                    loss.backward()
+                    opt.step()
+                    return loss.detach()
+
+                row["first_loss"] = float(step())
+                step()
+                _sync()
+                if DEVICE.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                times = []
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    step()
+                    _sync()
+                    times.append((time.perf_counter() - start) * 1e3)
+                row["step_ms"] = round(statistics.median(times), 2)
+                if DEVICE.type == "cuda":
+                    row["peak_above_model_MiB"] = round(
+                        (torch.cuda.max_memory_allocated() - before) / 2**20, 1
+                    )
+                del model, opt, params
+            except Exception as err:
+                row["error"] = _error(err)
+                traceback.print_exc()
+            _emit(work / "e2e.jsonl", row)
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def _md_table(rows: list[dict], columns: list[str]) -> list[str]:
+    def cell(value) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value).replace("|", "/")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return lines
+
+
+_OUTCOME = re.compile(r"(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
+_TEST_ID = re.compile(r"(tests/\S+::\S+)")
+
+
+def _log_lines(log: Path, title: str) -> list[str]:
+    """Outcomes read from a ``pytest -v`` log, for a run cut off before it wrote its junit XML."""
+    if not log.exists():
+        return [f"## {title}", "", "did not run", ""]
+    outcomes: dict[str, str] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        test, outcome = _TEST_ID.search(line), _OUTCOME.search(line)
+        if test and outcome:
+            outcomes[test.group(1)] = outcome.group(1)
+    counts = collections.Counter(outcomes.values())
+    lines = [f"## {title}", "", f"no junit XML: the run was cut off; from its log, {len(outcomes)} tests reported: "
+             + ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items())), ""]  # fmt: skip
+    lines += [
+        f"- {outcome.lower()}: `{test}`"
+        for test, outcome in outcomes.items()
+        if outcome in ("FAILED", "ERROR")
+    ]
+    crashed = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if "node down" in ln]
+    lines += [f"- worker crash: {ln}" for ln in crashed]
+    return [*lines, ""]
+
+
+def _junit_lines(path: Path, title: str, log: Path) -> list[str]:
+    if not path.exists():
+        return _log_lines(log, title)
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    lines = [f"## {title}", "", f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, "
+             f"{counts['skipped']} skipped (`{path.name}`)", ""]  # fmt: skip
+    for case in root.iter("testcase"):
+        for bad in list(case.findall("failure")) + list(case.findall("error")):
+            message = (bad.get("message") or "").splitlines()[0][:200] if bad.get("message") else ""
+            lines.append(f"- {bad.tag}: `{case.get('classname')}::{case.get('name')}` {message}")
+    return [*lines, ""]
+
+
+def phase_summary(work: Path, out: Path) -> int:
+    """Write SUMMARY.md, results.json and results.md; returns how many rows hold an error."""
+    env = (_read(work / "env.jsonl") or [{}])[-1]
+    lines = ["# GPU run", ""]
+    if DRY:
+        lines += ["**Dry run** (CPU, interpreter, tiny shapes): checks the script, measures nothing.", ""]
+    lines += [f"Device: {env.get('device')}; versions: {env.get('versions')}",
+              f"SMs {env.get('sms')}, L2 {env.get('l2_MiB')} MiB, memory {env.get('memory_GiB')} GiB; "
+              f"backends {env.get('backends')}", ""]  # fmt: skip
+    phases = work / "phases.tsv"
+    if phases.exists():
+        lines += ["## Phases", "", "| phase | status | seconds |", "|---|---|---|"]
+        lines += ["| " + " | ".join(line.split("\t")) + " |" for line in phases.read_text().splitlines()]
+        lines.append("")
+    lines += _junit_lines(out / "junit.xml", "Tests on the device", work / "tests.log")
+    lines += _junit_lines(
+        out / "junit-cuda-ext.xml", "Tests of the cuda backend (extension built there)", work / "cuda-ext.log"
+    )
+
+    rows = _read(work / "table.jsonl")
+    bench.add_ratios(rows)
+    environment = {"device": env.get("device"), "versions": env.get("versions") or {}, "notes": []}
+    if DRY:
+        environment["notes"].append(
+            "dry run: CPU, Triton interpreter, tiny shapes; the times measure nothing"
+        )
+    results = {"environment": environment}
+    results["results"] = rows
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if rows:
+        (out / "results.md").write_text(bench.format_markdown(rows, results["environment"]))
+        lines += [
+            "## Timing table",
+            "",
+            *bench.format_markdown(rows, results["environment"]).splitlines()[6:],
+        ]
+        errors = [r for r in rows if r.get("error")]
+        lines += [f"- {r['provider']} {r['mode']} {r['shape']} M={r['M']}: {r['error']}" for r in errors]
+        lines.append("")
+    for name, title, columns in (
+        ("overhead", "Host time per eager fwd+bwd call (tiny problem)", ["provider", "host_us_per_call", "error"]),
+        ("sweep", "Tile-config sweep", ["kernel", "shape", "config", "ran_config", "median_ms", "baseline_ms",
+                                        "ratio_to_baseline", "max_rel_error", "error"]),
+        ("sanitize", "compute-sanitizer workload", ["backend", "dtype", "dropout", "lead", "ok", "error"]),
+        ("e2e", "End-to-end training step (Llama-style, 2 layers)", ["variant", "dropout", "hidden", "tokens",
+                                                                  "fused_layers", "first_loss", "step_ms",
+                                                                  "peak_above_model_MiB", "error"]),
+    ):  # fmt: skip
+        phase_rows = _read(work / f"{name}.jsonl")
+        if phase_rows:
+            lines += [f"## {title}", "", *_md_table(phase_rows, columns), ""]
+    sanitizer_log = work / "sanitize.log"
+    if sanitizer_log.exists():
+        verdicts = [
+            ln for ln in sanitizer_log.read_text().splitlines() if "ERROR SUMMARY" in ln or "skipped" in ln
+        ]
+        lines += [
+            "compute-sanitizer: " + ("; ".join(verdicts[-3:]) or "no verdict line (see sanitize.log)"),
+            "",
+        ]
+    (out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    errors = [r for name in ("table", "overhead", "sweep", "sanitize", "e2e") for r in _read(work / f"{name}.jsonl")
+              if r.get("error")]  # fmt: skip
+    return len(errors)
+
+
+PHASES = {
+    "env": phase_env,
+    "table": phase_table,
+    "overhead": phase_overhead,
+    "sweep": phase_sweep,
+    "sanitize": phase_sanitize,
+    "e2e": phase_e2e,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=[*PHASES, "summary"])
+    parser.add_argument("--work", type=Path, required=True, help="folder of the raw per-phase files")
+    parser.add_argument("--out", type=Path, help="where summary writes SUMMARY.md and the results")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    if args.phase == "summary":
+        errors = phase_summary(args.work, args.out or args.work)
+        return 1 if errors and DRY else 0  # on the GPU, errors are results; in a dry run, rot
+    else:
+        PHASES[args.phase](args.work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
