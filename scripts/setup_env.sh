@@ -22,6 +22,17 @@ python -m pip install -q "$TORCH_SPEC" "$TRITON_SPEC" numpy \
 # Build the optional extension against the torch above (no build isolation: it would fetch a second torch).
 export MAX_JOBS=${MAX_JOBS:-2}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+# setup.py takes the standard CUDA_HOME. Where `nvcc` on PATH is a wrapper script (torch would guess its
+# parent folder), the toolkit is the folder nvcc reports as its own in a dry run.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null; then
+  nvcc_bin=$( (nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 || true) | sed -n 's/^#\$ _HERE_=//p' | head -1)
+  if [ -n "$nvcc_bin" ]; then export CUDA_HOME=${nvcc_bin%/bin}; fi
+fi
+# A toolkit without the cuBLAS/cuSPARSE headers (torch's CUDA headers include them): take pip's nvidia ones.
+if [ -n "${CUDA_HOME:-}" ] && [ ! -f "$CUDA_HOME/include/cublas_v2.h" ]; then
+  nvidia_include=$(python -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2> /dev/null || true)
+  if [ -f "$nvidia_include/cublas_v2.h" ]; then export CPATH="$nvidia_include${CPATH:+:$CPATH}"; fi
+fi
 mkdir -p build
 if ! python -m pip install -v --no-build-isolation --no-deps -e . > build/install.log 2>&1; then
   tail -50 build/install.log
