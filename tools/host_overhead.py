@@ -24,10 +24,10 @@ import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend accepts CPU tensors; launches are stubbed
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from lora_kernels import lora_linear, use_backend  # noqa: E402
+from lora_kernels import lora_linear, use_backend
 
 
 def per_call_us(step, calls: int) -> float:
