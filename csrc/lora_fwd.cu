@@ -1,5 +1,5 @@
 // CUDA forward: the skinny projection t = s·dropout(x)·Aᵀ (lora_project_kernel, in lora_kernels.cuh, where
-// the reasons for each kernel are given), the output y = x·Wᵀ + b + t·Bᵀ (cuBLAS through ATen), and the
+// the reasons for each kernel are given), the output y = x·Wᵀ + b + s·(t·Bᵀ) (cuBLAS through ATen), and the
 // dropout mask itself (for tests).
 #include <torch/library.h>
 
@@ -52,15 +52,15 @@ at::Tensor lora_project_cuda(const at::Tensor& x, const at::Tensor& lora_A, doub
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// y = x·Wᵀ + b + t·Bᵀ. Why cuBLAS (through at::addmm): the base GEMM is the large one and is best left to
+// y = x·Wᵀ + b + s·(t·Bᵀ). Why cuBLAS (through at::addmm): the base GEMM is the large one and is best left to
 // cuBLAS' tensor-core kernels; the LoRA term is a second GEMM with beta = 1 that accumulates into y in place,
 // so there is no extra (M, N) tensor, only y read once more inside cuBLAS' epilogue.
 // ---------------------------------------------------------------------------------------------------------
 at::Tensor lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& t,
-                                const at::Tensor& lora_B) {
+                                const at::Tensor& lora_B, double scaling) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  return lora_linear_fwd_aten(x, weight, bias, t, lora_B);
+  return lora_linear_fwd_aten(x, weight, bias, t, lora_B, scaling);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 // The ops split the fused LoRA linear y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ into the pieces the autograd
 // Function in Python calls (see lora_kernels/ops/cuda_lora.py):
 //
-//   lora_project       t  = s·dropout(x)·Aᵀ                      (M, r) float32
-//   lora_linear_fwd    y  = x·Wᵀ + b + t·Bᵀ                      (M, N) x.dtype
+//   lora_project       t  = s·dropout(x)·Aᵀ                      (M, r) float32 (the backend: s = 1)
+//   lora_linear_fwd    y  = x·Wᵀ + b + s·(t·Bᵀ)                  (M, N) x.dtype
 //   lora_grad_t_and_B  gt = s·(dY·B), dB = dYᵀ·t                 (M, r) dY.dtype, (N, r) float32
 //   lora_grad_A        dA = gtᵀ·dropout(x)                       (r, K) float32
 //   lora_grad_x        dX = dY·W + dropout'(gt·A)                (M, K) dY.dtype
@@ -192,13 +192,14 @@ void check_dropout_mask_args(const at::Tensor& x, double dropout_p, int64_t seed
 
 at::Tensor lora_linear_fwd_aten(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& t,
-                                const at::Tensor& lora_B) {
+                                const at::Tensor& lora_B, double scaling) {
   check_linear_fwd_args(x, weight, bias, t, lora_B);
   const auto dtype = x.scalar_type();
   at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   // beta = 1: the LoRA term is accumulated into the base output, no second (M, N) tensor. t is cast to
-  // x.dtype (an (M, r) copy) so the GEMM runs in the compute dtype, as in every backend.
-  y.addmm_(t.to(dtype), lora_B.to(dtype).t());
+  // x.dtype (an (M, r) copy) so the GEMM runs in the compute dtype, as in every backend; s is the GEMM's
+  // alpha, applied to the float32 accumulator, so a large s cannot overflow a float16 t.
+  y.addmm_(t.to(dtype), lora_B.to(dtype).t(), /*beta=*/1, /*alpha=*/scaling);
   return y;
 }
 
@@ -241,8 +242,8 @@ at::Tensor lora_project_cpu(const at::Tensor& x, const at::Tensor& lora_A, doubl
 
 at::Tensor lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& t,
-                               const at::Tensor& lora_B) {
-  return lora_linear_fwd_aten(x, weight, bias, t, lora_B);
+                               const at::Tensor& lora_B, double scaling) {
+  return lora_linear_fwd_aten(x, weight, bias, t, lora_B, scaling);
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_grad_t_and_B_cpu(const at::Tensor& grad_y, const at::Tensor& lora_B,
@@ -289,7 +290,7 @@ at::Tensor lora_project_meta(const at::Tensor& x, const at::Tensor& lora_A, doub
 
 at::Tensor lora_linear_fwd_meta(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& t,
-                                const at::Tensor& lora_B) {
+                                const at::Tensor& lora_B, double scaling) {
   check_linear_fwd_args(x, weight, bias, t, lora_B);
   return at::empty({x.size(0), weight.size(0)}, x.options());
 }
@@ -324,7 +325,9 @@ at::Tensor lora_dropout_mask_meta(const at::Tensor& x, double dropout_p, int64_t
 // same `lora_kernels` namespace, and only one non-fragment definition of a namespace is allowed.
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def("lora_project(Tensor x, Tensor lora_A, float scaling, float dropout_p, int seed) -> Tensor");
-  m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor t, Tensor lora_B) -> Tensor");
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor t, Tensor lora_B, float scaling=1.0) -> "
+      "Tensor");
   m.def("lora_grad_t_and_B(Tensor grad_y, Tensor lora_B, Tensor t, float scaling) -> (Tensor, Tensor)");
   m.def("lora_grad_A(Tensor grad_t, Tensor x, float dropout_p, int seed) -> Tensor");
   m.def(

@@ -25,9 +25,9 @@ void check_grad_x_args(const at::Tensor& grad_y, const at::Tensor& weight, const
                        const at::Tensor& lora_A, double dropout_p, int64_t seed);
 void check_dropout_mask_args(const at::Tensor& x, double dropout_p, int64_t seed);
 
-// y = x·Wᵀ + b + t·Bᵀ from ATen GEMMs; the same code serves CPU and CUDA (cuBLAS there).
+// y = x·Wᵀ + b + s·(t·Bᵀ) from ATen GEMMs; the same code serves CPU and CUDA (cuBLAS there).
 at::Tensor lora_linear_fwd_aten(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& t,
-                                const at::Tensor& lora_B);
+                                const at::Tensor& lora_B, double scaling);
 
 }  // namespace lora_kernels

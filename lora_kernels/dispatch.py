@@ -1,6 +1,6 @@
 """The one place that decides which backend runs the fused LoRA linear.
 
-Order for ``auto``: ``triton`` (CUDA tensors, or any tensor under ``TRITON_INTERPRET=1``), then ``cuda``
+Order for ``auto``: ``triton`` (CUDA tensors, or any tensor but bf16 under ``TRITON_INTERPRET=1``), then ``cuda``
 (the compiled extension, CUDA tensors), then ``torch`` (the composite path, runs everywhere). A backend
 asked for by name — through :func:`use_backend` or ``LORA_KERNELS_BACKEND`` — that cannot run on the
 input is a clear error; ``auto`` falls back silently.
@@ -55,6 +55,12 @@ def _unavailable_reason(
         return f"its kernels support {', '.join(str(d) for d in KERNEL_DTYPES)}, not {dtype}"
     if rank is not None and rank > MAX_KERNEL_RANK:
         return f"its kernels take LoRA ranks up to {MAX_KERNEL_RANK}, not {rank}"
+    if name == "triton" and dtype == torch.bfloat16 and interpreting():
+        return (
+            "Triton's CPU interpreter (TRITON_INTERPRET=1) gets bf16 tl.dot wrong (numpy has no bfloat16: "
+            "relative errors of 1e10 with triton 3.8); bf16 runs on the Triton kernels on a GPU without "
+            "TRITON_INTERPRET"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
     if name == "triton" and device.type != "cuda" and not interpreting():

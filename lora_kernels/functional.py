@@ -5,19 +5,35 @@
 op ``lora_kernels::lora_linear`` (:mod:`lora_kernels.library`) under ``torch.compile``. Both run the same
 backend code (:func:`lora_kernels.ops.run_forward`) and save only ``x`` (as ``nn.Linear`` does), the frozen weight and adapters
 (parameters, no copies) and the ``(M, r)`` float32 intermediate ``t``. The dropout mask is regenerated
-from its seed in backward, never saved.
+from its seed in backward, never saved. The output is a fresh tensor, never a view, so in-place ops on it
+(``y += ...``, as PEFT's AdaLoRA does on nn.Linear's output) work and keep every gradient right.
+
+Where the fused path cannot run, :func:`lora_linear` computes the same math with plain differentiable torch
+ops (:func:`lora_kernels.ops.torch_lora.lora_linear_composite`), whatever backend was asked for:
+
+* inside ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``, ``jacrev``, ``functional_call`` +
+  ``vmap(grad(...))`` per-sample gradients), which do not take this module's autograd Function;
+* under forward-mode AD (``torch.autograd.forward_ad``) when an input carries a tangent;
+* on ``meta`` tensors (shapes only, as nn.Linear on the meta device).
+
+Under ``vmap`` the dropout mask is that of each sample's own shape (the same mask for every sample, as
+``randomness="same"``), and ``dropout_seed`` should be given: drawing a fresh seed is a random op, which
+``vmap``'s default ``randomness="error"`` refuses.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 
-from .dispatch import select_backend
+from .dispatch import MAX_KERNEL_RANK, select_backend
 from .dropout import new_seed
 from .library import lora_linear_op, once_differentiable_grads
-from .ops import run_backward, run_forward
+from .ops import autocast_available, run_backward, run_forward
+from .ops.torch_lora import lora_linear_composite
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -62,6 +78,38 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def _describe(name: str, tensor: torch.Tensor) -> str:
     return f"{name} (shape {tuple(tensor.shape)}, {tensor.dtype}, {tensor.device})"
+
+
+def _symbolic(value) -> bool:
+    """True for a number ``torch.compile(dynamic=True)`` traces as a symbol (SymInt/SymFloat)."""
+    return isinstance(value, torch.SymInt | torch.SymFloat)
+
+
+def _check_real(name: str, value) -> None:
+    """``value`` must be a real number (int or float, numpy scalars included), not a bool, str or tensor."""
+    if _symbolic(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number (a Python float), got {type(value).__name__} {value!r}"
+        )
+
+
+def check_dropout_seed(dropout_seed) -> int | None:
+    """``dropout_seed`` as an int in ``[0, 2**63)`` (or ``None``); else a ``TypeError``/``ValueError``."""
+    if dropout_seed is None or isinstance(dropout_seed, torch.SymInt):
+        return dropout_seed
+    if isinstance(dropout_seed, bool):
+        raise TypeError(f"dropout_seed must be an int in [0, 2**63), got bool {dropout_seed!r}")
+    try:
+        seed = operator.index(dropout_seed)  # ints, numpy ints, integer 0-d tensors; not 1.5 or "3"
+    except TypeError:
+        raise TypeError(
+            f"dropout_seed must be an int in [0, 2**63), got {type(dropout_seed).__name__} {dropout_seed!r}"
+        ) from None
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"dropout_seed must be an int in [0, 2**63), got {seed}")
+    return seed
 
 
 def check_inputs(
@@ -119,9 +167,13 @@ def check_inputs(
         raise TypeError(
             f"{_describe('lora_A', lora_A)} and {_describe('lora_B', lora_B)} must share one dtype"
         )
-    if isinstance(scaling, torch.Tensor) or not math.isfinite(float(scaling)):
+    # Comparisons rather than math.isfinite, which torch.compile(dynamic=True) cannot trace on a float
+    # argument; NaN fails both.
+    _check_real("scaling", scaling)
+    if not -math.inf < scaling < math.inf:
         raise ValueError(f"scaling must be a finite Python float, got {scaling!r}")
-    if not 0.0 <= float(dropout_p) < 1.0:
+    _check_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
@@ -148,32 +200,58 @@ def lora_linear(
         scaling: ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA).
         dropout_p: dropout probability on the LoRA branch, applied only when ``training``.
         training: whether dropout is active, as ``F.dropout``'s ``training``.
-        dropout_seed: seed of the dropout mask (see :func:`lora_kernels.dropout_mask`); by default a fresh
-            one is drawn from torch's generator, so ``torch.manual_seed`` makes runs repeatable.
+        dropout_seed: seed of the dropout mask, an int in ``[0, 2**63)`` (see
+            :func:`lora_kernels.dropout_mask`); by default a fresh one is drawn from torch's generator, so
+            ``torch.manual_seed`` makes runs repeatable.
 
     Returns:
-        ``(..., out_features)`` in ``x.dtype``.
+        ``(..., out_features)`` in ``x.dtype``: a new tensor (not a view), which may be modified in place.
     """
     x, weight, bias = _autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    dropout_p = float(dropout_p) if training else 0.0
-    backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
+    dropout_seed = check_dropout_seed(dropout_seed)
+    dropout_p = dropout_p if training else 0.0
     if not torch.compiler.is_compiling():
+        dropout_p, scaling = float(dropout_p), float(scaling)
         seed = 0
         if dropout_p > 0.0:
-            seed = new_seed() if dropout_seed is None else int(dropout_seed)
-        return LoRALinearFunction.apply(
-            x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed, backend
-        )
+            seed = new_seed() if dropout_seed is None else dropout_seed
+        if _composite_needed(x, weight, bias, lora_A, lora_B):
+            return lora_linear_composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
     # Traced: the registered op, with the seed as a tensor so the draw stays in the graph (no .item() break).
+    # The rank may be a symbol too (adapters that are not nn.Parameters, dynamic=True), which the constant
+    # _backend_for cannot take: only whether it exceeds the kernels' limit matters to it.
+    rank = MAX_KERNEL_RANK + 1 if lora_A.shape[0] > MAX_KERNEL_RANK else 1
+    backend = _backend_for(x.device, x.dtype, rank)
+    dropout_p, scaling = float(dropout_p), float(scaling)
     seed_tensor = None
     if dropout_p > 0.0:
         if dropout_seed is None:
             seed_tensor = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
         else:
-            seed_tensor = torch.tensor(int(dropout_seed), dtype=torch.int64)
-    y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed_tensor, backend)
+            seed_tensor = torch.tensor(dropout_seed, dtype=torch.int64)
+    y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor, backend)
     return y
+
+
+_forward_ad = torch.autograd.forward_ad
+
+
+def _composite_needed(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether the inputs need :func:`lora_linear_composite` rather than the fused autograd Function.
+
+    ``torch.func`` transforms refuse an autograd Function whose ``forward`` takes ``ctx`` (the check below
+    is the one autograd.Function makes itself, torch/_functorch/autograd_function.py; torch has no public
+    one), forward-mode AD would need a ``jvp`` (the fused backward gives only the vjp), and meta tensors
+    have no data for a kernel. A few hundred ns on the common path: two C calls and a module global.
+    """
+    if x.is_meta or torch._C._are_functorch_transforms_active():
+        return True
+    if _forward_ad._current_level >= 0:  # inside `with forward_ad.dual_level()`
+        return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in (x, *tensors))
+    return False
 
 
 @torch.compiler.assume_constant_result
@@ -193,7 +271,7 @@ def _autocast_inputs(
     if not isinstance(x, torch.Tensor):
         return x, weight, bias  # check_inputs names the bad argument
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 

@@ -3,7 +3,7 @@
 Two custom ops, neither mutating its inputs:
 
 ``lora_kernels::lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend) -> (y, t)``
-    ``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (the ``(M, r)`` float32 intermediate, returned so
+    ``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (the ``(M, r)`` float32 intermediate, returned so
     autograd can save it; it is marked non-differentiable).
 ``lora_kernels::lora_linear_backward(grad_y, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed,
 backend, needs_grad) -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)``

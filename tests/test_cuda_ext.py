@@ -3,7 +3,8 @@
 On CPU this checks the extension's CPU implementation (ATen composite + the C++ Philox), and runs the CUDA
 kernels' source under a CPU emulator (``csrc/emulate``); the same op tests on CUDA tensors (marked
 ``cuda``, skipped without a GPU) check the compiled kernels. The whole module is skipped when the extension
-was not built (``LORA_KERNELS_SKIP_EXT=1`` or a failed optional build).
+was not built (``LORA_KERNELS_SKIP_EXT=1`` or a failed optional build), unless ``LORA_KERNELS_EXPECT_CUDA=1``:
+then a missing extension fails the run (and a CPU-only one fails ``test_cuda_kernels_compiled_in``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,19 @@ from lora_kernels.dropout import dropout_mask, dropout_mask_torch
 from lora_kernels.ops import cuda_lora
 from lora_kernels.reference import lora_linear_reference
 
-_C = pytest.importorskip("lora_kernels._C", reason="the lora_kernels._C extension is not built")
+#: CI with a CUDA toolkit sets LORA_KERNELS_EXPECT_CUDA=1: an extension that is missing (a failed build) or
+#: built without CUDA is then a failure, never a skip.
+EXPECT_CUDA = os.environ.get("LORA_KERNELS_EXPECT_CUDA") == "1"
+if EXPECT_CUDA:  # checked before skipping: a failed import is a collection error, so the run fails
+    try:
+        import lora_kernels._C as _C
+    except ImportError as err:
+        raise ImportError(
+            f"LORA_KERNELS_EXPECT_CUDA=1 but the extension lora_kernels._C does not import ({err}): "
+            "its build failed or was skipped; see csrc/README.md"
+        ) from err
+else:
+    _C = pytest.importorskip("lora_kernels._C", reason="the lora_kernels._C extension is not built")
 
 ops = torch.ops.lora_kernels
 OP_NAMES = (
@@ -134,7 +147,7 @@ def test_cuda_kernels_compiled_in():
     if not torch.version.cuda:
         pytest.skip("torch is a CPU-only build: the extension is CPU-only by design")
     if not _C.WITH_CUDA:
-        if os.environ.get("LORA_KERNELS_EXPECT_CUDA") == "1":
+        if EXPECT_CUDA:
             pytest.fail("LORA_KERNELS_EXPECT_CUDA=1 but lora_kernels._C was built without CUDA kernels")
         pytest.skip("the extension was built without a CUDA toolkit (CPU-only)")
     for name in OP_NAMES:

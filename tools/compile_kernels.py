@@ -33,7 +33,7 @@ KERNELS = {
             "bias_ptr": "in",
             "out_ptr": "in",
         },
-        {"project_scale", "dropout_scale"},
+        {"project_scale", "lora_scale", "dropout_scale"},
         {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16, "GROUP_M": 8},
         {"num_warps": 8, "num_stages": 3},
         ({"FUSE_PROJECT": False}, {"FUSE_PROJECT": True}),
@@ -59,6 +59,8 @@ def compile_kernel(name: str, dtype: str, dropout: bool, variant: dict, arch: in
     kernel = getattr(triton_lora, name)
     pointers, floats, constexprs, options, _ = KERNELS[name]
     constexprs = {**constexprs, **variant, "HAS_DROPOUT": dropout, "INPUT_PRECISION": "tf32"}
+    if "LORA_FP32" in kernel.arg_names and "LORA_FP32" not in variant:
+        constexprs["LORA_FP32"] = dtype == "fp16"  # as the launcher sets it: the fp16 epilogue runs in TF32
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:

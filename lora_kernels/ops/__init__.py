@@ -3,17 +3,23 @@
 Every backend module exposes the same two functions on 2-D tensors, called by the autograd Function in
 :mod:`lora_kernels.functional`:
 
-``lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, t)``
-    ``x`` is ``(M, K)`` with any strides; ``y`` is ``(M, N)`` in ``x.dtype``; ``t = s·dropout(x)·Aᵀ`` is the
-    ``(M, r)`` float32 intermediate kept for backward.
+``lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, out_shape=None) -> (y, t)``
+    ``x`` is ``(M, K)`` with any strides; ``y = x·Wᵀ + b + s·(t·Bᵀ)`` is a new tensor (never a view: the
+    caller may modify it in place, as nn.Linear's output) of shape ``out_shape`` (default ``(M, N)``; any
+    shape of ``M·N`` elements, e.g. ``(..., N)`` for an input that had leading dims) in ``x.dtype``;
+    ``t = dropout(x)·Aᵀ`` is the ``(M, r)`` float32 intermediate kept for backward, *without* the scaling
+    ``s``: it is PEFT's ``x·Aᵀ``.
 
 ``lora_backward(grad_y, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, needs_grad)
 -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)``
-    ``needs_grad`` is five booleans in that order; a gradient not needed is ``None``.
+    ``needs_grad`` is five booleans in that order; a gradient not needed is ``None``. ``dB = s·dYᵀ·t``.
 
 Precision contract (the same in every backend): the matmuls run in the input's dtype (adapters are cast
 tile by tile, never x), accumulate in float32, and ``t`` stays float32; ``y`` and ``grad_x`` come out in
-``x.dtype``, ``grad_A``/``grad_B`` in the adapters' dtype, as under ``torch.autocast``.
+``x.dtype``, ``grad_A``/``grad_B`` in the adapters' dtype, as under ``torch.autocast``. The scaling ``s`` is
+applied in float32 to the result of each product with ``t`` (the LoRA term of ``y``, ``dB``), never folded
+into ``t`` before ``t`` is cast to the compute dtype: with float16 inputs a large ``s`` (rsLoRA, large
+``lora_alpha``) would overflow ``s·t`` where PEFT, which computes ``((x·Aᵀ)·Bᵀ)·s``, stays finite.
 """
 
 from __future__ import annotations
@@ -38,9 +44,15 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device.index)
 
 
+def autocast_available(device_type: str) -> bool:
+    """Whether ``torch.autocast`` exists for ``device_type`` (not for ``meta``, where asking whether it is
+    enabled raises). A fraction of a µs; not cached, as a cache would be a guard under torch.compile."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off inside; entering ``torch.autocast`` costs several µs, so only when it is on."""
-    if torch.is_autocast_enabled(device_type):
+    if autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return _NO_GUARD
 
@@ -48,6 +60,20 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
 def t_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the intermediate ``t`` for inputs of ``dtype``: float32, or float64 for float64 inputs."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _no_view_reshape(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``tensor`` (contiguous, freshly allocated, not referenced elsewhere) in ``shape``, as a tensor that
+    autograd does not see as a view, so that an in-place op on it is allowed (ATen's ``linear`` returns its
+    N-D outputs the same way). No copy."""
+    return torch.ops.aten._unsafe_view.default(tensor, shape)
+
+
+def as_output(y: torch.Tensor, out_shape: tuple[int, ...] | None) -> torch.Tensor:
+    """A backend's fresh 2-D ``y`` in ``out_shape`` (see ``lora_forward``), without a copy or a view."""
+    if out_shape is None or tuple(y.shape) == tuple(out_shape):
+        return y
+    return _no_view_reshape(y, out_shape)
 
 
 def run_forward(
@@ -61,14 +87,18 @@ def run_forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``backend``'s ``lora_forward`` on an ``(..., in_features)`` input: ``(y (..., out), t (M, r))``."""
+    """``backend``'s ``lora_forward`` on an ``(..., in_features)`` input: ``(y (..., out), t (M, r))``.
+
+    ``y`` is not a view (the backend allocates it in the ``(..., out)`` shape), so the caller may modify
+    it in place as it may nn.Linear's output.
+    """
     flat = x.dim() != 2  # (the reshapes cost µs a call: skipped where x is 2-D already)
     x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x
+    out_shape = (*x.shape[:-1], weight.shape[0]) if flat else None
     with _no_autocast(x.device.type):  # the caller applied autocast's casts already
-        y, t = backend_module(backend).lora_forward(
-            x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
+        return backend_module(backend).lora_forward(
+            x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, out_shape
         )
-    return (y.reshape(*x.shape[:-1], weight.shape[0]) if flat else y), t
 
 
 def run_backward(

@@ -20,7 +20,7 @@ import importlib
 
 import torch
 
-from . import device_guard
+from . import as_output, device_guard
 
 try:
     _C = importlib.import_module("lora_kernels._C")
@@ -58,13 +58,14 @@ def lora_forward(
     scaling: float,
     dropout_p: float,
     seed: int,
+    out_shape: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (float32, returned for backward)."""
+    """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     ops = _ops()
     with device_guard(x.device):
-        t = ops.lora_project(x, lora_A, float(scaling), float(dropout_p), int(seed))
-        y = ops.lora_linear_fwd(x, weight, bias, t, lora_B)
-    return y, t
+        t = ops.lora_project(x, lora_A, 1.0, float(dropout_p), int(seed))
+        y = ops.lora_linear_fwd(x, weight, bias, t, lora_B, float(scaling))
+    return as_output(y, out_shape), t
 
 
 def lora_backward(
@@ -87,8 +88,8 @@ def lora_backward(
         if need_x or need_A or need_B:
             # One read of dY gives both s·(dY·B) (for dX and dA) and dB = dYᵀ·t.
             grad_t, grad_B_f32 = ops.lora_grad_t_and_B(grad_y, lora_B, t, float(scaling))
-            if need_B:
-                grad_B = grad_B_f32.to(lora_B.dtype)
+            if need_B:  # the op gives dYᵀ·t; t carries no s (see lora_forward)
+                grad_B = grad_B_f32.mul_(scaling).to(lora_B.dtype)
             if need_x:
                 grad_x = ops.lora_grad_x(grad_y, weight, grad_t, lora_A, float(dropout_p), int(seed))
             if need_A:

@@ -8,9 +8,10 @@ regenerated in backward rather than saved.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..dropout import dropout_mask
-from . import t_dtype
+from . import as_output, t_dtype
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -33,13 +34,15 @@ def lora_forward(
     scaling: float,
     dropout_p: float,
     seed: int,
+    out_shape: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (float32, returned for backward)."""
+    """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     dtype = x.dtype
-    t = _as(torch.mm(_dropped(x, dropout_p, seed), _as(lora_A, dtype).t()), t_dtype(dtype)).mul_(scaling)
+    t = _as(torch.mm(_dropped(x, dropout_p, seed), _as(lora_A, dtype).t()), t_dtype(dtype))
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    y.addmm_(_as(t, dtype), _as(lora_B, dtype).t())
-    return y, t
+    # s as the GEMM's alpha: applied to the float32 accumulator, after t's cast (no fp16 overflow of s·t)
+    y.addmm_(_as(t, dtype), _as(lora_B, dtype).t(), alpha=scaling)
+    return as_output(y, out_shape), t
 
 
 def lora_backward(
@@ -73,9 +76,33 @@ def lora_backward(
     if need_A:
         grad_A = _as(torch.mm(grad_t.t(), x if mask is None else x * mask), lora_A.dtype)
     if need_B:
-        grad_B = _as(torch.mm(grad_y.t(), _as(t, dtype)), lora_B.dtype)
+        grad_B = _as(_as(torch.mm(grad_y.t(), _as(t, dtype)), t_dtype(dtype)).mul_(scaling), lora_B.dtype)
     if need_bias:
         grad_bias = grad_y.sum(0)
     if need_weight:
         grad_weight = torch.mm(grad_y.t(), x)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B
+
+
+def lora_linear_composite(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """The fused LoRA linear as plain differentiable torch ops on an ``(..., in_features)`` input.
+
+    No autograd Function: autograd, forward-mode AD and every ``torch.func`` transform (``vmap``, ``grad``,
+    ``jvp``, ``jacrev``…) differentiate or batch it op by op, and it runs on ``meta`` tensors. Used by
+    :func:`lora_kernels.lora_linear` where the fused path cannot run (see ``_composite_needed`` there).
+    The same math and precision contract as the backends (the product with ``t = dropout(x)·Aᵀ`` in
+    ``x.dtype``, ``s`` applied after it; the dropout mask of the shared Philox scheme for ``x.shape``),
+    in PEFT's order of operations: ``x·Wᵀ + b + s·((dropout(x)·Aᵀ)·Bᵀ)``.
+    """
+    dtype = x.dtype
+    lora = F.linear(F.linear(_dropped(x, dropout_p, seed), _as(lora_A, dtype)), _as(lora_B, dtype))
+    return F.linear(x, weight, bias).add(lora, alpha=scaling)

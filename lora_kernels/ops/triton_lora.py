@@ -7,7 +7,7 @@ launchers, then :func:`lora_forward` / :func:`lora_backward` (the backend interf
 ==========================  ===============================================  ==============================
 kernel                      computes                                         used for
 ==========================  ===============================================  ==============================
-``_lora_linear_kernel``     ``out = a·b + [mask ⊙] (t·u) + bias``             ``y`` (forward), ``dX``
+``_lora_linear_kernel``     ``out = a·b + [mask ⊙] (s·t·u) + bias``           ``y`` (forward), ``dX``
                             (GEMM; the LoRA term added to the fp32
                             accumulator in the epilogue, one store)
 ``_lora_project_kernel``    ``out = s·dropout(a)·b`` with ``b`` r columns    ``t`` (forward), ``s·dY·B``
@@ -79,21 +79,28 @@ def _lora_linear_kernel(
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_tm, stride_tr, stride_ur, stride_un, stride_pk, stride_pr,
     stride_bias, stride_om, stride_on,
-    project_scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
+    project_scale, lora_scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_PROJECT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    LORA_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """``out[M, N] = a[M, K]·b[K, N] + mask ⊙ (t[M, R]·u[R, N]) + bias[N]``, fp32 accumulation, one store.
+    """``out[M, N] = a[M, K]·b[K, N] + mask ⊙ (lora_scale·t[M, R]·u[R, N]) + bias[N]``, fp32 accumulation,
+    one store.
 
-    Forward: ``a = x``, ``b = Wᵀ``, ``t = s·dropout(x)·Aᵀ``, ``u = Bᵀ``, bias, no mask.
-    dX:      ``a = dY``, ``b = W``, ``t = s·dY·B``, ``u = A``, no bias, the dropout mask of x.
+    Forward: ``a = x``, ``b = Wᵀ``, ``t = dropout(x)·Aᵀ``, ``u = Bᵀ``, ``lora_scale = s``, bias, no mask.
+    dX:      ``a = dY``, ``b = W``, ``t = s·dY·B``, ``u = A``, ``lora_scale = 1``, no bias, the dropout mask
+    of x.
 
     With ``FUSE_PROJECT`` the kernel computes ``t = project_scale · a·p`` itself in the main loop, from the
     ``a`` tiles it loads anyway (``p`` is ``Aᵀ`` or ``B``, K×R; no dropout on ``a``), and the programs of
     the first column of tiles store it to ``t_ptr`` for the backward: no separate pass over ``a``, at the
     price of R/BLOCK_N more MMA work.
+
+    The epilogue product takes ``lora_scale·t`` (fp32) as its left operand. In bf16 (fp32's range) and fp32
+    it is cast to the input dtype as the main loop's operands are; in fp16 (``LORA_FP32``) it would overflow
+    where ``s·t`` exceeds 65504 (a large rsLoRA scaling; PEFT, which multiplies by ``s`` last, stays finite),
+    so both operands stay fp32 and the product runs in TF32: fp16's 10-bit mantissa with fp32's range.
     """
     # Grouped ordering of the output tiles (Triton tutorial 03) so neighbouring programs share L2 tiles.
     pid = tl.program_id(0)
@@ -146,12 +153,18 @@ def _lora_linear_kernel(
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
     )
+    if LORA_FP32:
+        t_op = t * lora_scale
+        u_op = u.to(tl.float32)
+    else:
+        t_op = (t * lora_scale).to(in_dtype)
+        u_op = u.to(in_dtype)
     if HAS_DROPOUT:
-        lora = tl.dot(t.to(in_dtype), u.to(in_dtype), input_precision=INPUT_PRECISION)
+        lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
         keep = _dropout_keep(offs_m[:, None], offs_n[None, :], seed_lo, seed_hi, dropout_threshold)
         acc += lora * (keep.to(tl.float32) * dropout_scale)  # a product, not a select: NaN·0 stays NaN
     else:
-        acc = tl.dot(t.to(in_dtype), u.to(in_dtype), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(t_op, u_op, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         # any stride, 0 included (an expanded scalar): bias may be a strided view
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -426,7 +439,7 @@ def _row_splits(M: int, num_blocks: int, block_m: int, device: torch.device) -> 
 
 
 def _fuse_projection(M: int, N: int, K: int, r: int) -> bool:
-    """Whether the forward GEMM computes ``t = s·x·Aᵀ`` in its own main loop instead of a separate kernel.
+    """Whether the forward GEMM computes ``t = x·Aᵀ`` in its own main loop instead of a separate kernel.
 
     Measured on an H200 (bf16, 4096x4096, r = 16; benchmarks/NOTES.md): the fused forward took 0.493 ms
     against 0.556 at M = 8192 and 0.054 against 0.095 at M = 16 (one launch less), so the forward fuses
@@ -507,16 +520,19 @@ def _linear_with_lora(
     seed: int,
     project: torch.Tensor | None = None,
     project_scale: float = 1.0,
+    lora_scale: float = 1.0,
+    out_shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """``a·b + [mask ⊙] t·u + bias`` with ``a`` (M, K), ``b`` (K, N), ``t`` (M, R), ``u`` (R, N).
+    """``a·b + [mask ⊙] lora_scale·t·u + bias`` with ``a`` (M, K), ``b`` (K, N), ``t`` (M, R), ``u`` (R, N).
 
     With ``project`` (K, R), ``t`` is an output: the kernel fills it with ``project_scale · a·project``.
-    ``bias`` may have any stride (0 included).
+    ``bias`` may have any stride (0 included). The result is a new contiguous tensor of ``out_shape``
+    (default ``(M, N)``; any shape of M·N elements: the kernel writes it as (M, N) row-major).
     """
     M, K = a.shape
     N = b.shape[1]
     R = t.shape[1]
-    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    out = torch.empty((M, N) if out_shape is None else out_shape, device=a.device, dtype=a.dtype)
     if out.numel() == 0:
         if project is not None and M > 0:  # N == 0: nothing to fuse into, t is still owed
             t.copy_(torch.mm(a, project.to(a.dtype)).float().mul_(project_scale))
@@ -533,11 +549,12 @@ def _linear_with_lora(
             M, N, K, R,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             t.stride(0), t.stride(1), u.stride(0), u.stride(1), p.stride(0), p.stride(1),
-            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
-            project_scale, seed_lo, seed_hi, threshold, scale,
+            bias.stride(0) if bias is not None else 0, N, 1,  # out: contiguous, viewed as (M, N)
+            project_scale, lora_scale, seed_lo, seed_hi, threshold, scale,
         ),
         dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=project is not None,
-             INPUT_PRECISION=_input_precision(a.dtype), BLOCK_R=_block_r(R)),
+             LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_input_precision(a.dtype),
+             BLOCK_R=_block_r(R)),
     )  # fmt: skip
     return out
 
@@ -574,9 +591,9 @@ def _project(a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float, s
 
 
 def _reduce_rows(
-    a: torch.Tensor, c: torch.Tensor, dropout_p: float, seed: int, with_colsum: bool
+    a: torch.Tensor, c: torch.Tensor, dropout_p: float, seed: int, with_colsum: bool, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dropout(a)ᵀ·c`` (P, R) and optionally ``a.sum(0)`` (P,), both fp32, ``a`` (M, P), ``c`` (M, R)."""
+    """``scale·dropout(a)ᵀ·c`` (P, R) and optionally ``a.sum(0)`` (P,), both fp32, ``a`` (M, P), ``c`` (M, R)."""
     M, P = a.shape
     R = c.shape[1]
 
@@ -593,9 +610,9 @@ def _reduce_rows(
     configs, grid_of, splits, rows_per_split = _plan(key, make)
     partial = torch.empty((splits, P, R), device=a.device, dtype=torch.float32)
     colsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if with_colsum else None
-    seed_lo, seed_hi, threshold, scale = _dropout_args(dropout_p, seed)
-    if dropout_p == 0.0:
-        scale = 1.0
+    seed_lo, seed_hi, threshold, dropout_scale = _dropout_args(dropout_p, seed)
+    if dropout_p > 0.0:
+        scale = scale * dropout_scale
     if P > 0:
         _launch(
             _lora_reduce_rows_kernel,
@@ -628,16 +645,20 @@ def lora_forward(
     scaling: float,
     dropout_p: float,
     seed: int,
+    out_shape: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y = x·Wᵀ + b + t·Bᵀ`` with ``t = s·dropout(x)·Aᵀ`` (float32, returned for backward)."""
+    """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     M, K = x.shape
     with _launch_guard(), device_guard(x.device):  # Triton launches on the current device
         if dropout_p == 0.0 and _fuse_projection(M, weight.shape[0], K, lora_A.shape[0]):
             t = torch.empty((M, lora_A.shape[0]), device=x.device, dtype=torch.float32)
-            y = _linear_with_lora(x, weight.t(), t, lora_B.t(), bias, 0.0, seed, lora_A.t(), scaling)
+            y = _linear_with_lora(x, weight.t(), t, lora_B.t(), bias, 0.0, seed, lora_A.t(), 1.0, scaling,
+                                  out_shape)  # fmt: skip
         else:
-            t = _project(x, lora_A.t(), scaling, dropout_p, seed)
-            y = _linear_with_lora(x, weight.t(), t, lora_B.t(), bias, 0.0, seed)
+            t = _project(x, lora_A.t(), 1.0, dropout_p, seed)
+            y = _linear_with_lora(
+                x, weight.t(), t, lora_B.t(), bias, 0.0, seed, None, 1.0, scaling, out_shape
+            )
     return y, t
 
 
@@ -665,8 +686,8 @@ def lora_backward(
         if need_A:
             grad_A_t, _ = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)
             grad_A = grad_A_t.t().to(lora_A.dtype)
-        if need_B or need_bias:
-            grad_B, grad_bias = _reduce_rows(grad_y, t, 0.0, seed, with_colsum=need_bias)
+        if need_B or need_bias:  # dB = s·dYᵀ·t (t carries no s)
+            grad_B, grad_bias = _reduce_rows(grad_y, t, 0.0, seed, with_colsum=need_bias, scale=scaling)
             grad_B = grad_B.to(lora_B.dtype) if need_B else None
             grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
     if need_weight:
