@@ -33,6 +33,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
+from .dispatch import BACKENDS as BACKEND_NAMES
 from .dispatch import available_backends, use_backend
 from .functional import lora_linear
 from .modules import FusedLoRALinear
@@ -840,6 +842,14 @@ def _tee(path: Path) -> Iterator[Callable[[str], None]]:
         yield emit
 
 
+def default_out(device: torch.device, quick: bool = False) -> Path:
+    """Where a run writes without ``--out``: ``benchmarks/results/<device>/`` (the committed results), or for
+    ``--quick`` ``<tmp>/lora_kernels-bench-quick/<device>/``, so that a smoke run replaces nothing."""
+    if quick:
+        return Path(tempfile.gettempdir()) / "lora_kernels-bench-quick" / device_slug(device)
+    return Path("benchmarks") / "results" / device_slug(device)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lora_kernels bench",
@@ -847,7 +857,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the device here; write results.json, results.md, speedup.png and log.txt.",
     )
     parser.add_argument("--quick", action="store_true", help="a tiny set of cases (seconds on a CPU)")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device>/)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default benchmarks/results/<device>/; with --quick a folder under the system's "
+        "temporary directory, so that a quick run never replaces the committed results)",
+    )
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
@@ -861,9 +876,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
-    wanted = set(args.providers.split(",")) if args.providers else None
-    out = args.out or Path("benchmarks") / "results" / device_slug(device)
+    wanted = None
+    if args.providers:
+        wanted = {p.strip() for p in args.providers.split(",") if p.strip()}
+        known = {*BASELINES, MERGED_OURS, *BACKEND_NAMES}
+        if unknown := sorted(wanted - known):
+            parser.error(
+                f"unknown provider(s) {', '.join(map(repr, unknown))}; choose from {', '.join(sorted(known))}"
+            )
+        here = {p for mode in modes for p in providers(mode, device)}
+        if not wanted & here:
+            parser.error(
+                f"--providers {args.providers}: none of them runs on {device.type} for modes "
+                f"{','.join(modes)} (here: {', '.join(sorted(here))})"
+            )
+    out = args.out or default_out(device, args.quick)
     out.mkdir(parents=True, exist_ok=True)
+    if args.out is None and args.quick:
+        print(f"quick run: writing to {out} (choose with --out)")
 
     cases = [c for c in (quick_cases(device) if args.quick else default_cases(device)) if c.mode in modes]
     notes = []

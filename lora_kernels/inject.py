@@ -8,6 +8,7 @@ adapter tensors out for saving; ``merge_lora``/``unmerge_lora`` fold them into t
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -44,6 +45,30 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+#: Modules that read a child Linear's ``weight``/``bias`` directly instead of calling it: an adapter there
+#: would never run. ``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``.
+_PARENTS_NOT_CALLING = {nn.MultiheadAttention: ("out_proj",)}
+
+
+def warn_if_never_called(model: nn.Module, names: Iterable[str]) -> None:
+    """Warn for each of ``names`` whose parent module uses the child's weight without calling its forward
+    (so an adapter put there would be silently ignored), e.g. ``nn.MultiheadAttention.out_proj``."""
+    ignored = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for parent_type, children in _PARENTS_NOT_CALLING.items():
+            if isinstance(parent, parent_type) and child in children:
+                ignored.append(f"{name} ({type(parent).__name__}.{child})")
+    if ignored:
+        warnings.warn(
+            f"LoRA adapters on {', '.join(ignored)} have no effect: nn.MultiheadAttention reads out_proj.weight "
+            "directly and never calls out_proj's forward. Leave these modules out of target_modules (or use "
+            "an attention module that calls its projections).",
+            stacklevel=3,
+        )
+
+
 def _linear_names(model: nn.Module, limit: int = 12) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
     if not names:
@@ -76,6 +101,10 @@ def inject_lora(
     Every parameter outside the adapters is frozen (``requires_grad=False``), as ``get_peft_model`` does.
     Modules that already are :class:`FusedLoRALinear` are left as they are.
 
+    Warns:
+        UserWarning: a matching module's parent never calls it (``nn.MultiheadAttention.out_proj``, whose
+            weight MHA reads directly): its adapter would have no effect.
+
     Raises:
         ValueError: no module matches (the message lists some ``nn.Linear`` names to pick from).
         TypeError: a matching module is neither ``nn.Linear`` nor :class:`FusedLoRALinear`.
@@ -95,6 +124,7 @@ def inject_lora(
             f"target_modules={target_modules!r} matches modules that are not nn.Linear: {', '.join(bad[:8])}; "
             f"only nn.Linear can take a fused LoRA adapter. {_linear_names(model)}"
         )
+    warn_if_never_called(model, [n for n, m in matched if not isinstance(m, FusedLoRALinear)])
     for param in model.parameters():
         param.requires_grad_(False)
     for name, module in matched:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,12 @@ class FusedLoRALinear(nn.Module):
     ``y = x·Wᵀ + b + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ`` with ``scaling = lora_alpha / r``
     (``lora_alpha / sqrt(r)`` with ``use_rslora``). ``weight`` and ``bias`` are frozen; ``lora_A`` (r, in)
     and ``lora_B`` (out, r) train. Dropout on the LoRA branch is active in ``train()`` mode only.
+
+    ``state_dict()`` holds ``weight``, ``bias``, ``lora_A`` and ``lora_B``; a merged layer adds
+    ``_extra_state = {"merged": True}`` (its ``weight`` holds the adapter). ``load_state_dict`` restores the
+    saved layer exactly: a merged state dict makes the layer merged (no adapter applied twice), one without
+    the extra state (unmerged, or saved before it existed) makes it unmerged, and adapters alone loaded
+    into a merged layer are re-merged (the old ones are taken out of ``weight``, the new ones put in).
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
@@ -46,6 +54,9 @@ class FusedLoRALinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        in_features = _check_int("in_features", in_features, 0)
+        out_features = _check_int("out_features", out_features, 0)
+        _check_lora_args(r, lora_alpha, lora_dropout)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
@@ -70,6 +81,7 @@ class FusedLoRALinear(nn.Module):
         """Wrap an existing ``nn.Linear``: its ``weight``/``bias`` tensors are reused (no copy) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        _check_lora_args(r, lora_alpha, lora_dropout)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         linear.weight.requires_grad_(False)
@@ -99,27 +111,44 @@ class FusedLoRALinear(nn.Module):
         init_lora_weights: bool | str,
         adapter_dtype: torch.dtype | None,
     ) -> None:
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        _check_lora_args(r, lora_alpha, lora_dropout)
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.register_parameter("bias", bias)
-        self.r = r
+        self.r = int(r)
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
         self.use_rslora = use_rslora
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
         factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
         self.merged = False
         self.reset_lora_parameters(init_lora_weights)
+        self.init_lora_weights = init_lora_weights
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise everything, as the constructor does (for ``to_empty()`` and meta-device init).
+
+        ``weight``/``bias`` as ``nn.Linear.reset_parameters``, the adapters by the layer's
+        ``init_lora_weights`` (by default A kaiming-uniform, B zeros); the layer ends unmerged.
+        """
+        _reset_linear(self.weight, self.bias)
+        self.merged = False
+        self.reset_lora_parameters(getattr(self, "init_lora_weights", True))
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
-        """Initialise the adapters as PEFT does for ``init_lora_weights``."""
+        """Initialise the adapters as PEFT does for ``init_lora_weights`` (a merged layer stays merged, with
+        the new adapters)."""
+        if self.merged:
+            self.unmerge()
+            try:
+                self.reset_lora_parameters(init_lora_weights)
+            finally:
+                self.merge()
+            return
         if init_lora_weights is True:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
@@ -157,6 +186,47 @@ class FusedLoRALinear(nn.Module):
         self.weight -= self.delta_weight()
         self.merged = False
 
+    # ---------------------------------------------------------------------------------------- state dict
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """``{"merged": bool}``: whether the saved ``weight`` holds the adapter (written only when merged)."""
+        return {"merged": self.merged}
+
+    def set_extra_state(self, state: Any) -> None:
+        # Applied by _load_from_state_dict, together with the weight it describes; here only checked.
+        if not isinstance(state, dict) or not isinstance(state.get("merged"), bool):
+            raise ValueError(f"FusedLoRALinear extra state must be {{'merged': bool}}, got {state!r}")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.merged:  # the plain format: weight is the base weight, as in state dicts of old versions
+            destination.pop(prefix + _EXTRA_STATE, None)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        extra_key = prefix + _EXTRA_STATE
+        has_weight = prefix + "weight" in state_dict
+        has_adapters = prefix + "lora_A" in state_dict or prefix + "lora_B" in state_dict
+        remerge = self.merged and not has_weight and has_adapters
+        if remerge:  # adapters alone into a merged layer: take the old ones out of the weight first
+            self.unmerge()
+        errors = len(error_msgs)
+        try:
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+        finally:
+            if remerge:
+                self.merge()
+        if extra_key not in state_dict and extra_key in missing_keys:
+            missing_keys.remove(extra_key)  # no extra state: unmerged (or saved by an older version)
+        if has_weight and len(error_msgs) == errors:
+            extra = state_dict.get(extra_key)
+            self.merged = bool(extra["merged"]) if isinstance(extra, dict) else False
+
+    # ------------------------------------------------------------------------------------------- forward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
@@ -177,6 +247,32 @@ class FusedLoRALinear(nn.Module):
             f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
             f"use_rslora={self.use_rslora}, merged={self.merged}"
         )
+
+
+_EXTRA_STATE = "_extra_state"
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
+    """Clear errors for the adapter arguments (``bool`` is not accepted as a number)."""
+    _check_int("r", r, 1)
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r} ({type(lora_alpha).__name__})")
+    if not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be finite, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real):
+        raise TypeError(
+            f"lora_dropout must be a number in [0, 1), got {lora_dropout!r} ({type(lora_dropout).__name__})"
+        )
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 
 
 def _reset_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> None:

@@ -18,16 +18,16 @@ import json
 import math
 import os
 import re
-import types
 import warnings
 from collections import Counter
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from .functional import lora_linear
-from .inject import lora_layers, matches_target
+from .inject import lora_layers, matches_target, warn_if_never_called
 from .modules import FusedLoRALinear
 
 __all__ = ["fuse", "load_adapter", "save_adapter", "unfuse"]
@@ -53,31 +53,73 @@ def _peft_lora_linear_class() -> type:
     return Linear
 
 
-def _why_not_fused(layer: nn.Module) -> str | None:
-    """Why this PEFT LoRA layer cannot run the fused op now, or ``None`` if it can."""
-    if getattr(layer, "merged", False):
-        return "its adapter is merged into the base weight"
+def _runs_more_than_forward(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's ``forward``: module hooks (forward, pre-forward,
+    backward: user hooks, layerwise casting as used with PEFT's ``disable_input_dtype_casting``, DeepSpeed
+    ZeRO-3 parameter gathering) or a replaced ``forward`` (accelerate's ``add_hook_to_module``: offload,
+    device alignment). The fused op reads the weights itself, so such a layer keeps PEFT's forward."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+        or getattr(module, "_hf_hook", None) is not None
+    )
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks registered for every module (``nn.modules.module.register_module_forward_hook``...) exist."""
+    return bool(
+        torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    )
+
+
+def _why_not_fused(layer: nn.Module) -> tuple[str | None, bool]:
+    """``(why, warn)``: why this PEFT LoRA layer cannot run the fused op now (``None`` if it can), and
+    whether that deserves a warning: not when PEFT's forward is just the base layer (adapters disabled or
+    merged, or no active adapter in this layer), which is as fast as the fused op."""
     if getattr(layer, "disable_adapters", False):
-        return "adapters are disabled"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (Conv1D-style transposed weights)"
-    base = layer.get_base_layer()
-    if type(base) is not nn.Linear:
-        return f"its base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)"
+        return "adapters are disabled", False
+    if getattr(layer, "merged", False):
+        return "its adapter is merged into the base weight", False
     active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if not active:
+        return "no active adapter in this layer", False
+    base = layer.base_layer
+    if hasattr(base, "base_layer"):  # as PEFT's get_base_layer() tells a tuner layer
+        return (
+            f"its base layer is another tuner layer ({type(base).__module__.rpartition('.')[0]}"
+            f".{type(base).__name__}: stacked adapters, e.g. a PeftMixedModel)",
+            True,
+        )
+    if type(base) is not nn.Linear:
+        return f"its base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)", True
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (Conv1D-style transposed weights)", True
     if len(active) != 1:
-        return f"{len(active)} active adapters ({', '.join(active) or 'none'}); the fused op runs exactly one"
+        return f"{len(active)} active adapters ({', '.join(active)}); the fused op runs exactly one", True
     adapter = active[0]
     if layer.use_dora.get(adapter, False):
-        return "DoRA (use_dora=True)"
+        return "DoRA (use_dora=True)", True
     if adapter in getattr(layer, "lora_variant", {}):
-        return f"a LoRA variant ({type(layer.lora_variant[adapter]).__name__})"
-    if layer.lora_A[adapter].bias is not None or layer.lora_B[adapter].bias is not None:
-        return "lora_bias=True"
-    dropout = layer.lora_dropout[adapter]
+        return f"a LoRA variant ({type(layer.lora_variant[adapter]).__name__})", True
+    lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
+    if lora_A.bias is not None or lora_B.bias is not None:
+        return "lora_bias=True", True
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
-        return f"its dropout is {type(dropout).__name__}"
-    return None
+        return f"its dropout is {type(dropout).__name__}", True
+    if any(_runs_more_than_forward(m) for m in (base, lora_A, lora_B, dropout)):
+        return (
+            "its base layer or adapter modules have hooks or a replaced forward (PEFT's forward runs them)",
+            True,
+        )
+    if _global_module_hooks():
+        return "global module hooks are registered (PEFT's forward runs them on the base layer)", True
+    return None, False
 
 
 _warned: set[str] = set()
@@ -88,7 +130,7 @@ def _warn_once(reason: str) -> None:
         _warned.add(reason)
         warnings.warn(
             f"lora_kernels.peft: a LoRA layer runs PEFT's own forward, not the fused op: {reason}",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -99,46 +141,75 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         if kwargs.get("adapter_names") is not None:
             _warn_once("a mixed-batch call (adapter_names=...)")
         return peft_forward(self, x, *args, **kwargs)
-    why = _why_not_fused(self)
+    why, warn = _why_not_fused(self)
     if why is not None:
-        if not self.disable_adapters:
+        if warn:
             _warn_once(why)
         return peft_forward(self, x)
     (adapter,) = [a for a in self.active_adapters if a in self.lora_A]
-    base = self.get_base_layer()
+    base = self.base_layer
+    lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    if x.dtype != lora_A.dtype and not getattr(self, "cast_input_dtype_enabled", True):
+        _warn_once("input dtype casting is disabled (peft.helpers.disable_input_dtype_casting)")
+        return peft_forward(self, x)
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     return lora_linear(
-        x,
-        base.weight,
-        base.bias,
-        self.lora_A[adapter].weight,
-        self.lora_B[adapter].weight,
-        float(self.scaling[adapter]),
-        p,
-        dropout.training,
+        x, base.weight, base.bias, lora_A, lora_B, float(self.scaling[adapter]), p, dropout.training
     )
+
+
+class _FusedForward:
+    """The ``forward`` that :func:`fuse` sets on a PEFT layer instance.
+
+    An object rather than a bound method so that a fused model pickles (``torch.save``), unpickles and
+    deep-copies: it reduces to ``_FusedForward(layer)``, and the copy refers to the copied layer.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _fused_forward(self.layer, x, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[type, tuple[nn.Module]]:
+        return (_FusedForward, (self.layer,))
+
+    def __repr__(self) -> str:
+        return f"<lora_kernels fused forward of {type(self.layer).__name__} at {id(self.layer):#x}>"
+
+
+_REPLACED = "its forward was already replaced (an accelerate hook?) and is left as it is"
 
 
 def fuse(peft_model: nn.Module) -> int:
     """Run every PEFT LoRA ``Linear`` of ``peft_model`` on the fused op; returns how many layers can now.
 
     The forward of each ``peft.tuners.lora.layer.Linear`` instance is replaced; modules, parameters,
-    state-dict keys, ``save_pretrained``, merging and adapter switching stay PEFT's. A layer that cannot
-    run fused (DoRA and other variants, several active adapters, a quantized or non-``nn.Linear`` base,
-    ``fan_in_fan_out``, ``lora_bias``, a merged adapter) falls back to PEFT's own forward at call time;
-    one warning lists those found now, and each new reason met later (e.g. ``adapter_names=``) warns once.
+    state-dict keys, ``save_pretrained``, merging and adapter switching stay PEFT's, and the model still
+    saves with ``torch.save``, pickles and deep-copies. A layer that cannot run fused falls back to PEFT's
+    own forward at call time: DoRA and other variants, several active adapters, a quantized or
+    non-``nn.Linear`` base, a base that is itself a tuner layer (LoHa, LoKr... in a ``PeftMixedModel``),
+    ``fan_in_fan_out``, ``lora_bias``, hooks on the base layer or adapter modules (or global module hooks),
+    all of which PEFT's forward honours. One warning lists those found now, and each new reason met later
+    (e.g. ``adapter_names=``, a hook added) warns once. Layers whose PEFT forward is just the base layer
+    (adapters merged or disabled, no active adapter in the layer) fall back silently. A layer whose forward
+    was already replaced by someone else (e.g. accelerate) is not touched.
     """
     linear_cls = _peft_lora_linear_class()
     fused, skipped = 0, Counter()
     for module in peft_model.modules():
         if not isinstance(module, linear_cls):
             continue
-        module.forward = types.MethodType(_fused_forward, module)
-        why = _why_not_fused(module)
+        forward = module.__dict__.get("forward")
+        if forward is not None and not isinstance(forward, _FusedForward):
+            skipped[_REPLACED] += 1
+            continue
+        module.forward = _FusedForward(module)
+        why, warn = _why_not_fused(module)
         if why is None:
             fused += 1
-        else:
+        elif warn:
             skipped[why] += 1
     if skipped:
         reasons = "; ".join(f"{n} × {why}" for why, n in skipped.items())
@@ -153,8 +224,7 @@ def unfuse(peft_model: nn.Module) -> int:
     """Give every layer patched by :func:`fuse` its PEFT forward back; returns how many were restored."""
     restored = 0
     for module in peft_model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward:
+        if isinstance(module.__dict__.get("forward"), _FusedForward):
             del module.__dict__["forward"]
             restored += 1
     return restored
@@ -296,6 +366,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     alpha_default = config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     modules = dict(model.named_modules())
+    warn_if_never_called(model, [n for n in per_module if isinstance(modules.get(n), nn.Linear)])
     for param in model.parameters():
         param.requires_grad_(False)
     for name, pair in sorted(per_module.items()):
