@@ -8,7 +8,6 @@ included, and its gradients are checked after gathering them back.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 
@@ -40,12 +39,6 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, DIM, generator=g), torch.randn(BATCH, 4, generator=g)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_process_grads() -> dict[str, torch.Tensor]:
     from lora_kernels import use_backend
 
@@ -56,9 +49,11 @@ def _single_process_grads() -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, mode: str, out_dir: str) -> None:
     os.environ["LORA_KERNELS_BACKEND"] = "torch"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A rendezvous file, not a TCP port: no race for a free port between choosing it and binding it.
+    init_method = f"file://{os.path.join(out_dir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         model = _model()
         x, y = _data()
@@ -77,13 +72,16 @@ def _worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
             grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
         if rank == 0:
             torch.save({n: g.detach().clone() for n, g in grads.items()}, os.path.join(out_dir, "grads.pt"))
+        # Both ranks leave their collectives before either tears gloo down: a rank destroying the group
+        # while the other still waits in one aborted it ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def _run(mode: str) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(2, _free_port(), mode, out_dir), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, mode, out_dir), nprocs=2, join=True)
         return torch.load(os.path.join(out_dir, "grads.pt"))
 
 
