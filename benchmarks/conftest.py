@@ -1,7 +1,7 @@
 """pytest-benchmark set-up for ``benchmarks/``: device, defaults, and ratios computed at session end.
 
 Each benchmark stores its row (device, versions, case, provider, memory) in ``benchmark.extra_info`` and
-registers it here. Before pytest-benchmark writes its JSON, :func:`lora_kernels.bench.add_ratios` adds
+registers it here. Before pytest-benchmark writes its JSON, :func:`harness.add_ratios` adds
 ``ratio_to_base``, ``ratio_to_peft`` and ``speedup_over_peft`` (from medians of the same run) to every
 row, so they land in ``--benchmark-json`` / ``--benchmark-autosave`` output; the terminal summary prints
 them as one table. The Triton interpreter is never enabled here: it is no speed measurement.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_kernels import bench
+import harness
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _ROWS: list[dict] = []
@@ -32,7 +32,7 @@ def bench_rows() -> list[dict]:
 
 
 def _finalise_rows() -> None:
-    bench.add_ratios(_ROWS)
+    harness.add_ratios(_ROWS)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -55,9 +55,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         return
     tr = terminalreporter
     tr.section("LoRA linear: medians and ratios from this run")
-    tr.write_line(f"device: {bench.device_name(DEVICE)}")
-    tr.write_line("versions: " + ", ".join(f"{k} {v}" for k, v in bench.versions().items()))
-    if note := bench.cpu_load_note():
+    tr.write_line(f"device: {harness.device_name(DEVICE)}")
+    tr.write_line("versions: " + ", ".join(f"{k} {v}" for k, v in harness.versions().items()))
+    if note := harness.cpu_load_note():
         tr.write_line(f"note: {note}")
     if all(row.get("median_ms") is None for row in _ROWS):
         tr.write_line("timing disabled (--benchmark-disable): each benchmark ran once, no ratios")
@@ -65,4 +65,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         "ratio_to_base / ratio_to_peft = median time / median time of base / peft on the same case "
         "(below 1 is faster); saved_MiB: new memory kept for backward; peak_MiB: CUDA only"
     )
-    tr.write_line(bench.format_text_table(_ROWS))
+    tr.write_line(harness.format_text_table(_ROWS))

@@ -4,15 +4,17 @@
 
 Every phase appends its rows to ``DIR/<phase>.jsonl`` as it measures them (a phase killed by its timeout
 keeps what it had), and an error goes into its row instead of stopping the phase. ``summary`` reads them all
-and writes ``SUMMARY.md``, ``results.json`` and ``results.md`` (the fields of ``python -m lora_kernels
-bench``'s results, so one report tool reads both).
+and writes ``SUMMARY.md``, ``results.json`` and ``results.md`` (the fields of ``python benchmarks/report.py``'s
+results, so one report tool reads both).
 
 With ``LORA_GPU_RUN_DRY=1`` (``gpu_run.sh --dry``) every phase runs on the CPU in seconds: tiny shapes, the
 Triton kernels through the interpreter, so that this script cannot rot before a GPU is at hand. Dry
 numbers are no measurement of anything.
 
-Timing: :func:`lora_kernels.bench.median_ms` (``triton.testing.do_bench``: CUDA events, warm-up, the L2
-cache flushed before every call, median of many calls), on random data.
+Timing: the harness's (``harness.py``, shared with ``report.py`` and ``pytest benchmarks/``): the table
+phase records :func:`harness.measure` rows, the sweep and the kernels' baselines :func:`harness.median_ms`
+(``triton.testing.do_bench``: CUDA events, warm-up, the L2 cache flushed before every call, median of
+many calls), on random data.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lora_kernels import bench, lora_linear, use_backend
+from lora_kernels import lora_linear, use_backend
 from lora_kernels.dispatch import available_backends
+from lora_kernels.testing import LLAMA_PROJECTIONS, assert_close, relative_error, tiny_llama
+
+import harness
 
 DRY = os.environ.get("LORA_GPU_RUN_DRY") == "1"
 DEVICE = torch.device("cpu" if DRY else "cuda")
-Case = bench.Case
+Case = harness.Case
 
 
 def _emit(path: Path, row: dict) -> None:
@@ -70,14 +75,14 @@ def _sync() -> None:
 
 
 def _time_ms(fn: Callable[[], object]) -> float:
-    return bench.median_ms(lambda: fn(), DEVICE, quick=True)
+    return harness.median_ms(lambda: fn(), DEVICE, quick=True)
 
 
 # ----------------------------------------------------------------------------------------------- env
 
 
 def phase_env(work: Path) -> None:
-    info = {"versions": bench.versions(), "device": bench.device_name(DEVICE), "dry": DRY}
+    info = {"versions": harness.versions(), "device": harness.device_name(DEVICE), "dry": DRY}
     if DEVICE.type == "cuda":
         props = torch.cuda.get_device_properties(DEVICE)
         info.update(
@@ -121,23 +126,23 @@ def table_cases() -> list[Case]:
 
 
 def table_providers(case: Case) -> list[str]:
-    names = bench.providers(case.mode, DEVICE)
+    names = harness.providers(case.mode, DEVICE)
     if DRY and "triton" in available_backends(DEVICE) and case.dtype != "bf16":
         names.append("triton")  # the interpreter: runs the code, measures nothing
-    if bench.peft_import_error():
+    if harness.peft_import_error():
         names.remove("peft")
     return names
 
 
 def phase_table(work: Path) -> None:
     out = work / "table.jsonl"
-    env = {"device": bench.device_name(DEVICE), "versions": bench.versions()}
+    env = {"device": harness.device_name(DEVICE), "versions": harness.versions()}
     for case in table_cases():
         for order, provider in enumerate(table_providers(case)):
-            row = {"provider": provider, **bench.case_fields(case), "order": order, **env}
+            row = {"provider": provider, **harness.case_fields(case), "order": order, **env}
             started = time.perf_counter()
             try:
-                row.update(bench.measure(provider, case, DEVICE, quick=True))
+                row.update(harness.measure(provider, case, DEVICE, quick=True))
             except Exception as err:  # recorded in its row; the table goes on
                 row["error"] = _error(err)
                 traceback.print_exc()
@@ -158,15 +163,15 @@ def phase_overhead(work: Path) -> None:
     """
     case = Case(16, 256, 256, 8, 0.0, "bf16" if DEVICE.type == "cuda" else "fp32", "fwd_bwd")
     calls, repeats = (5, 2) if DRY else (200, 3)
-    providers = [*bench.BASELINES, *available_backends(DEVICE)]
+    providers = [*harness.BASELINES, *available_backends(DEVICE)]
     if DRY:
         providers = [p for p in providers if p != "triton"]  # the interpreter's time is not host overhead
     for provider in providers:
-        if provider == "peft" and bench.peft_import_error():
+        if provider == "peft" and harness.peft_import_error():
             continue
-        row = {"provider": provider, **bench.case_fields(case), "calls": calls}
+        row = {"provider": provider, **harness.case_fields(case), "calls": calls}
         try:
-            step = bench.make_step(provider, case, bench.make_inputs(case, DEVICE))
+            step = harness.make_step(provider, case, harness.make_inputs(case, DEVICE))
             for _ in range(3 if DRY else 10):
                 step()
             _sync()
@@ -266,18 +271,14 @@ def _patched(module, **replacements) -> Iterator[None]:
             setattr(module, name, value)
 
 
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
-
-
 def phase_sweep(work: Path) -> None:
     """Tile configs of the three kernels and the in-mainloop projection, each checked before it is timed."""
+    from lora_kernels.ops import LoRAParams
     from lora_kernels.ops import triton_lora as tl_ops
 
     out = work / "sweep.jsonl"
     plan = sweep_plan()
     dtype = torch.float32 if DRY else torch.bfloat16
-    tol = 1e-4 if DRY else 2e-2
     launched: list[dict] = []
     real_launch = tl_ops._launch
 
@@ -306,11 +307,10 @@ def phase_sweep(work: Path) -> None:
         row = {"kernel": kind, "shape": "x".join(map(str, shape)), "config": cfg}
         try:
             launched.clear()
-            err = _rel_err(fn(), ref)
+            result = fn()
             row["ran_config"] = launched[-1] if launched else None
-            row["max_rel_error"] = err
-            if not err <= tol:
-                raise AssertionError(f"relative error {err:.2e} > {tol:g}")
+            row["max_rel_error"] = relative_error(result, ref)
+            assert_close(result, ref, dtype, kind)  # the test suite's tolerance for this dtype
             row["median_ms"] = _time_ms(fn)
             row["baseline_ms"] = base_ms
             row["ratio_to_baseline"] = row["median_ms"] / base_ms
@@ -342,7 +342,7 @@ def phase_sweep(work: Path) -> None:
             if dropout_p:
                 from lora_kernels import dropout_mask
 
-                mask = dropout_mask(7, 0, (M, K), dropout_p).to(DEVICE)
+                mask = dropout_mask(7, (M, K), dropout_p).to(DEVICE)
             x_ref = p["x"].float() if mask is None else p["x"].float() * mask  # the mask holds 1/(1-p)
             ref = 2.0 * x_ref @ p["A"].float().t()
             for cfg in plan["skinny"]:
@@ -386,7 +386,9 @@ def phase_sweep(work: Path) -> None:
     for fused, which in ((False, "forward"), (False, "dx"), (True, "forward"), (True, "dx")):
         for label, (p, shape) in problems.items():
             if which == "forward":  # lora_forward, with the rule forced either way
-                fn = lambda p=p: tl_ops.lora_forward(p["x"], p["w"], p["b"], p["A"], p["B"], 2.0, 0.0, 0)[0]
+                fn = lambda p=p: tl_ops.lora_forward(p["x"], p["w"], p["b"], p["A"], p["B"], LoRAParams(2.0))[
+                    0
+                ]
                 ref, context = p["ref_y"], _patched(tl_ops, _fuse_projection=lambda *a, f=fused: f)
             else:  # dX = dY·W + (s·dY·B)·A, s·dY·B by the skinny kernel or in the GEMM's main loop
 
@@ -435,12 +437,9 @@ def phase_sanitize(work: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- e2e
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def phase_e2e(work: Path) -> None:
     """A training step of a small Llama-style model: PEFT against PEFT + ``lora_kernels.peft.fuse``."""
-    import transformers
     from peft import LoraConfig, get_peft_model
 
     import lora_kernels.peft
@@ -451,11 +450,9 @@ def phase_e2e(work: Path) -> None:
     else:
         dims = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
         dtype, batch, seq, vocab, steps = torch.bfloat16, 4, 1024, 32000, 10
-    config = transformers.LlamaConfig(
-        **dims, num_hidden_layers=2, vocab_size=vocab, max_position_embeddings=max(seq, 64)
-    )
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config).to(DEVICE, dtype)
+    base = tiny_llama(**dims, num_hidden_layers=2, vocab_size=vocab, max_position_embeddings=max(seq, 64))
+    base = base.to(DEVICE, dtype)
     ids = torch.randint(0, vocab, (batch, seq), device=DEVICE)
     for dropout_p in (0.0, 0.05):
         for variant in ("peft", "peft+fuse"):
@@ -465,7 +462,7 @@ def phase_e2e(work: Path) -> None:
                 torch.manual_seed(1)
                 model = get_peft_model(
                     copy.deepcopy(base),
-                    LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=dropout_p),
+                    LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_PROJECTIONS, lora_dropout=dropout_p),
                 )
                 with torch.no_grad():  # the same non-zero B in both variants, so the adapters do work
                     gen = torch.Generator().manual_seed(2)
@@ -589,7 +586,7 @@ def phase_summary(work: Path, out: Path) -> int:
     )
 
     rows = _read(work / "table.jsonl")
-    bench.add_ratios(rows)
+    harness.add_ratios(rows)
     environment = {"device": env.get("device"), "versions": env.get("versions") or {}, "notes": []}
     if DRY:
         environment["notes"].append(
@@ -599,11 +596,11 @@ def phase_summary(work: Path, out: Path) -> int:
     results["results"] = rows
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     if rows:
-        (out / "results.md").write_text(bench.format_markdown(rows, results["environment"]))
+        (out / "results.md").write_text(harness.format_markdown(rows, results["environment"]))
         lines += [
             "## Timing table",
             "",
-            *bench.format_markdown(rows, results["environment"]).splitlines()[6:],
+            *harness.format_markdown(rows, results["environment"]).splitlines()[6:],
         ]
         errors = [r for r in rows if r.get("error")]
         lines += [f"- {r['provider']} {r['mode']} {r['shape']} M={r['M']}: {r['error']}" for r in errors]

@@ -107,7 +107,7 @@ PYTEST_ARGS=(-p no:cacheprovider -v -rfE)  # -v: one line a test, so a cut-off r
 GPU_TESTS=(tests/ --ignore=tests/test_triton_compile.py --ignore=tests/test_distributed.py
   --ignore=tests/test_cuda_ext.py)
 [ "$DRY" = 1 ] && PYTEST_ARGS+=(-m cuda)  # here: collect everything, run what is marked for the GPU (skips)
-phase tests 170 "$PY" -m pytest "${GPU_TESTS[@]}" "${PYTEST_ARGS[@]}" --junitxml="$OUT/junit.xml"
+phase tests 200 "$PY" -m pytest "${GPU_TESTS[@]}" "${PYTEST_ARGS[@]}" --junitxml="$OUT/junit.xml"
 
 phase table 90 "$PY" benchmarks/gpu_run.py table --work "$WORK"
 phase overhead 40 "$PY" benchmarks/gpu_run.py overhead --work "$WORK"

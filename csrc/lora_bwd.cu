@@ -1,13 +1,12 @@
 // CUDA backward: grad_t = s·(dY·B) and dB = dYᵀ·t from one read of dY, dA = grad_tᵀ·dropout(x), and
 // dX = dY·W + dropout'(grad_t·A). grad_t is the gradient reaching t, already scaled by s, in dY's dtype.
-// The kernels, and why each exists, are in lora_kernels.cuh; this file plans, launches and registers them.
-#include <torch/library.h>
+// The kernels, and why each exists, are in lora_kernels.cuh; this file plans and launches them (they are
+// registered in lora_ops.cpp).
 
 #include "lora_cuda_common.cuh"
 
 namespace lora_kernels {
 namespace cuda {
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> lora_grad_t_and_B_cuda(const at::Tensor& grad_y, const at::Tensor& lora_B,
                                                           const at::Tensor& t, double scaling) {
@@ -126,12 +125,5 @@ at::Tensor lora_grad_x_cuda(const at::Tensor& grad_y, const at::Tensor& weight, 
   return grad_x;
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace lora_kernels
-
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
-  m.impl("lora_grad_t_and_B", &lora_kernels::cuda::lora_grad_t_and_B_cuda);
-  m.impl("lora_grad_A", &lora_kernels::cuda::lora_grad_A_cuda);
-  m.impl("lora_grad_x", &lora_kernels::cuda::lora_grad_x_cuda);
-}

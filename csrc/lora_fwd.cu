@@ -1,13 +1,11 @@
 // CUDA forward: the skinny projection t = s·dropout(x)·Aᵀ (lora_project_kernel, in lora_kernels.cuh, where
 // the reasons for each kernel are given), the output y = x·Wᵀ + b + s·(t·Bᵀ) (cuBLAS through ATen), and the
-// dropout mask itself (for tests).
-#include <torch/library.h>
+// dropout mask itself (for tests). The kernels are registered in lora_ops.cpp.
 
 #include "lora_cuda_common.cuh"
 
 namespace lora_kernels {
 namespace cuda {
-namespace {
 
 at::Tensor lora_project_cuda(const at::Tensor& x, const at::Tensor& lora_A, double scaling, double dropout_p,
                              int64_t seed) {
@@ -67,6 +65,8 @@ at::Tensor lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
 // The (M, K) float32 dropout mask (1 / (1 - p) kept, 0 dropped): lets the tests compare the device Philox
 // with lora_kernels.dropout.dropout_mask bit for bit. The ops themselves never materialise it.
 // ---------------------------------------------------------------------------------------------------------
+namespace {
+
 __global__ void __launch_bounds__(kThreads)
     dropout_mask_kernel(float* __restrict__ out, int64_t rows, int64_t cols, float scale, DropoutParams dropout) {
   const int64_t n = rows * cols;
@@ -76,28 +76,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor lora_dropout_mask_cuda(const at::Tensor& x, double dropout_p, int64_t seed) {
-  check_dropout_mask_args(x, dropout_p, seed);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor mask = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
+}  // namespace
+
+at::Tensor lora_dropout_mask_cuda(at::IntArrayRef size, double dropout_p, int64_t seed,
+                                  std::optional<at::Device> device) {
+  check_dropout_mask_args(size, dropout_p, seed);
+  const at::Device where = device.value_or(at::Device(at::kCUDA));
+  const c10::cuda::CUDAGuard device_guard(where);
+  at::Tensor mask = at::empty(size, at::TensorOptions().dtype(at::kFloat).device(where));
   const int64_t n = mask.numel();
   if (n == 0) {
     return mask;
   }
+  const int64_t cols = size.back();  // rows: the leading dims, flattened
   const int64_t blocks = std::min(ceil_div(n, kThreads), 8 * target_blocks());
   dropout_mask_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      mask.mutable_data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(1.0 / (1.0 - dropout_p)),
+      mask.mutable_data_ptr<float>(), n / cols, cols, static_cast<float>(1.0 / (1.0 - dropout_p)),
       make_dropout_params(dropout_p, seed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return mask;
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace lora_kernels
-
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
-  m.impl("lora_project", &lora_kernels::cuda::lora_project_cuda);
-  m.impl("lora_linear_fwd", &lora_kernels::cuda::lora_linear_fwd_cuda);
-  m.impl("lora_dropout_mask", &lora_kernels::cuda::lora_dropout_mask_cuda);
-}

@@ -1,6 +1,6 @@
 // The CUDA kernels of the extension and their launch plans, free of ATen and of any CUDA runtime call.
 //
-// lora_fwd.cu / lora_bwd.cu include this file and launch the kernels. emulate/emulate_kernels.cpp
+// lora_fwd.cu / lora_bwd.cu include this file and launch the kernels. tests/cuda_emulator/emulate_kernels.cpp
 // includes the same file as plain C++, with threadIdx / __syncthreads and the like emulated by CPU threads,
 // so tests/test_cuda_ext.py runs these exact kernels on machines without a GPU.
 #pragma once
@@ -41,6 +41,11 @@ void dispatch_rank_tile(int64_t r, F&& f) {
   }
 }
 
+// The value of a tile parameter for the padded rank `rp` (see dispatch_rank_tile), given its value for each.
+constexpr int by_rank_tile(int rp, int for_16, int for_64, int for_256) {
+  return rp == 16 ? for_16 : rp == 64 ? for_64 : for_256;
+}
+
 // out[i] = scale * sum_p partial[p][i] for i < len, summing p in order (deterministic).
 template <typename out_t>
 __global__ void __launch_bounds__(kThreads)
@@ -54,6 +59,65 @@ __global__ void __launch_bounds__(kThreads)
     }
     out[i] = static_cast<out_t>(sum * scale);
   }
+}
+
+// The inner step of every tiled product below, one rank-1 update of a thread's register tile:
+// acc[i][j] += a[(ty + i·TY)·A_STEP] · b[(tx + j·TX)·B_STEP], with a and b pointing into shared memory. A
+// thread's rows are strided by TY and its columns by TX, so a warp reads consecutive words or a broadcast.
+template <int TI, int TJ, int TY, int TX, int A_STEP = 1, int B_STEP = 1>
+__device__ __forceinline__ void fma_tile(float (&acc)[TI][TJ], const float* a, const float* b, int ty, int tx) {
+  float av[TI];
+  float bv[TJ];
+#pragma unroll
+  for (int i = 0; i < TI; ++i) {
+    av[i] = a[(ty + i * TY) * A_STEP];
+  }
+#pragma unroll
+  for (int j = 0; j < TJ; ++j) {
+    bv[j] = b[(tx + j * TX) * B_STEP];
+  }
+#pragma unroll
+  for (int i = 0; i < TI; ++i) {
+#pragma unroll
+    for (int j = 0; j < TJ; ++j) {
+      acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+  }
+}
+
+// A thread's register tile out to a row-major float32 matrix with leading dimension ld: element (i, j) goes
+// to row row0 + ty + i·TY (if < rows), column col0 + tx + j·TX (if < cols), scaled; stored, or added with
+// ACCUMULATE (into a slice no other block touches).
+template <bool ACCUMULATE, int TI, int TJ, int TY, int TX>
+__device__ __forceinline__ void store_tile(const float (&acc)[TI][TJ], float* __restrict__ out, int64_t ld,
+                                           int64_t row0, int64_t rows, int64_t col0, int64_t cols, int ty, int tx,
+                                           float scale) {
+#pragma unroll
+  for (int i = 0; i < TI; ++i) {
+    const int64_t row = row0 + ty + i * TY;
+    if (row >= rows) {
+      continue;
+    }
+#pragma unroll
+    for (int j = 0; j < TJ; ++j) {
+      const int64_t col = col0 + tx + j * TX;
+      if (col < cols) {
+        float* dst = out + row * ld + col;
+        *dst = ACCUMULATE ? *dst + acc[i][j] * scale : acc[i][j] * scale;
+      }
+    }
+  }
+}
+
+// x[m, k] as float32 with the dropout mask applied (0 where dropped), and 0 outside the matrix (`inside`
+// false). x may have any strides; the mask uses the logical (m, k).
+template <typename scalar_t>
+__device__ __forceinline__ float load_dropped(const scalar_t* __restrict__ x, int64_t stride_m, int64_t stride_k,
+                                              int64_t m, int64_t k, bool inside, const DropoutParams& dropout) {
+  if (!inside || !dropout_keep(dropout, m, k)) {
+    return 0.0f;
+  }
+  return static_cast<float>(x[m * stride_m + k * stride_k]);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -89,14 +153,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_per_split;
   const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
 
-  float acc[TM][TR];
-#pragma unroll
-  for (int i = 0; i < TM; ++i) {
-#pragma unroll
-    for (int jj = 0; jj < TR; ++jj) {
-      acc[i][jj] = 0.0f;
-    }
-  }
+  float acc[TM][TR] = {};
 
   for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
     // Consecutive threads walk k: coalesced for a row-major x.
@@ -105,14 +162,7 @@ __global__ void __launch_bounds__(kThreads)
       const int mm = e / BK;
       const int64_t m = m0 + mm;
       const int64_t k = k0 + kk;
-      float v = 0.0f;
-      if (m < M && k < k_end) {
-        v = static_cast<float>(x[m * x_stride_m + k * x_stride_k]);
-        if (!dropout_keep(dropout, m, k)) {
-          v = 0.0f;
-        }
-      }
-      x_tile[kk][mm] = v;
+      x_tile[kk][mm] = load_dropped(x, x_stride_m, x_stride_k, m, k, m < M && k < k_end, dropout);
     }
     for (int e = tid; e < RP * BK; e += kThreads) {
       const int kk = e % BK;
@@ -123,59 +173,20 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 #pragma unroll 8
     for (int kk = 0; kk < BK; ++kk) {
-      float a[TM];
-      float b[TR];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        a[i] = x_tile[kk][ty + i * TY];
-      }
-#pragma unroll
-      for (int jj = 0; jj < TR; ++jj) {
-        b[jj] = a_tile[kk][tx + jj * TX];
-      }
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-#pragma unroll
-        for (int jj = 0; jj < TR; ++jj) {
-          acc[i][jj] = fmaf(a[i], b[jj], acc[i][jj]);
-        }
-      }
+      fma_tile<TM, TR, TY, TX>(acc, x_tile[kk], a_tile[kk], ty, tx);
     }
     __syncthreads();
   }
 
   float* out = partial + static_cast<int64_t>(blockIdx.y) * M * r;
-#pragma unroll
-  for (int i = 0; i < TM; ++i) {
-    const int64_t m = m0 + ty + i * TY;
-    if (m >= M) {
-      continue;
-    }
-#pragma unroll
-    for (int jj = 0; jj < TR; ++jj) {
-      const int j = tx + jj * TX;
-      if (j < r) {
-        out[m * r + j] = acc[i][jj] * scale;
-      }
-    }
-  }
+  store_tile<false, TM, TR, TY, TX>(acc, out, r, m0, M, 0, r, ty, tx, scale);
 }
 
-// Tile shapes per padded rank: (rows per block, K per tile, threads across r). Untuned (no GPU was at hand
-// when they were written); each keeps shared memory under the 48 KiB static limit.
+// Tile shapes per padded rank: (rows per block, K per tile, threads across r). Untuned (not yet measured on
+// a GPU); each keeps shared memory under the 48 KiB static limit.
 template <int RP>
-struct ProjectTile;
-template <>
-struct ProjectTile<16> {
-  static constexpr int BM = 128, BK = 32, TX = 4;
-};
-template <>
-struct ProjectTile<64> {
-  static constexpr int BM = 64, BK = 32, TX = 16;
-};
-template <>
-struct ProjectTile<256> {
-  static constexpr int BM = 32, BK = 32, TX = 32;
+struct ProjectTile {
+  static constexpr int BM = by_rank_tile(RP, 128, 64, 32), BK = 32, TX = by_rank_tile(RP, 4, 16, 32);
 };
 
 // Grid of lora_project_kernel: (m_tiles, splits), each split covering k_per_split columns of K.
@@ -248,14 +259,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t m = m0 + mm;
       t_tile[mm][j] = (m < M && j < r) ? static_cast<float>(static_cast<scalar_t>(t[m * r + j])) : 0.0f;
     }
-    float acc[TM][TR];
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-#pragma unroll
-      for (int jj = 0; jj < TR; ++jj) {
-        acc[i][jj] = 0.0f;
-      }
-    }
+    float acc[TM][TR] = {};
 
     for (int64_t n0 = n_begin; n0 < n_end; n0 += BN) {
       for (int e = tid; e < BM * BN; e += kThreads) {
@@ -277,102 +281,28 @@ __global__ void __launch_bounds__(kThreads)
       // grad_t tile += dY chunk · B chunk
 #pragma unroll 4
       for (int nn = 0; nn < BN; ++nn) {
-        float a[TM];
-        float b[TR];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-          a[i] = dy_tile[nn][ty + i * TY];
-        }
-#pragma unroll
-        for (int jj = 0; jj < TR; ++jj) {
-          b[jj] = b_tile[nn][tx + jj * TX];
-        }
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-#pragma unroll
-          for (int jj = 0; jj < TR; ++jj) {
-            acc[i][jj] = fmaf(a[i], b[jj], acc[i][jj]);
-          }
-        }
+        fma_tile<TM, TR, TY, TX>(acc, dy_tile[nn], b_tile[nn], ty, tx);
       }
 
       // dB rows n0..n0+BN of this group += dY chunkᵀ · t tile
-      float part[TN][TR];
-#pragma unroll
-      for (int i = 0; i < TN; ++i) {
-#pragma unroll
-        for (int jj = 0; jj < TR; ++jj) {
-          part[i][jj] = 0.0f;
-        }
-      }
+      float part[TN][TR] = {};
 #pragma unroll 4
-      for (int mm = 0; mm < BM; ++mm) {
-        float d[TN];
-        float tv[TR];
-#pragma unroll
-        for (int i = 0; i < TN; ++i) {
-          d[i] = dy_tile[ty + i * TY][mm];
-        }
-#pragma unroll
-        for (int jj = 0; jj < TR; ++jj) {
-          tv[jj] = t_tile[mm][tx + jj * TX];
-        }
-#pragma unroll
-        for (int i = 0; i < TN; ++i) {
-#pragma unroll
-          for (int jj = 0; jj < TR; ++jj) {
-            part[i][jj] = fmaf(d[i], tv[jj], part[i][jj]);
-          }
-        }
+      for (int mm = 0; mm < BM; ++mm) {  // dY read down a column of the transposed tile
+        fma_tile<TN, TR, TY, TX, BM + 1>(part, &dy_tile[0][mm], t_tile[mm], ty, tx);
       }
-#pragma unroll
-      for (int i = 0; i < TN; ++i) {
-        const int64_t n = n0 + ty + i * TY;
-        if (n >= n_end) {
-          continue;
-        }
-#pragma unroll
-        for (int jj = 0; jj < TR; ++jj) {
-          const int j = tx + jj * TX;
-          if (j < r) {
-            grad_B[n * r + j] += part[i][jj];
-          }
-        }
-      }
+      store_tile<true, TN, TR, TY, TX>(part, grad_B, r, n0, n_end, 0, r, ty, tx, 1.0f);
       __syncthreads();
     }
 
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-      const int64_t m = m0 + ty + i * TY;
-      if (m >= M) {
-        continue;
-      }
-#pragma unroll
-      for (int jj = 0; jj < TR; ++jj) {
-        const int j = tx + jj * TX;
-        if (j < r) {
-          grad_t[m * r + j] = acc[i][jj];
-        }
-      }
-    }
+    store_tile<false, TM, TR, TY, TX>(acc, grad_t, r, m0, M, 0, r, ty, tx, 1.0f);
   }
 }
 
 // (rows per tile, N per chunk, threads across r) per padded rank; untuned, each under 48 KiB of shared memory.
 template <int RP>
-struct GradTBTile;
-template <>
-struct GradTBTile<16> {
-  static constexpr int BM = 128, BN = 64, TX = 4;
-};
-template <>
-struct GradTBTile<64> {
-  static constexpr int BM = 64, BN = 32, TX = 16;
-};
-template <>
-struct GradTBTile<256> {
-  static constexpr int BM = 16, BN = 16, TX = 32;
+struct GradTBTile {
+  static constexpr int BM = by_rank_tile(RP, 128, 64, 16), BN = by_rank_tile(RP, 64, 32, 16),
+                       TX = by_rank_tile(RP, 4, 16, 32);
 };
 
 // Grid of lora_grad_t_and_B_kernel: (groups, n_splits). Row groups come first (each adds a (N, r) dB
@@ -429,14 +359,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_group;
   const int64_t m_end = m_begin + rows_per_group < M ? m_begin + rows_per_group : M;
 
-  float acc[TR][TK];
-#pragma unroll
-  for (int i = 0; i < TR; ++i) {
-#pragma unroll
-    for (int q = 0; q < TK; ++q) {
-      acc[i][q] = 0.0f;
-    }
-  }
+  float acc[TR][TK] = {};
 
   for (int64_t mb = m_begin; mb < m_end; mb += BMC) {
     for (int e = tid; e < BMC * RP; e += kThreads) {
@@ -450,70 +373,25 @@ __global__ void __launch_bounds__(kThreads)
       const int mm = e / BK;
       const int64_t m = mb + mm;
       const int64_t k = k0 + kk;
-      float v = 0.0f;
-      if (m < m_end && k < K) {
-        v = static_cast<float>(x[m * x_stride_m + k * x_stride_k]);
-        if (!dropout_keep(dropout, m, k)) {
-          v = 0.0f;
-        }
-      }
-      x_tile[mm][kk] = v;
+      x_tile[mm][kk] = load_dropped(x, x_stride_m, x_stride_k, m, k, m < m_end && k < K, dropout);
     }
     __syncthreads();
 #pragma unroll 4
     for (int mm = 0; mm < BMC; ++mm) {
-      float a[TR];
-      float b[TK];
-#pragma unroll
-      for (int i = 0; i < TR; ++i) {
-        a[i] = g_tile[mm][ty + i * TY];
-      }
-#pragma unroll
-      for (int q = 0; q < TK; ++q) {
-        b[q] = x_tile[mm][tx + q * TX];
-      }
-#pragma unroll
-      for (int i = 0; i < TR; ++i) {
-#pragma unroll
-        for (int q = 0; q < TK; ++q) {
-          acc[i][q] = fmaf(a[i], b[q], acc[i][q]);
-        }
-      }
+      fma_tile<TR, TK, TY, TX>(acc, g_tile[mm], x_tile[mm], ty, tx);
     }
     __syncthreads();
   }
 
   float* out = partial + static_cast<int64_t>(blockIdx.y) * r * K;
-#pragma unroll
-  for (int i = 0; i < TR; ++i) {
-    const int j = ty + i * TY;
-    if (j >= r) {
-      continue;
-    }
-#pragma unroll
-    for (int q = 0; q < TK; ++q) {
-      const int64_t k = k0 + tx + q * TX;
-      if (k < K) {
-        out[j * K + k] = acc[i][q] * scale;
-      }
-    }
-  }
+  store_tile<false, TR, TK, TY, TX>(acc, out, K, 0, r, k0, K, ty, tx, scale);
 }
 
 // (rows per chunk, K per block, threads across r) per padded rank; untuned, under 48 KiB of shared memory.
 template <int RP>
-struct GradATile;
-template <>
-struct GradATile<16> {
-  static constexpr int BMC = 16, BK = 256, TY = 4;
-};
-template <>
-struct GradATile<64> {
-  static constexpr int BMC = 32, BK = 64, TY = 16;
-};
-template <>
-struct GradATile<256> {
-  static constexpr int BMC = 16, BK = 32, TY = 32;
+struct GradATile {
+  static constexpr int BMC = by_rank_tile(RP, 16, 32, 16), BK = by_rank_tile(RP, 256, 64, 32),
+                       TY = by_rank_tile(RP, 4, 16, 32);
 };
 
 // Grid of lora_grad_A_kernel: (k_tiles, groups), each group covering rows_per_group rows of M.
@@ -563,14 +441,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * BK;
 
-  float acc[TM][TK];
-#pragma unroll
-  for (int i = 0; i < TM; ++i) {
-#pragma unroll
-    for (int q = 0; q < TK; ++q) {
-      acc[i][q] = 0.0f;
-    }
-  }
+  float acc[TM][TK] = {};
 
   for (int64_t c0 = 0; c0 < r; c0 += RC) {
     for (int e = tid; e < BM * RC; e += kThreads) {
@@ -590,23 +461,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 #pragma unroll
     for (int c = 0; c < RC; ++c) {
-      float a[TM];
-      float b[TK];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        a[i] = g_tile[c][ty + i * TY];
-      }
-#pragma unroll
-      for (int q = 0; q < TK; ++q) {
-        b[q] = a_tile[c][tx + q * TX];
-      }
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-#pragma unroll
-        for (int q = 0; q < TK; ++q) {
-          acc[i][q] = fmaf(a[i], b[q], acc[i][q]);
-        }
-      }
+      fma_tile<TM, TK, TY, TX>(acc, g_tile[c], a_tile[c], ty, tx);
     }
     __syncthreads();
   }

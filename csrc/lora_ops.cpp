@@ -8,7 +8,7 @@
 //   lora_grad_t_and_B  gt = s·(dY·B), dB = dYᵀ·t                 (M, r) dY.dtype, (N, r) float32
 //   lora_grad_A        dA = gtᵀ·dropout(x)                       (r, K) float32
 //   lora_grad_x        dX = dY·W + dropout'(gt·A)                (M, K) dY.dtype
-//   lora_dropout_mask  the (M, K) float32 mask itself (tests and debugging; the ops never store it)
+//   lora_dropout_mask  the float32 mask of an input of a given size (tests, debugging; never stored by the ops)
 //
 // The CPU implementation below is an ATen composite that follows lora_kernels/ops/torch_lora.py op for op,
 // with the Philox mask from philox.h; the CUDA kernels live in lora_kernels.cuh, launched from lora_fwd.cu
@@ -19,6 +19,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <sstream>
@@ -47,30 +49,43 @@ void check_matrix(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got ", describe(t));
 }
 
-// The tensor every other argument of the op is compared against: float16, bfloat16 or float32.
-void check_compute_dtype(const char* op, const char* name, const at::Tensor& t) {
+// The matrix every other argument of the op is compared against (x, or grad_y): float16, bfloat16 or float32.
+void check_reference(const char* op, const char* name, const at::Tensor& t) {
+  check_matrix(op, name, t);
   TORCH_CHECK(is_compute_dtype(t.scalar_type()), op, ": ", name,
               " must be float16, bfloat16 or float32, got ", describe(t));
 }
 
-void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
-                       const at::Tensor& ref) {
+// What dtype an operand may have, given the reference's.
+enum class Dtype {
+  kSame,     // the reference's (the base weight, bias, grad_t)
+  kAdapter,  // the reference's or float32: PEFT keeps float32 adapters on a half-precision base; they are
+             // cast to the compute dtype inside the op (a copy of r·K or N·r elements, never of x)
+  kFloat32,  // float32: t, the output of lora_project
+};
+
+// On the reference's device, with a dtype that `rule` allows.
+void check_placed(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                  const at::Tensor& ref, Dtype rule) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ", ref_name, " (",
               ref.device(), "), got ", describe(t));
+  const at::ScalarType dtype = t.scalar_type();
+  if (rule == Dtype::kFloat32) {
+    TORCH_CHECK(dtype == at::kFloat, op, ": ", name, " must be float32 (the output of lora_project), got ",
+                describe(t));
+    return;
+  }
+  const bool adapter = rule == Dtype::kAdapter;
+  TORCH_CHECK(dtype == ref.scalar_type() || (adapter && dtype == at::kFloat), op, ": ", name,
+              " must have the dtype of ", ref_name, " (", ref.scalar_type(), ")", adapter ? " or float32" : "",
+              ", got ", describe(t));
 }
 
-void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
-                      const at::Tensor& ref) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
-              ref.scalar_type(), "), got ", describe(t));
-}
-
-// LoRA adapters may keep float32 weights on a half-precision base (PEFT's default); they are cast to the
-// compute dtype inside the op (a copy of r·K or N·r elements, never of x).
-void check_adapter_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
-                         const at::Tensor& ref) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type() || t.scalar_type() == at::kFloat, op, ": ", name,
-              " must have the dtype of ", ref_name, " (", ref.scalar_type(), ") or float32, got ", describe(t));
+// A 2-D operand, placed as check_placed says.
+void check_operand(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                   const at::Tensor& ref, Dtype rule) {
+  check_matrix(op, name, t);
+  check_placed(op, name, t, ref_name, ref, rule);
 }
 
 void check_size(const char* op, const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
@@ -94,11 +109,8 @@ void check_dropout(const char* op, double dropout_p, int64_t seed) {
 
 void check_project_args(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, int64_t seed) {
   constexpr const char* op = "lora_project";
-  check_matrix(op, "x", x);
-  check_compute_dtype(op, "x", x);
-  check_matrix(op, "lora_A", lora_A);
-  check_same_device(op, "lora_A", lora_A, "x", x);
-  check_adapter_dtype(op, "lora_A", lora_A, "x", x);
+  check_reference(op, "x", x);
+  check_operand(op, "lora_A", lora_A, "x", x, Dtype::kAdapter);
   check_rank(op, "lora_A", lora_A, 0);
   check_size(op, "lora_A", lora_A, 1, x.size(1), "x.size(1) (in_features)");
   check_dropout(op, dropout_p, seed);
@@ -107,56 +119,38 @@ void check_project_args(const at::Tensor& x, const at::Tensor& lora_A, double dr
 void check_linear_fwd_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& t, const at::Tensor& lora_B) {
   constexpr const char* op = "lora_linear_fwd";
-  check_matrix(op, "x", x);
-  check_compute_dtype(op, "x", x);
-  check_matrix(op, "weight", weight);
-  check_same_device(op, "weight", weight, "x", x);
-  check_same_dtype(op, "weight", weight, "x", x);
+  check_reference(op, "x", x);
+  check_operand(op, "weight", weight, "x", x, Dtype::kSame);
   check_size(op, "weight", weight, 1, x.size(1), "x.size(1) (in_features)");
   const int64_t n = weight.size(0);
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1, op, ": bias must be a 1-D (out_features,) tensor, got ", describe(*bias));
-    check_same_device(op, "bias", *bias, "x", x);
-    check_same_dtype(op, "bias", *bias, "x", x);
+    check_placed(op, "bias", *bias, "x", x, Dtype::kSame);
     check_size(op, "bias", *bias, 0, n, "weight.size(0) (out_features)");
   }
-  check_matrix(op, "t", t);
-  check_same_device(op, "t", t, "x", x);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": t must be float32 (the output of lora_project), got ",
-              describe(t));
+  check_operand(op, "t", t, "x", x, Dtype::kFloat32);
   check_size(op, "t", t, 0, x.size(0), "x.size(0) (rows)");
   check_rank(op, "t", t, 1);
-  check_matrix(op, "lora_B", lora_B);
-  check_same_device(op, "lora_B", lora_B, "x", x);
-  check_adapter_dtype(op, "lora_B", lora_B, "x", x);
+  check_operand(op, "lora_B", lora_B, "x", x, Dtype::kAdapter);
   check_size(op, "lora_B", lora_B, 0, n, "weight.size(0) (out_features)");
   check_size(op, "lora_B", lora_B, 1, t.size(1), "t.size(1) (rank)");
 }
 
 void check_grad_t_and_B_args(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& t) {
   constexpr const char* op = "lora_grad_t_and_B";
-  check_matrix(op, "grad_y", grad_y);
-  check_compute_dtype(op, "grad_y", grad_y);
-  check_matrix(op, "lora_B", lora_B);
-  check_same_device(op, "lora_B", lora_B, "grad_y", grad_y);
-  check_adapter_dtype(op, "lora_B", lora_B, "grad_y", grad_y);
+  check_reference(op, "grad_y", grad_y);
+  check_operand(op, "lora_B", lora_B, "grad_y", grad_y, Dtype::kAdapter);
   check_rank(op, "lora_B", lora_B, 1);
   check_size(op, "lora_B", lora_B, 0, grad_y.size(1), "grad_y.size(1) (out_features)");
-  check_matrix(op, "t", t);
-  check_same_device(op, "t", t, "grad_y", grad_y);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": t must be float32 (the output of lora_project), got ",
-              describe(t));
+  check_operand(op, "t", t, "grad_y", grad_y, Dtype::kFloat32);
   check_size(op, "t", t, 0, grad_y.size(0), "grad_y.size(0) (rows)");
   check_size(op, "t", t, 1, lora_B.size(1), "lora_B.size(1) (rank)");
 }
 
 void check_grad_A_args(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p, int64_t seed) {
   constexpr const char* op = "lora_grad_A";
-  check_matrix(op, "x", x);
-  check_compute_dtype(op, "x", x);
-  check_matrix(op, "grad_t", grad_t);
-  check_same_device(op, "grad_t", grad_t, "x", x);
-  check_same_dtype(op, "grad_t", grad_t, "x", x);
+  check_reference(op, "x", x);
+  check_operand(op, "grad_t", grad_t, "x", x, Dtype::kSame);
   check_size(op, "grad_t", grad_t, 0, x.size(0), "x.size(0) (rows)");
   check_rank(op, "grad_t", grad_t, 1);
   check_dropout(op, dropout_p, seed);
@@ -165,28 +159,24 @@ void check_grad_A_args(const at::Tensor& grad_t, const at::Tensor& x, double dro
 void check_grad_x_args(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_t,
                        const at::Tensor& lora_A, double dropout_p, int64_t seed) {
   constexpr const char* op = "lora_grad_x";
-  check_matrix(op, "grad_y", grad_y);
-  check_compute_dtype(op, "grad_y", grad_y);
-  check_matrix(op, "weight", weight);
-  check_same_device(op, "weight", weight, "grad_y", grad_y);
-  check_same_dtype(op, "weight", weight, "grad_y", grad_y);
+  check_reference(op, "grad_y", grad_y);
+  check_operand(op, "weight", weight, "grad_y", grad_y, Dtype::kSame);
   check_size(op, "weight", weight, 0, grad_y.size(1), "grad_y.size(1) (out_features)");
-  check_matrix(op, "grad_t", grad_t);
-  check_same_device(op, "grad_t", grad_t, "grad_y", grad_y);
-  check_same_dtype(op, "grad_t", grad_t, "grad_y", grad_y);
+  check_operand(op, "grad_t", grad_t, "grad_y", grad_y, Dtype::kSame);
   check_size(op, "grad_t", grad_t, 0, grad_y.size(0), "grad_y.size(0) (rows)");
   check_rank(op, "grad_t", grad_t, 1);
-  check_matrix(op, "lora_A", lora_A);
-  check_same_device(op, "lora_A", lora_A, "grad_y", grad_y);
-  check_adapter_dtype(op, "lora_A", lora_A, "grad_y", grad_y);
+  check_operand(op, "lora_A", lora_A, "grad_y", grad_y, Dtype::kAdapter);
   check_size(op, "lora_A", lora_A, 0, grad_t.size(1), "grad_t.size(1) (rank)");
   check_size(op, "lora_A", lora_A, 1, weight.size(1), "weight.size(1) (in_features)");
   check_dropout(op, dropout_p, seed);
 }
 
-void check_dropout_mask_args(const at::Tensor& x, double dropout_p, int64_t seed) {
+void check_dropout_mask_args(at::IntArrayRef size, double dropout_p, int64_t seed) {
   constexpr const char* op = "lora_dropout_mask";
-  check_matrix(op, "x", x);
+  TORCH_CHECK(!size.empty(), op, ": size needs at least one dimension (..., in_features)");
+  for (const int64_t s : size) {
+    TORCH_CHECK(s >= 0, op, ": size must not be negative, got ", size);
+  }
   check_dropout(op, dropout_p, seed);
 }
 
@@ -273,11 +263,13 @@ at::Tensor lora_grad_x_cpu(const at::Tensor& grad_y, const at::Tensor& weight, c
   return grad_x;
 }
 
-at::Tensor lora_dropout_mask_cpu(const at::Tensor& x, double dropout_p, int64_t seed) {
-  check_dropout_mask_args(x, dropout_p, seed);
-  return dropout_mask_cpu(x.size(0), x.size(1), dropout_p, seed);
+// The mask of an input of `size`, its leading dims flattened into rows as the ops see x.reshape(-1, K).
+at::Tensor lora_dropout_mask_cpu(at::IntArrayRef size, double dropout_p, int64_t seed,
+                                 std::optional<at::Device> /*device: CPU here*/) {
+  check_dropout_mask_args(size, dropout_p, seed);
+  const int64_t cols = size.back();
+  return dropout_mask_cpu(c10::multiply_integers(size.begin(), size.end() - 1), cols, dropout_p, seed).view(size);
 }
-
 // ---------------------------------------------------------------------------------------------------------
 // Meta: shapes and dtypes only, for FakeTensor tracing (torch.compile, opcheck).
 // ---------------------------------------------------------------------------------------------------------
@@ -313,53 +305,68 @@ at::Tensor lora_grad_x_meta(const at::Tensor& grad_y, const at::Tensor& weight, 
   return at::empty({grad_y.size(0), weight.size(1)}, grad_y.options());
 }
 
-at::Tensor lora_dropout_mask_meta(const at::Tensor& x, double dropout_p, int64_t seed) {
-  check_dropout_mask_args(x, dropout_p, seed);
-  return at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
+at::Tensor lora_dropout_mask_meta(at::IntArrayRef size, double dropout_p, int64_t seed,
+                                  std::optional<at::Device> /*device: meta here*/) {
+  check_dropout_mask_args(size, dropout_p, seed);
+  return at::empty(size, at::TensorOptions().dtype(at::kFloat).device(at::kMeta));
 }
 
+// lora_dropout_mask has no tensor argument to dispatch on: as for ATen's factory functions, BackendSelect
+// picks the kernel from `device` (CPU when it is None).
+at::Tensor lora_dropout_mask_backend_select(at::IntArrayRef size, double dropout_p, int64_t seed,
+                                            std::optional<at::Device> device) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lora_kernels::lora_dropout_mask", "")
+                             .typed<at::Tensor(at::IntArrayRef, double, int64_t, std::optional<at::Device>)>();
+  const c10::DispatchKeySet keys(c10::computeDispatchKey(std::nullopt, std::nullopt, device));
+  return op.redispatch(keys, size, dropout_p, seed, device);
+}
 }  // namespace
 }  // namespace lora_kernels
 
+// Each op's schema, then its kernels: CPU and Meta (above), CUDA (lora_fwd.cu, lora_bwd.cu) in a CUDA build.
 // A fragment rather than TORCH_LIBRARY: the Python side may add its own ops (torch.library.custom_op) to the
 // same `lora_kernels` namespace, and only one non-fragment definition of a namespace is allowed.
+#if LORA_KERNELS_WITH_CUDA
+#define LORA_CUDA_KERNEL(name) &lora_kernels::cuda::name
+#else
+#define LORA_CUDA_KERNEL(name) nullptr
+#endif
+
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  using c10::DispatchKey;
+  using namespace lora_kernels;
+  const auto kernels = [&m](const char* op, auto cpu, auto meta, [[maybe_unused]] auto cuda) {
+    m.impl(op, torch::dispatch(DispatchKey::CPU, cpu));
+    m.impl(op, torch::dispatch(DispatchKey::Meta, meta));
+#if LORA_KERNELS_WITH_CUDA
+    m.impl(op, torch::dispatch(DispatchKey::CUDA, cuda));
+#endif
+  };
   m.def("lora_project(Tensor x, Tensor lora_A, float scaling, float dropout_p, int seed) -> Tensor");
+  kernels("lora_project", &lora_project_cpu, &lora_project_meta, LORA_CUDA_KERNEL(lora_project_cuda));
   m.def(
       "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor t, Tensor lora_B, float scaling=1.0) -> "
       "Tensor");
+  kernels("lora_linear_fwd", &lora_linear_fwd_cpu, &lora_linear_fwd_meta, LORA_CUDA_KERNEL(lora_linear_fwd_cuda));
   m.def("lora_grad_t_and_B(Tensor grad_y, Tensor lora_B, Tensor t, float scaling) -> (Tensor, Tensor)");
+  kernels("lora_grad_t_and_B", &lora_grad_t_and_B_cpu, &lora_grad_t_and_B_meta,
+          LORA_CUDA_KERNEL(lora_grad_t_and_B_cuda));
   m.def("lora_grad_A(Tensor grad_t, Tensor x, float dropout_p, int seed) -> Tensor");
+  kernels("lora_grad_A", &lora_grad_A_cpu, &lora_grad_A_meta, LORA_CUDA_KERNEL(lora_grad_A_cuda));
   m.def(
       "lora_grad_x(Tensor grad_y, Tensor weight, Tensor grad_t, Tensor lora_A, float dropout_p, int seed) -> "
       "Tensor");
-  m.def("lora_dropout_mask(Tensor x, float dropout_p, int seed) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
-  m.impl("lora_project", &lora_kernels::lora_project_cpu);
-  m.impl("lora_linear_fwd", &lora_kernels::lora_linear_fwd_cpu);
-  m.impl("lora_grad_t_and_B", &lora_kernels::lora_grad_t_and_B_cpu);
-  m.impl("lora_grad_A", &lora_kernels::lora_grad_A_cpu);
-  m.impl("lora_grad_x", &lora_kernels::lora_grad_x_cpu);
-  m.impl("lora_dropout_mask", &lora_kernels::lora_dropout_mask_cpu);
-}
-
-TORCH_LIBRARY_IMPL(lora_kernels, Meta, m) {
-  m.impl("lora_project", &lora_kernels::lora_project_meta);
-  m.impl("lora_linear_fwd", &lora_kernels::lora_linear_fwd_meta);
-  m.impl("lora_grad_t_and_B", &lora_kernels::lora_grad_t_and_B_meta);
-  m.impl("lora_grad_A", &lora_kernels::lora_grad_A_meta);
-  m.impl("lora_grad_x", &lora_kernels::lora_grad_x_meta);
-  m.impl("lora_dropout_mask", &lora_kernels::lora_dropout_mask_meta);
+  kernels("lora_grad_x", &lora_grad_x_cpu, &lora_grad_x_meta, LORA_CUDA_KERNEL(lora_grad_x_cuda));
+  // A factory (no tensor argument): BackendSelect picks the kernel from `device`, as for torch.empty.
+  m.def("lora_dropout_mask(int[] size, float dropout_p, int seed, *, Device? device=None) -> Tensor");
+  kernels("lora_dropout_mask", &lora_dropout_mask_cpu, &lora_dropout_mask_meta,
+          LORA_CUDA_KERNEL(lora_dropout_mask_cuda));
+  m.impl("lora_dropout_mask", torch::dispatch(DispatchKey::BackendSelect, &lora_dropout_mask_backend_select));
 }
 
 // `import lora_kernels._C` loads this library, which runs the registrations above; the module itself only
-// says whether the CUDA kernels were compiled in (setup.py defines LORA_KERNELS_WITH_CUDA for that build).
-#ifndef LORA_KERNELS_WITH_CUDA
-#define LORA_KERNELS_WITH_CUDA 0
-#endif
-
+// says whether the CUDA kernels were compiled in.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,

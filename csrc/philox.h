@@ -1,7 +1,7 @@
 // The LoRA-branch dropout mask, shared by the CPU and CUDA code of the extension.
 //
 // This is a transcription of lora_kernels/dropout.py, which is the specification: Philox-4x32-10 with key
-// (seed & 0xFFFFFFFF, seed >> 32) and counter (col, row & 0xFFFFFFFF, row >> 32, offset), for x viewed as
+// (seed & 0xFFFFFFFF, seed >> 32) and counter (col, row & 0xFFFFFFFF, row >> 32, 0), for x viewed as
 // a row-major (M, K) matrix of *logical* indices; the first output word r keeps the element when
 // (r >> 8) >= round(p * 2**24). Kept elements are scaled by 1 / (1 - p). Every function here is
 // __host__ __device__ so the CPU path and the kernels regenerate the same mask bit for bit; nothing is
@@ -37,15 +37,15 @@ LORA_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// First output word of Philox-4x32-10 for counter (col, row_lo, row_hi, offset), as philox_first_word in
+// First output word of Philox-4x32-10 for counter (col, row_lo, row_hi, 0), as philox_first_word in
 // dropout.py: the key is bumped after every round, including the last (which does not change word 0).
-LORA_HOST_DEVICE uint32_t philox_first_word(uint64_t seed, uint64_t offset, uint64_t row, uint64_t col) {
+LORA_HOST_DEVICE uint32_t philox_first_word(uint64_t seed, uint64_t row, uint64_t col) {
   uint32_t key0 = static_cast<uint32_t>(seed);
   uint32_t key1 = static_cast<uint32_t>(seed >> 32);
   uint32_t c0 = static_cast<uint32_t>(col);
   uint32_t c1 = static_cast<uint32_t>(row);
   uint32_t c2 = static_cast<uint32_t>(row >> 32);
-  uint32_t c3 = static_cast<uint32_t>(offset);
+  uint32_t c3 = 0;
   LORA_UNROLL
   for (int round = 0; round < kPhiloxRounds; ++round) {
     const uint32_t hi0 = mulhi32(kPhiloxMul0, c0);
@@ -84,12 +84,12 @@ inline DropoutParams make_dropout_params(double p, int64_t seed) {
   return params;
 }
 
-// Whether element (row, col) of the logical (M, K) input survives dropout; offset is 0 in the op.
+// Whether element (row, col) of the logical (M, K) input survives dropout.
 LORA_HOST_DEVICE bool dropout_keep(const DropoutParams& params, int64_t row, int64_t col) {
   if (!params.enabled) {
     return true;
   }
-  const uint32_t word = philox_first_word(params.seed, 0, static_cast<uint64_t>(row), static_cast<uint64_t>(col));
+  const uint32_t word = philox_first_word(params.seed, static_cast<uint64_t>(row), static_cast<uint64_t>(col));
   return (word >> (32 - kDropoutThresholdBits)) >= params.threshold;
 }
 

@@ -1,13 +1,13 @@
 """The dropout mask of the LoRA branch: one counter-based RNG shared by every backend.
 
 Every backend (Triton kernels, the CUDA extension, the torch composite) draws the LoRA-branch dropout mask
-from the same function of ``(seed, offset, row, column)``, so a mask is never stored: the backward pass
+from the same function of ``(seed, row, column)``, so a mask is never stored: the backward pass
 regenerates it, and tests reproduce it exactly with :func:`dropout_mask`.
 
 The scheme, for ``x`` viewed as a 2-D ``(M, K)`` matrix (leading dims flattened, row-major):
 
 * Philox-4x32 with 10 rounds (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11),
-  key ``(seed & 0xFFFFFFFF, seed >> 32)``, counter ``(col, row & 0xFFFFFFFF, row >> 32, offset)``;
+  key ``(seed & 0xFFFFFFFF, seed >> 32)``, counter ``(col, row & 0xFFFFFFFF, row >> 32, 0)``;
 * the first output word ``r`` keeps the element when ``(r >> 8) >= round(p * 2**24)``;
 * kept elements are scaled by ``1 / (1 - p)``, dropped ones are zero (inverted dropout, as ``nn.Dropout``).
 """
@@ -18,6 +18,9 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+Shape = Sequence[int] | torch.Size
+Device = torch.device | str | None
 
 PHILOX_ROUNDS = 10
 PHILOX_MUL_0 = 0xD2511F53
@@ -73,22 +76,17 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
-def philox_first_word(seed: int, offset: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """First output word for counters ``(cols, rows_lo, rows_hi, offset)`` under key ``seed``, as int64."""
+def philox_first_word(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """First output word for counters ``(cols, rows_lo, rows_hi, 0)`` under key ``seed``, as int64."""
     rows, cols = torch.broadcast_tensors(rows.to(torch.int64), cols.to(torch.int64))
-    counter = (cols & _MASK32, rows & _MASK32, rows >> 32, torch.full_like(cols, offset & _MASK32))
+    counter = (cols & _MASK32, rows & _MASK32, rows >> 32, torch.zeros_like(cols))
     return philox4x32(counter, split_seed(seed))[0]
 
 
 def dropout_mask(
-    seed: int,
-    offset: int,
-    shape: Sequence[int] | torch.Size,
-    p: float,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    seed: int, shape: Shape, p: float, device: Device = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """The exact dropout mask the kernels apply to an input of ``shape`` for ``(seed, offset)``.
+    """The exact dropout mask the kernels apply to an input of ``shape`` for ``seed``.
 
     Returns a tensor of ``shape`` holding ``1 / (1 - p)`` where the element is kept and ``0`` where it is
     dropped, ready to pass as ``dropout_mask`` to :func:`lora_kernels.reference.lora_linear_reference`.
@@ -101,39 +99,22 @@ def dropout_mask(
     shape = tuple(shape)
     if len(shape) == 0:
         raise ValueError("dropout_mask needs at least one dimension")
-    mask = _dropout_mask_extension(seed, offset, shape, p, torch.device(device or "cpu"))
-    if mask is None:
-        return dropout_mask_torch(seed, offset, shape, p, device, dtype)
-    return mask.to(dtype).reshape(shape)
-
-
-def _dropout_mask_extension(
-    seed: int, offset: int, shape: tuple[int, ...], p: float, device: torch.device
-) -> torch.Tensor | None:
-    """The mask from ``torch.ops.lora_kernels.lora_dropout_mask`` (float32), or None where it cannot run."""
+    device = torch.device(device or "cpu")
     from .ops import cuda_lora  # deferred: the extension is optional
 
     usable = cuda_lora.is_available() if device.type == "cuda" else device.type == "cpu"
-    if offset != 0 or not cuda_lora.has_extension() or not usable:
-        return None
-    rows, cols = math.prod(shape[:-1]), shape[-1]
-    # The op reads only the shape and device of its first argument: a stride-0 view allocates nothing.
-    like = torch.empty((rows, cols) if rows * cols == 0 else (), device=device).expand(rows, cols)
-    return torch.ops.lora_kernels.lora_dropout_mask(like, p, seed)
+    if not (usable and cuda_lora.has_extension()):
+        return dropout_mask_torch(seed, shape, p, device, dtype)
+    return torch.ops.lora_kernels.lora_dropout_mask(shape, p, seed, device=device).to(dtype)
 
 
 def dropout_mask_torch(
-    seed: int,
-    offset: int,
-    shape: Sequence[int] | torch.Size,
-    p: float,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    seed: int, shape: Shape, p: float, device: Device = None, dtype=torch.float32
 ) -> torch.Tensor:
     """:func:`dropout_mask` in plain torch ops: the executable specification of the scheme."""
     shape = tuple(shape)
     rows = torch.arange(math.prod(shape[:-1]), device=device, dtype=torch.int64).unsqueeze(1)
     cols = torch.arange(shape[-1], device=device, dtype=torch.int64).unsqueeze(0)
-    word = philox_first_word(seed, offset, rows, cols)
+    word = philox_first_word(seed, rows, cols)
     keep = (word >> (32 - _THRESHOLD_BITS)) >= dropout_threshold(p)
     return (keep.to(dtype) * (1.0 / (1.0 - p))).reshape(shape)

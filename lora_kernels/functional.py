@@ -1,12 +1,11 @@
-"""The fused LoRA linear as an autograd Function and a functional call.
+"""The fused LoRA linear as a functional call.
 
 ``lora_linear`` applies autocast's casts, validates its inputs, picks the backend
-(:mod:`lora_kernels.dispatch`) and runs :class:`LoRALinearFunction` in eager mode, or the registered custom
-op ``lora_kernels::lora_linear`` (:mod:`lora_kernels.library`) under ``torch.compile``. Both run the same
-backend code (:func:`lora_kernels.ops.run_forward`) and save only ``x`` (as ``nn.Linear`` does), the frozen weight and adapters
-(parameters, no copies) and the ``(M, r)`` float32 intermediate ``t``. The dropout mask is regenerated
-from its seed in backward, never saved. The output is a fresh tensor, never a view, so in-place ops on it
-(``y += ...``, as PEFT's AdaLoRA does on nn.Linear's output) work and keep every gradient right.
+(:mod:`lora_kernels.dispatch`) and runs the fused op: :class:`~lora_kernels.library.LoRALinearFunction` in
+eager mode, the registered custom op ``lora_kernels::lora_linear`` under ``torch.compile``. Both are the one
+autograd of :mod:`lora_kernels.library` (same saved tensors, same backward). The output is a fresh tensor,
+never a view, so in-place ops on it (``y += ...``, as PEFT's AdaLoRA does on nn.Linear's output) work and
+keep every gradient right.
 
 Where the fused path cannot run, :func:`lora_linear` computes the same math with plain differentiable torch
 ops (:func:`lora_kernels.ops.torch_lora.lora_linear_composite`), whatever backend was asked for:
@@ -28,52 +27,15 @@ import numbers
 import operator
 
 import torch
+from torch import Tensor
 
 from .dispatch import MAX_KERNEL_RANK, select_backend
 from .dropout import new_seed
-from .library import lora_linear_op, once_differentiable_grads
-from .ops import autocast_available, run_backward, run_forward
+from .library import LoRALinearFunction, lora_linear_op
+from .ops import LoRAParams, autocast_available
 from .ops.torch_lora import lora_linear_composite
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class LoRALinearFunction(torch.autograd.Function):
-    """``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` with a fused forward and backward on one backend.
-
-    The eager path of :func:`lora_linear` (cheaper to call than the registered op, which adds custom-op
-    dispatch on every call); under ``torch.compile`` the op of :mod:`lora_kernels.library` runs instead.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        scaling: float,
-        dropout_p: float,
-        seed: int,
-        backend: str,
-    ) -> torch.Tensor:
-        y, t = run_forward(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, t)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        x, weight, lora_A, lora_B, t = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:5])
-        with torch.no_grad():
-            grads = run_backward(
-                ctx.backend, grad_y, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed, needs
-            )
-        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is an error, not 0
-            grads = once_differentiable_grads((grad_y, x, weight, lora_A, lora_B), grads)
-        return (*grads, None, None, None, None)
 
 
 def _describe(name: str, tensor: torch.Tensor) -> str:
@@ -113,14 +75,9 @@ def check_dropout_seed(dropout_seed) -> int | None:
 
 
 def check_inputs(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
     dropout_p: float,
-) -> None:
+) -> None:  # fmt: skip
     """Raise ``TypeError``/``ValueError`` naming the bad argument before any kernel is launched."""
     named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
     if bias is not None:
@@ -178,17 +135,9 @@ def check_inputs(
 
 
 def lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float = 0.0,
-    training: bool = False,
-    *,
-    dropout_seed: int | None = None,
-) -> torch.Tensor:
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    dropout_p: float = 0.0, training: bool = False, *, dropout_seed: int | None = None,
+) -> Tensor:  # fmt: skip
     """Fused LoRA linear: ``y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ``.
 
     Args:
@@ -217,7 +166,9 @@ def lora_linear(
         if dropout_p > 0.0:
             seed = new_seed() if dropout_seed is None else dropout_seed
         if _composite_needed(x, weight, bias, lora_A, lora_B):
-            return lora_linear_composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+            return lora_linear_composite(
+                x, weight, bias, lora_A, lora_B, LoRAParams(scaling, dropout_p, seed)
+            )
         backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
     # Traced: the registered op, with the seed as a tensor so the draw stays in the graph (no .item() break).

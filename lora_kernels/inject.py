@@ -1,22 +1,26 @@
 """Put fused LoRA adapters into an existing model, as PEFT's ``target_modules`` does, without PEFT.
 
 ``inject_lora`` swaps matching ``nn.Linear`` modules for :class:`FusedLoRALinear` in place (the base
-weights are reused, not copied) and freezes everything but the adapters. ``lora_state_dict`` takes the
-adapter tensors out for saving; ``merge_lora``/``unmerge_lora`` fold them into the base weights and back.
+weights are reused, not copied) and freezes everything but the adapters; :func:`attach_lora` is that swap
+and freeze for modules named one by one, each with its own options (``lora_kernels.adapter_io.load_adapter``
+builds on it). ``lora_state_dict`` takes the adapter tensors out for saving; ``merge_lora``/``unmerge_lora``
+fold them into the base weights and back.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
-from .modules import FusedLoRALinear
+from .modules import FusedLoRALinear, LoRAOptions, lora_options
 
 __all__ = [
+    "attach_lora",
     "inject_lora",
     "lora_layers",
     "lora_state_dict",
@@ -50,9 +54,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 _PARENTS_NOT_CALLING = {nn.MultiheadAttention: ("out_proj",)}
 
 
-def warn_if_never_called(model: nn.Module, names: Iterable[str]) -> None:
+def warn_if_never_called(model: nn.Module, names: Iterable[str], *, stacklevel: int = 2) -> None:
     """Warn for each of ``names`` whose parent module uses the child's weight without calling its forward
-    (so an adapter put there would be silently ignored), e.g. ``nn.MultiheadAttention.out_proj``."""
+    (so an adapter put there would be silently ignored), e.g. ``nn.MultiheadAttention.out_proj``.
+    ``stacklevel`` as ``warnings.warn`` counts it, from this function (2: its caller)."""
     ignored = []
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -65,7 +70,7 @@ def warn_if_never_called(model: nn.Module, names: Iterable[str]) -> None:
             f"LoRA adapters on {', '.join(ignored)} have no effect: nn.MultiheadAttention reads out_proj.weight "
             "directly and never calls out_proj's forward. Leave these modules out of target_modules (or use "
             "an attention module that calls its projections).",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 
@@ -78,15 +83,7 @@ def _linear_names(model: nn.Module, limit: int = 12) -> str:
 
 
 def inject_lora(
-    model: nn.Module,
-    target_modules: str | Iterable[str],
-    *,
-    r: int = 8,
-    lora_alpha: float = 8,
-    lora_dropout: float = 0.0,
-    use_rslora: bool = False,
-    init_lora_weights: bool | str = True,
-    adapter_dtype: torch.dtype | None = None,
+    model: nn.Module, target_modules: str | Iterable[str], **options: Unpack[LoRAOptions]
 ) -> nn.Module:
     """Replace the ``nn.Linear`` modules named by ``target_modules`` with :class:`FusedLoRALinear`.
 
@@ -95,7 +92,8 @@ def inject_lora(
         target_modules: as PEFT's ``LoraConfig.target_modules``: a list of names (``["q_proj", "v_proj"]``
             matches ``model.layers.0.self_attn.q_proj``; a dotted suffix also works) or a regex string
             matched against the full module name.
-        r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype: see
+        **options: the adapter's options (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
+            ``init_lora_weights``, ``adapter_dtype``: :class:`~lora_kernels.modules.LoRAOptions`), as for
             :class:`FusedLoRALinear`.
 
     Every parameter outside the adapters is frozen (``requires_grad=False``), as ``get_peft_model`` does.
@@ -109,6 +107,7 @@ def inject_lora(
         ValueError: no module matches (the message lists some ``nn.Linear`` names to pick from).
         TypeError: a matching module is neither ``nn.Linear`` nor :class:`FusedLoRALinear`.
     """
+    options = lora_options(options, "inject_lora")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
         if not target_modules:
@@ -124,29 +123,49 @@ def inject_lora(
             f"target_modules={target_modules!r} matches modules that are not nn.Linear: {', '.join(bad[:8])}; "
             f"only nn.Linear can take a fused LoRA adapter. {_linear_names(model)}"
         )
-    warn_if_never_called(model, [n for n, m in matched if not isinstance(m, FusedLoRALinear)])
+    attach_lora(model, {name: options for name, _ in matched}, stacklevel=3)
+    return model
+
+
+def attach_lora(
+    model: nn.Module, options: Mapping[str, LoRAOptions], *, stacklevel: int = 2
+) -> dict[str, FusedLoRALinear]:
+    """Put a :class:`FusedLoRALinear` at each module named in ``options`` and freeze all but the adapters.
+
+    ``options[name]`` holds the keyword arguments of :meth:`FusedLoRALinear.from_linear` for that module: an
+    ``nn.Linear`` there is replaced (its ``weight``/``bias`` reused, not copied), a :class:`FusedLoRALinear`
+    is kept as it is. Then every parameter of the model outside the adapters is frozen and every adapter
+    trains, as ``get_peft_model`` leaves a model. Warns where a parent never calls the module (see
+    :func:`warn_if_never_called`; ``stacklevel`` as ``warnings.warn`` counts it, from this function).
+    Returns the layers of ``options`` by name.
+
+    Raises:
+        ValueError: a name the model does not have; TypeError: a module that is not ``nn.Linear``. Both
+            before anything changes.
+    """
+    named = dict(model.named_modules())
+    missing = [repr(name) for name in options if name not in named]
+    if missing:
+        raise ValueError(f"the model has no module {', '.join(missing[:8])}")
+    modules = {name: named[name] for name in options}
+    bad = [
+        f"{n} ({type(m).__name__})"
+        for n, m in modules.items()
+        if not isinstance(m, (nn.Linear, FusedLoRALinear))
+    ]
+    if bad:
+        raise TypeError(f"only nn.Linear modules can take a fused LoRA adapter, not {', '.join(bad[:8])}")
+    new = [name for name, module in modules.items() if not isinstance(module, FusedLoRALinear)]
+    warn_if_never_called(model, new, stacklevel=stacklevel + 1)
     for param in model.parameters():
         param.requires_grad_(False)
-    for name, module in matched:
-        if isinstance(module, FusedLoRALinear):
-            continue
-        _set_submodule(
-            model,
-            name,
-            FusedLoRALinear.from_linear(
-                module,
-                r=r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                use_rslora=use_rslora,
-                init_lora_weights=init_lora_weights,
-                adapter_dtype=adapter_dtype,
-            ),
-        )
+    for name in new:
+        modules[name] = FusedLoRALinear.from_linear(modules[name], **options[name])
+        _set_submodule(model, name, modules[name])
     for layer in lora_layers(model).values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
-    return model
+    return modules
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

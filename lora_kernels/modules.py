@@ -5,13 +5,53 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import TypedDict, Unpack
 
 from .functional import lora_linear
+
+
+class LoRAOptions(TypedDict, total=False):
+    """The adapter's keyword arguments, the same for :class:`FusedLoRALinear`, its ``from_linear`` and
+    :func:`lora_kernels.inject_lora` (PEFT's ``LoraConfig`` names); each optional, defaults in
+    :data:`LORA_DEFAULTS`. See :class:`FusedLoRALinear` for their meaning."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    init_lora_weights: bool | str
+    adapter_dtype: torch.dtype | None
+
+
+#: The defaults of :class:`LoRAOptions` (PEFT's, but ``lora_alpha = r``: scaling 1).
+LORA_DEFAULTS: LoRAOptions = {
+    "r": 8,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "use_rslora": False,
+    "init_lora_weights": True,
+    "adapter_dtype": None,
+}
+
+
+def lora_options(options: Mapping[str, Any], caller: str) -> LoRAOptions:
+    """``options`` completed with :data:`LORA_DEFAULTS` and checked: a ``TypeError`` for a name that is not
+    an option (naming ``caller``) or a value of the wrong type, a ``ValueError`` for one out of range."""
+    unknown = [repr(name) for name in options if name not in LORA_DEFAULTS]
+    if unknown:
+        raise TypeError(
+            f"{caller}() got an unexpected keyword argument {', '.join(unknown)}; the LoRA options are "
+            f"{', '.join(LORA_DEFAULTS)}"
+        )
+    full: LoRAOptions = {**LORA_DEFAULTS, **options}
+    _check_lora_args(full["r"], full["lora_alpha"], full["lora_dropout"])
+    return full
 
 
 class FusedLoRALinear(nn.Module):
@@ -29,12 +69,16 @@ class FusedLoRALinear(nn.Module):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        r: adapter rank (>= 1).
-        lora_alpha: scale numerator.
-        lora_dropout: dropout probability on the adapter's input, in [0, 1).
-        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
-        init_lora_weights: ``True`` (A kaiming-uniform, B zeros: the layer starts as the base layer),
-            ``"gaussian"`` (A normal with std 1/r, B zeros) or ``False`` (both random, for tests).
+
+    The adapter's options (:class:`LoRAOptions`, keyword-only, here as in :meth:`from_linear` and
+    :func:`lora_kernels.inject_lora`):
+
+        r: adapter rank (>= 1); default 8.
+        lora_alpha: scale numerator; default 8.
+        lora_dropout: dropout probability on the adapter's input, in [0, 1); default 0.
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``; default False.
+        init_lora_weights: ``True`` (the default: A kaiming-uniform, B zeros, so the layer starts as the
+            base layer), ``"gaussian"`` (A normal with std 1/r, B zeros) or ``False`` (both random, for tests).
         adapter_dtype: dtype of ``lora_A``/``lora_B``; default the base dtype. ``torch.float32`` on a
             bf16/fp16 base is PEFT's default and runs without casting copies of the input.
     """
@@ -45,87 +89,59 @@ class FusedLoRALinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        r: int = 8,
-        lora_alpha: float = 8,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        init_lora_weights: bool | str = True,
-        adapter_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **options: Unpack[LoRAOptions],
     ) -> None:
         in_features = _check_int("in_features", in_features, 0)
         out_features = _check_int("out_features", out_features, 0)
-        _check_lora_args(r, lora_alpha, lora_dropout)
+        options = lora_options(options, type(self).__name__)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         bias_param = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         _reset_linear(weight, bias_param)
-        self._setup(
-            weight, bias_param, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype
-        )
+        self._setup(weight, bias_param, options)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        *,
-        r: int = 8,
-        lora_alpha: float = 8,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        init_lora_weights: bool | str = True,
-        adapter_dtype: torch.dtype | None = None,
-    ) -> FusedLoRALinear:
+    def from_linear(cls, linear: nn.Linear, **options: Unpack[LoRAOptions]) -> FusedLoRALinear:
         """Wrap an existing ``nn.Linear``: its ``weight``/``bias`` tensors are reused (no copy) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        _check_lora_args(r, lora_alpha, lora_dropout)
+        options = lora_options(options, "from_linear")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         linear.weight.requires_grad_(False)
         if linear.bias is not None:
             linear.bias.requires_grad_(False)
-        module._setup(
-            linear.weight,
-            linear.bias,
-            r,
-            lora_alpha,
-            lora_dropout,
-            use_rslora,
-            init_lora_weights,
-            adapter_dtype,
-        )
+        module._setup(linear.weight, linear.bias, options)
         module.train(linear.training)
         return module
 
-    def _setup(
-        self,
-        weight: nn.Parameter,
-        bias: nn.Parameter | None,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float,
-        use_rslora: bool,
-        init_lora_weights: bool | str,
-        adapter_dtype: torch.dtype | None,
-    ) -> None:
-        _check_lora_args(r, lora_alpha, lora_dropout)
+    def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, options: LoRAOptions) -> None:
+        """The layer around ``weight``/``bias`` with the (checked, complete) adapter ``options``."""
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.register_parameter("bias", bias)
-        self.r = int(r)
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = float(lora_dropout)
-        self.use_rslora = use_rslora
-        self.scaling = lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
-        factory = {"device": weight.device, "dtype": adapter_dtype or weight.dtype}
+        self.r = int(options["r"])
+        self.lora_alpha = options["lora_alpha"]
+        self.lora_dropout = float(options["lora_dropout"])
+        self.use_rslora = options["use_rslora"]
+        factory = {"device": weight.device, "dtype": options["adapter_dtype"] or weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
         self.merged = False
-        self.reset_lora_parameters(init_lora_weights)
-        self.init_lora_weights = init_lora_weights
+        self.reset_lora_parameters(options["init_lora_weights"])
+        self.init_lora_weights = options["init_lora_weights"]
+
+    @property
+    def scaling(self) -> float:
+        """PEFT's scaling of the LoRA term: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``.
+
+        Derived, not stored: setting ``lora_alpha`` or ``use_rslora`` changes it (on a merged layer, unmerge
+        first: the merged delta was made with the old scaling).
+        """
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

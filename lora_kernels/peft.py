@@ -1,23 +1,17 @@
-"""Interop with Hugging Face PEFT: run PEFT's LoRA layers on the fused op, and exchange adapters.
+"""Interop with Hugging Face PEFT at run time: run PEFT's LoRA layers on the fused op.
 
-* :func:`fuse` / :func:`unfuse`: a ``PeftModel`` keeps its modules, parameters, state-dict keys and
-  ``save_pretrained``; only the forward of each ``peft.tuners.lora.layer.Linear`` is swapped for one that
-  calls :func:`lora_kernels.lora_linear` on PEFT's own ``lora_A``/``lora_B`` parameters.
-* :func:`save_adapter` / :func:`load_adapter`: write the adapters of a model injected with
-  :func:`lora_kernels.inject_lora` as a PEFT adapter directory (``adapter_model.safetensors`` +
-  ``adapter_config.json``, loadable by ``PeftModel.from_pretrained``), and read one back.
+:func:`fuse` / :func:`unfuse`: a ``PeftModel`` keeps its modules, parameters, state-dict keys and
+``save_pretrained``; only the forward of each ``peft.tuners.lora.layer.Linear`` is swapped for one that
+calls :func:`lora_kernels.lora_linear` on PEFT's own ``lora_A``/``lora_B`` parameters.
 
 This module is ``lora_kernels.peft``; ``import peft`` inside it is absolute, so it always means the real
-package (which is imported lazily, only by :func:`fuse`/:func:`unfuse`). Saving and loading need only
-``safetensors`` (or fall back to ``adapter_model.bin``), not PEFT.
+package (imported lazily, only by :func:`fuse`). :func:`save_adapter` / :func:`load_adapter`, which
+exchange adapters with PEFT in its file format without needing PEFT, live in
+:mod:`lora_kernels.adapter_io` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import re
 import warnings
 from collections import Counter
 from typing import Any
@@ -26,21 +20,10 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from .adapter_io import load_adapter, save_adapter
 from .functional import lora_linear
-from .inject import lora_layers, matches_target, warn_if_never_called
-from .modules import FusedLoRALinear
 
 __all__ = ["fuse", "load_adapter", "save_adapter", "unfuse"]
-
-_PREFIX = "base_model.model."
-_WEIGHTS_SAFE = "adapter_model.safetensors"
-_WEIGHTS_BIN = "adapter_model.bin"
-_CONFIG = "adapter_config.json"
-
-
-# --------------------------------------------------------------------------------------------------------
-# fuse / unfuse
-# --------------------------------------------------------------------------------------------------------
 
 
 def _peft_lora_linear_class() -> type:
@@ -228,182 +211,3 @@ def unfuse(peft_model: nn.Module) -> int:
             del module.__dict__["forward"]
             restored += 1
     return restored
-
-
-# --------------------------------------------------------------------------------------------------------
-# save_adapter / load_adapter
-# --------------------------------------------------------------------------------------------------------
-
-
-def _short_targets(model: nn.Module, names: list[str]) -> list[str]:
-    """PEFT ``target_modules`` selecting exactly ``names``: last components if unambiguous, else full names."""
-    short = sorted({n.rpartition(".")[2] for n in names})
-    chosen = {n for n, m in model.named_modules() if n and matches_target(n, short)}
-    return short if chosen == set(names) else sorted(names)
-
-
-def save_adapter(model: nn.Module, directory: str | os.PathLike, *, target_modules: Any = None) -> str:
-    """Write the adapters of an injected model as a PEFT LoRA adapter directory; returns the weights path.
-
-    The directory holds ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight`` /
-    ``.lora_B.weight``, exactly as ``PeftModel.save_pretrained``) and ``adapter_config.json``, so
-    ``PeftModel.from_pretrained(base_model, directory)`` on the same (un-injected) base model reproduces
-    this model's outputs. Layers of different rank or alpha go to PEFT's ``rank_pattern``/``alpha_pattern``.
-
-    Args:
-        target_modules: written to the config; default the module names' last components when they select
-            exactly the injected layers, else the full module names.
-    """
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no FusedLoRALinear layers; inject adapters with inject_lora first")
-    rslora = {layer.use_rslora for layer in layers.values()}
-    if len(rslora) > 1:
-        raise ValueError("PEFT keeps one use_rslora per adapter; the layers disagree")
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
-        raise ValueError(f"unmerge the layers before saving: {', '.join(merged[:5])} are merged")
-    r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
-    alpha = Counter(layer.lora_alpha for layer in layers.values()).most_common(1)[0][0]
-    dropouts = {layer.lora_dropout for layer in layers.values()}
-    names = sorted(layers)
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": max(dropouts),
-        "use_rslora": rslora.pop(),
-        "target_modules": target_modules if target_modules is not None else _short_targets(model, names),
-        "rank_pattern": {f"^{re.escape(n)}$": layer.r for n, layer in layers.items() if layer.r != r},
-        "alpha_pattern": {
-            f"^{re.escape(n)}$": layer.lora_alpha for n, layer in layers.items() if layer.lora_alpha != alpha
-        },
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
-    if isinstance(config["target_modules"], (set, tuple)):
-        config["target_modules"] = sorted(config["target_modules"])
-    tensors = {}
-    for name, layer in layers.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, _CONFIG), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        path = os.path.join(directory, _WEIGHTS_BIN)
-        torch.save(tensors, path)
-        return path
-    path = os.path.join(directory, _WEIGHTS_SAFE)
-    save_file(tensors, path, metadata={"format": "pt"})
-    return path
-
-
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rank/alpha pattern lookup: a key matches a module name as a regex on a dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?(?:{key})$", name):
-            return value
-    return default
-
-
-def _read_weights(directory: str) -> dict[str, torch.Tensor]:
-    safe = os.path.join(directory, _WEIGHTS_SAFE)
-    if os.path.exists(safe):
-        from safetensors.torch import load_file
-
-        return load_file(safe)
-    binary = os.path.join(directory, _WEIGHTS_BIN)
-    if os.path.exists(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} holds neither {_WEIGHTS_SAFE} nor {_WEIGHTS_BIN}")
-
-
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load a PEFT LoRA adapter directory into ``model``, injecting :class:`FusedLoRALinear` where needed.
-
-    ``model`` is the plain base model (or one already injected). Every parameter but the adapters is
-    frozen, as after :func:`lora_kernels.inject_lora`. Returns ``model``.
-
-    Raises:
-        ValueError: the adapter is not plain LoRA on linear layers (DoRA, ``fan_in_fan_out``, biases,
-            ``modules_to_save``, embeddings...) or names a module the model does not have.
-    """
-    directory = os.fspath(directory)
-    with open(os.path.join(directory, _CONFIG)) as f:
-        config = json.load(f)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{directory} is a {config.get('peft_type')} adapter, not LoRA")
-    unsupported = {
-        "use_dora": bool(config.get("use_dora")),
-        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
-        "bias": config.get("bias", "none") != "none",
-        "lora_bias": bool(config.get("lora_bias")),
-        "modules_to_save": bool(config.get("modules_to_save")),
-    }
-    if any(unsupported.values()):
-        bad = ", ".join(f"{k}={config.get(k)!r}" for k, v in unsupported.items() if v)
-        raise ValueError(f"lora_kernels cannot load this adapter as fused LoRA layers: {bad}")
-    state = _read_weights(directory)
-    per_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
-        match = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", name)
-        if match is None:
-            raise ValueError(
-                f"unexpected tensor {key!r} in {directory}: only lora_A/lora_B weights are supported"
-            )
-        per_module.setdefault(match.group(1), {})[match.group(2)] = tensor
-    r_default = int(config.get("r", 8))
-    alpha_default = config.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    modules = dict(model.named_modules())
-    warn_if_never_called(model, [n for n in per_module if isinstance(modules.get(n), nn.Linear)])
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name, pair in sorted(per_module.items()):
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{directory} has only {', '.join(pair)} for module {name}")
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(f"the adapter targets {name!r}, which the model does not have")
-        r = pair["lora_A"].shape[0]
-        expected_r = int(_pattern_value(rank_pattern, name, r_default))
-        if r != expected_r:
-            raise ValueError(f"{name}: lora_A has rank {r} but the config says r={expected_r}")
-        alpha = _pattern_value(alpha_pattern, name, alpha_default)
-        if isinstance(module, nn.Linear):
-            layer = FusedLoRALinear.from_linear(
-                module,
-                r=r,
-                lora_alpha=alpha,
-                lora_dropout=float(config.get("lora_dropout", 0.0)),
-                use_rslora=bool(config.get("use_rslora", False)),
-                adapter_dtype=pair["lora_A"].dtype,
-            )
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
-        elif isinstance(module, FusedLoRALinear):
-            layer = module
-            if layer.r != r:
-                raise ValueError(f"{name} is a FusedLoRALinear of rank {layer.r}, the adapter has rank {r}")
-            layer.lora_alpha = alpha
-            layer.use_rslora = bool(config.get("use_rslora", False))
-            layer.scaling = alpha / (math.sqrt(r) if layer.use_rslora else r)
-        else:
-            raise ValueError(f"the adapter targets {name!r}, a {type(module).__name__}, not an nn.Linear")
-        with torch.no_grad():
-            layer.lora_A.copy_(pair["lora_A"])
-            layer.lora_B.copy_(pair["lora_B"])
-    for layer in lora_layers(model).values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
-    return model

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup_env.sh) and run the demo: fine-tuning with FusedLoRALinear on the best backend here.
+# Set up (scripts/setup_env.sh) and run the demo (examples/finetune_demo.py): fine-tuning a small Llama with
+# FusedLoRALinear on the best backend here, next to PEFT. Arguments go to the demo (--quick, --steps N, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . .venv/bin/activate
-python -m lora_kernels demo "$@"
+python examples/finetune_demo.py "$@"

@@ -1,15 +1,23 @@
-"""Shared test helpers: random LoRA problems and float64 comparisons."""
+"""Shared test helpers: backends on their devices, random LoRA problems and their float64 references.
+
+The tolerance of each dtype and the comparison are :mod:`lora_kernels.testing`'s (``TOLERANCE``,
+``assert_close``), the ones ``python -m lora_kernels check`` and the benchmarks use; re-exported here.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 
 from lora_kernels.reference import lora_linear_reference
+from lora_kernels.testing import TOLERANCE, assert_close  # noqa: F401  (re-exported for the tests)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -68,10 +76,6 @@ def skip_unless_dtype_runs(backend: Backend, dtype: torch.dtype) -> None:
     """Skip a ``dtype`` case that ``backend`` cannot be checked with on its device."""
     if dtype == torch.bfloat16 and backend.interpreted:
         pytest.skip(INTERPRETER_BF16)
-
-
-#: Relative tolerance of each dtype against the float64 reference (scaled by the result's magnitude).
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
 @dataclass
@@ -149,13 +153,18 @@ def run_op(problem: LoRAProblem, grad_y: torch.Tensor, **kwargs):
     return y.detach(), dict(zip(leaves.keys(), grads, strict=True))
 
 
-def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str, slack: float = 1.0
-):
-    """``actual`` within the dtype's tolerance of the float64 ``expected``, relative to its magnitude."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(expected.abs().max().item(), 1e-3) if expected.numel() else 1.0
-    tol = TOLERANCE[dtype] * slack * scale
-    torch.testing.assert_close(
-        actual.double(), expected, atol=tol, rtol=TOLERANCE[dtype] * slack, msg=lambda m: f"{name}: {m}"
-    )
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmarks_module(name: str):
+    """``benchmarks/<name>.py`` (``report``, ``harness``), imported as its scripts import each other.
+
+    By file, not by putting ``benchmarks/`` on ``sys.path``: its ``test_lora_linear.py`` would shadow
+    ``tests/test_lora_linear.py``. ``harness`` comes first, as the others import it by that name.
+    """
+    for module in dict.fromkeys(("harness", name)):
+        if module not in sys.modules:
+            spec = importlib.util.spec_from_file_location(module, BENCHMARKS / f"{module}.py")
+            sys.modules[module] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[module])
+    return sys.modules[name]

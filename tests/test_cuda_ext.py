@@ -1,7 +1,7 @@
 """The C++/CUDA extension ``lora_kernels._C``: every op against float64 math, and the backend end to end.
 
 On CPU this checks the extension's CPU implementation (ATen composite + the C++ Philox), and runs the CUDA
-kernels' source under a CPU emulator (``csrc/emulate``); the same op tests on CUDA tensors (marked
+kernels' source under a CPU emulator (``tests/cuda_emulator``); the same op tests on CUDA tensors (marked
 ``cuda``, skipped without a GPU) check the compiled kernels. The whole module is skipped when the extension
 was not built (``LORA_KERNELS_SKIP_EXT=1`` or a failed optional build), unless ``LORA_KERNELS_EXPECT_CUDA=1``:
 then a missing extension fails the run (and a CPU-only one fails ``test_cuda_kernels_compiled_in``).
@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from lora_kernels.dropout import dropout_mask, dropout_mask_torch
-from lora_kernels.ops import cuda_lora
+from lora_kernels.ops import LoRAParams, cuda_lora
 from lora_kernels.reference import lora_linear_reference
+from lora_kernels.testing import TOLERANCE
 
 #: CI with a CUDA toolkit sets LORA_KERNELS_EXPECT_CUDA=1: an extension that is missing (a failed build) or
 #: built without CUDA is then a failure, never a skip.
@@ -47,13 +48,13 @@ OP_NAMES = (
     "lora_dropout_mask",
 )
 HAS_CUDA = torch.cuda.is_available()
-EMULATOR = Path(__file__).resolve().parents[1] / "csrc" / "emulate" / "emulate_kernels.cpp"
+EMULATOR = Path(__file__).resolve().parent / "cuda_emulator" / "emulate_kernels.cpp"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")]
 CPU = pytest.param("cpu", id="cpu")
 CUDA = pytest.param("cuda", id="cuda", marks=CUDA_MARKS)
 
 #: Relative tolerance of each dtype against float64, scaled by the magnitude of the result.
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
 def _case(device: str, dtype: torch.dtype):
@@ -103,7 +104,7 @@ def _inputs(M, K, N, r, dtype, device, adapter_dtype=None, bias=True):
 def _mask64(shape, p, seed, device):
     if p == 0.0:
         return torch.ones(shape, dtype=torch.float64, device=device)
-    return dropout_mask(seed, 0, shape, p, device=device, dtype=torch.float64)
+    return dropout_mask(seed, shape, p, device=device, dtype=torch.float64)
 
 
 def _as_compute(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -158,15 +159,15 @@ def test_cuda_kernels_compiled_in():
 
 def test_cuda_kernels_emulated_on_cpu(tmp_path):
     """The CUDA kernels themselves, without a GPU: csrc/lora_kernels.cuh compiled as C++ with coroutines
-    standing in for CUDA threads, against float64 references (see csrc/emulate/emulate_kernels.cpp)."""
-    if not EMULATOR.is_file():
+    standing in for CUDA threads, against float64 references (see tests/cuda_emulator/emulate_kernels.cpp)."""
+    if not (CSRC / "lora_kernels.cuh").is_file():
         pytest.skip("csrc/ is not part of this checkout")
     cxx = shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler")
     exe = tmp_path / "emulate_kernels"
     include = Path(torch.__file__).parent / "include"
-    flags = ["-std=c++20", "-O1", "-Wno-unknown-pragmas", f"-I{include}"]
+    flags = ["-std=c++20", "-O1", "-Wno-unknown-pragmas", f"-I{include}", f"-I{CSRC}"]
     built = subprocess.run([cxx, *flags, str(EMULATOR), "-o", str(exe)], capture_output=True, text=True)
     assert built.returncode == 0, f"compiling the kernel emulator failed:\n{built.stderr[-4000:]}"
     ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
@@ -200,7 +201,7 @@ def test_bad_arguments_name_the_argument():
         ("lora_grad_t_and_B", lambda x, w, b, A, B, t, g, gt: (g, B, t, 2.0)),
         ("lora_grad_A", lambda x, w, b, A, B, t, g, gt: (gt, x, 0.25, 7)),
         ("lora_grad_x", lambda x, w, b, A, B, t, g, gt: (g, w, gt, A, 0.25, 7)),
-        ("lora_dropout_mask", lambda x, w, b, A, B, t, g, gt: (x, 0.25, 7)),
+        ("lora_dropout_mask", lambda x, w, b, A, B, t, g, gt: ((2, 3, 10), 0.25, 7)),
     ],
 )
 def test_opcheck(name, args):
@@ -210,6 +211,23 @@ def test_opcheck(name, args):
     g = torch.randn(6, 7)
     gt = torch.randn(6, 3)
     torch.library.opcheck(getattr(ops, name).default, args(x, w, b, A, B, t, g, gt))
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_dropout_mask_op_is_a_factory(device):
+    """lora_dropout_mask takes a size and a device, as torch.empty does: the kernel follows the device
+    (CPU when none is given, Meta for shapes only), and the mask has the requested size."""
+    mask = ops.lora_dropout_mask((2, 3, 5), 0.5, 9, device=device)
+    assert mask.shape == (2, 3, 5) and mask.dtype == torch.float32 and mask.device.type == device
+    assert torch.equal(mask.reshape(6, 5).cpu(), ops.lora_dropout_mask([6, 5], 0.5, 9))
+    assert ops.lora_dropout_mask((4, 0), 0.5, 9, device=device).shape == (4, 0)
+    meta = ops.lora_dropout_mask((7, 5), 0.5, 9, device="meta")
+    assert meta.is_meta and meta.shape == (7, 5)
+    torch.library.opcheck(ops.lora_dropout_mask.default, ((6, 10), 0.25, 7), {"device": device})
+    with pytest.raises(RuntimeError, match="lora_dropout_mask: size needs at least one dimension"):
+        ops.lora_dropout_mask((), 0.5, 9, device=device)
+    with pytest.raises(RuntimeError, match="lora_dropout_mask: size must not be negative"):
+        ops.lora_dropout_mask((3, -1), 0.5, 9, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,9 +240,8 @@ def test_opcheck(name, args):
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 2.5 / 2**24, 3.5 / 2**24])
 def test_dropout_mask_bit_exact(device, seed, p):
     """The C++ / device Philox gives exactly lora_kernels.dropout.dropout_mask (incl. round-half-even)."""
-    x = torch.empty(67, 301, device=device)
-    got = ops.lora_dropout_mask(x, p, seed)
-    expected = dropout_mask_torch(seed, 0, x.shape, p, device=device, dtype=torch.float32)
+    got = ops.lora_dropout_mask((67, 301), p, seed, device=device)
+    expected = dropout_mask_torch(seed, (67, 301), p, device=device, dtype=torch.float32)
     assert torch.equal(got, expected)
 
 
@@ -324,28 +341,28 @@ def test_ops_without_bias(device):
 
 def _check_backend(M, K, N, r, dtype, rtol, device, p, bias=True, adapter_dtype=None):
     seed, scaling = 2**40 + 3, 0.75
+    params = LoRAParams(scaling, p, seed)
     x, weight, b, lora_A, lora_B = _inputs(M, K, N, r, dtype, device, adapter_dtype, bias)
     grad_y = torch.randn(M, N, dtype=torch.float64).to(device, dtype)
 
-    y, t = cuda_lora.lora_forward(x, weight, b, lora_A, lora_B, scaling, p, seed)
-    grads = cuda_lora.lora_backward(
-        grad_y, x, weight, lora_A, lora_B, t, scaling, p, seed, (True, True, bias, True, True)
+    y, t = cuda_lora.lora_forward(x, weight, b, lora_A, lora_B, params)
+    grad_x, grad_A, grad_B, grad_bias = cuda_lora.lora_backward(
+        grad_y, x, weight, lora_A, lora_B, t, params, (True, True, bias, True, True)
     )
+    assert grad_bias is None  # the backend leaves dW and db to lora_kernels.ops.run_backward
 
-    leaves = [v.double().requires_grad_() for v in (x, weight, b, lora_A, lora_B) if v is not None]
-    if not bias:
-        leaves.insert(2, None)
-    mask = dropout_mask(seed, 0, x.shape, p, device=device, dtype=torch.float64) if p else None
-    y64 = lora_linear_reference(*leaves, scaling, mask, upcast=True)
+    leaves = [v.double().requires_grad_() for v in (x, lora_A, lora_B)]
+    mask = dropout_mask(seed, x.shape, p, device=device, dtype=torch.float64) if p else None
+    b64 = b.double() if b is not None else None
+    y64 = lora_linear_reference(leaves[0], weight.double(), b64, *leaves[1:], scaling, mask, upcast=True)
     y64.backward(grad_y.double())
 
     assert y.dtype == dtype and t.dtype == torch.float32
     _assert_close(y, y64.detach(), rtol, "y")
-    names = ("grad_x", "grad_weight", "grad_bias", "grad_A", "grad_B")
-    for name, got, leaf, like in zip(names, grads, leaves, (x, weight, b, lora_A, lora_B), strict=True):
-        if leaf is None:
-            assert got is None, name
-            continue
+    names = ("grad_x", "grad_A", "grad_B")
+    for name, got, leaf, like in zip(
+        names, (grad_x, grad_A, grad_B), leaves, (x, lora_A, lora_B), strict=True
+    ):
         assert got.dtype == like.dtype, name
         # Adapter gradients pass through one more rounding of the LoRA intermediate: a little looser.
         _assert_close(got, leaf.grad, rtol * (2 if name in ("grad_A", "grad_B") else 1), name)
@@ -367,17 +384,15 @@ def test_backend_no_bias_and_fp32_adapters(device):
 @pytest.mark.parametrize("device", [CPU, CUDA])
 def test_backend_only_some_grads(device):
     x, weight, b, lora_A, lora_B = _inputs(9, 12, 10, 3, torch.float32, device)
-    y, t = cuda_lora.lora_forward(x, weight, b, lora_A, lora_B, 2.0, 0.1, 5)
+    params = LoRAParams(2.0, 0.1, 5)
+    y, t = cuda_lora.lora_forward(x, weight, b, lora_A, lora_B, params)
     grad_y = torch.randn_like(y)
-    grads = cuda_lora.lora_backward(
-        grad_y, x, weight, lora_A, lora_B, t, 2.0, 0.1, 5, (False,) * 3 + (True,) * 2
+    grad_x, grad_A, grad_B, _ = cuda_lora.lora_backward(
+        grad_y, x, weight, lora_A, lora_B, t, params, (False,) * 3 + (True,) * 2
     )
-    assert grads[:3] == (None, None, None)
-    assert grads[3] is not None and grads[4] is not None
-    assert (
-        cuda_lora.lora_backward(grad_y, x, weight, lora_A, lora_B, t, 2.0, 0.1, 5, (False,) * 5)
-        == (None,) * 5
-    )
+    assert grad_x is None and grad_A is not None and grad_B is not None
+    none = cuda_lora.lora_backward(grad_y, x, weight, lora_A, lora_B, t, params, (False,) * 5)
+    assert none == (None,) * 4
 
 
 @pytest.mark.cuda
@@ -386,13 +401,14 @@ def test_backend_only_some_grads(device):
 def test_cuda_backward_is_deterministic(r):
     """Split-K / split-M partials are reduced in a fixed order: two runs agree bit for bit."""
     x, weight, b, lora_A, lora_B = _inputs(3000, 1024, 1536, r, torch.bfloat16, "cuda", torch.float32)
-    y, t = cuda_lora.lora_forward(x, weight, b, lora_A, lora_B, 2.0, 0.1, 11)
+    params = LoRAParams(2.0, 0.1, 11)
+    y, t = cuda_lora.lora_forward(x, weight, b, lora_A, lora_B, params)
     grad_y = torch.randn_like(y)
-    run = lambda: cuda_lora.lora_backward(grad_y, x, weight, lora_A, lora_B, t, 2.0, 0.1, 11, (True,) * 5)
+    run = lambda: cuda_lora.lora_backward(grad_y, x, weight, lora_A, lora_B, t, params, (True,) * 5)
     first, second = run(), run()
-    for a, b_ in zip(first, second, strict=True):
+    for a, b_ in zip(first[:3], second[:3], strict=True):
         assert torch.equal(a, b_)
-    assert torch.equal(t, cuda_lora.lora_forward(x, weight, b, lora_A, lora_B, 2.0, 0.1, 11)[1])
+    assert torch.equal(t, cuda_lora.lora_forward(x, weight, b, lora_A, lora_B, params)[1])
 
 
 @pytest.mark.cuda
@@ -401,8 +417,8 @@ def test_cuda_matches_cpu_extension():
     """The device kernels and the CPU implementation agree (same mask, same math up to rounding)."""
     cpu = _inputs(129, 257, 95, 24, torch.float32, "cpu")
     gpu = [v.cuda() for v in cpu]
-    y_cpu, t_cpu = cuda_lora.lora_forward(*cpu, 1.25, 0.4, 99)
-    y_gpu, t_gpu = cuda_lora.lora_forward(*gpu, 1.25, 0.4, 99)
+    y_cpu, t_cpu = cuda_lora.lora_forward(*cpu, LoRAParams(1.25, 0.4, 99))
+    y_gpu, t_gpu = cuda_lora.lora_forward(*gpu, LoRAParams(1.25, 0.4, 99))
     torch.testing.assert_close(t_gpu.cpu(), t_cpu, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-5, atol=1e-5)
     assert math.isfinite(y_gpu.abs().sum().item())

@@ -17,12 +17,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import benchmarks_module
 from torch import nn
 
 import lora_kernels
 from lora_kernels import (
     FusedLoRALinear,
-    bench,
     inject_lora,
     lora_linear_reference,
     lora_state_dict,
@@ -35,6 +35,8 @@ transformers = pytest.importorskip("transformers")
 from peft import LoHaConfig, LoraConfig, get_peft_model  # noqa: E402
 
 import lora_kernels.peft as lk_peft  # noqa: E402
+
+bench = benchmarks_module("report")  # python benchmarks/report.py
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

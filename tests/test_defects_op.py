@@ -149,7 +149,7 @@ def test_vmap_with_dropout_uses_each_samples_mask(backend):
     p = make_problem((4, 5), 16, 12, 4, device=backend.device)
     with use_backend(backend.name):
         y = vmap(lambda x: lora_linear(x, *_args(p)[1:], 0.3, True, dropout_seed=11))(p.x)
-    mask = dropout_mask(11, 0, p.x.shape[1:], 0.3, device=backend.device, dtype=torch.float64)
+    mask = dropout_mask(11, p.x.shape[1:], 0.3, device=backend.device, dtype=torch.float64)
     y_ref = _reference(*_f64(p), p.scaling, mask)
     assert_close(y.detach(), y_ref.detach(), torch.float32, "vmap y with dropout")
 
@@ -298,7 +298,7 @@ def test_large_scaling_in_fp16_stays_finite_where_peft_does(backend, adapter_dty
             training = p_drop > 0
             y, grads = run_op(p, grad_y, dropout_p=p_drop, training=training, dropout_seed=3)
             assert torch.isfinite(y).all(), f"dropout_p={p_drop}: y overflowed"
-            mask = dropout_mask(3, 0, x.shape, p_drop, device=x.device) if training else None
+            mask = dropout_mask(3, x.shape, p_drop, device=x.device) if training else None
             y_ref, grads_ref = reference_outputs(p, grad_y, mask)
             assert_close(y, y_ref, torch.float16, f"y (dropout_p={p_drop})", 2.0)
             if adapter_dtype == torch.float32:  # fp16 adapters: dB itself is beyond fp16, as in PEFT
@@ -309,25 +309,24 @@ def test_large_scaling_in_fp16_stays_finite_where_peft_does(backend, adapter_dty
 
 def test_large_scaling_in_fp16_extension_ops_on_cpu():
     """The extension backend's own ops (their CPU implementation; the CUDA one shares its forward GEMMs)."""
-    from lora_kernels.ops import cuda_lora
+    from lora_kernels.ops import LoRAParams, cuda_lora
 
     if not cuda_lora.has_extension():
         pytest.skip("the lora_kernels._C extension is not built")
     p = _large_scaling_problem("cpu", torch.float32)
     x, w, b, A, B = (t.detach() for t in (p.x, p.weight, p.bias, p.lora_A, p.lora_B))
     x2d = x.reshape(-1, 64)
-    y, t = cuda_lora.lora_forward(x2d, w, b, A, B, p.scaling, 0.0, 0)
+    params = LoRAParams(p.scaling)
+    y, t = cuda_lora.lora_forward(x2d, w, b, A, B, params)
     grad_y = torch.randn_like(y)
-    grads = cuda_lora.lora_backward(
-        grad_y, x2d, w, A, B, t, p.scaling, 0.0, 0, (True, False, True, True, True)
-    )
+    grads = cuda_lora.lora_backward(grad_y, x2d, w, A, B, t, params, (True, False, True, True, True))
     problem_2d = make_problem((32,), 64, 48, 4, torch.float16, torch.float32, scaling=p.scaling)
     for name, value in zip(("x", "weight", "bias", "lora_A", "lora_B"), (x2d, w, b, A, B), strict=True):
         setattr(problem_2d, name, value.clone().requires_grad_())
     y_ref, grads_ref = reference_outputs(problem_2d, grad_y)
     assert torch.isfinite(y).all()
     assert_close(y, y_ref, torch.float16, "y", 2.0)
-    for name, g in zip(("x", "bias", "lora_A", "lora_B"), (grads[0], *grads[2:]), strict=True):
+    for name, g in zip(("x", "lora_A", "lora_B"), grads[:3], strict=True):  # dW, db: lora_kernels.ops
         assert_close(g, grads_ref[name], torch.float16, f"d{name}", 4.0)
 
 

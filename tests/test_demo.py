@@ -1,16 +1,26 @@
-"""``python -m lora_kernels demo --quick`` runs end to end (torch backend, a few steps)."""
+"""``examples/finetune_demo.py`` (what ``bash scripts/demo.sh`` runs) works end to end, torch backend."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "finetune_demo.py"
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("finetune_demo", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def test_demo_quick(capsys):
-    from lora_kernels.__main__ import main
-
-    assert main(["demo", "--quick", "--backend", "torch"]) == 0
+    assert _demo().main(["--quick", "--backend", "torch"]) == 0
     out = capsys.readouterr().out
     assert "lora_kernels backend: torch" in out
     assert "time per train step" in out or "peft` is not installed" in out
@@ -18,7 +28,14 @@ def test_demo_quick(capsys):
 
 
 def test_demo_without_peft_comparison(capsys):
-    from lora_kernels.demo import main
-
-    assert main(["--steps", "3", "--backend", "torch", "--no-peft"]) == 0
+    assert _demo().main(["--steps", "3", "--backend", "torch", "--no-peft"]) == 0
     assert "fine-tune the adapters for 3 steps" in capsys.readouterr().out
+
+
+def test_moved_commands_say_where_they_went(capsys):
+    from lora_kernels.__main__ import main
+
+    assert main(["demo"]) == 2
+    assert "examples/finetune_demo.py" in capsys.readouterr().err
+    assert main(["bench", "--quick"]) == 2
+    assert "benchmarks/report.py" in capsys.readouterr().err

@@ -26,28 +26,27 @@ def test_philox_known_answers(counter, key, expected):
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
 def test_mask_rate_and_scale(p):
-    mask = dropout_mask(12345, 0, (64, 40, 50), p)
+    mask = dropout_mask(12345, (64, 40, 50), p)
     dropped = (mask == 0).double().mean().item()
     assert abs(dropped - p) < 4 * (p * (1 - p) / mask.numel()) ** 0.5 + 1e-3
     kept = mask[mask != 0]
     torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)))
 
 
-def test_mask_depends_on_seed_offset_and_position():
-    a = dropout_mask(1, 0, (50, 50), 0.5)
-    assert not torch.equal(a, dropout_mask(2, 0, (50, 50), 0.5))
-    assert not torch.equal(a, dropout_mask(1, 1, (50, 50), 0.5))
-    assert torch.equal(a, dropout_mask(1, 0, (50, 50), 0.5))
+def test_mask_depends_on_seed_and_position():
+    a = dropout_mask(1, (50, 50), 0.5)
+    assert not torch.equal(a, dropout_mask(2, (50, 50), 0.5))
+    assert torch.equal(a, dropout_mask(1, (50, 50), 0.5))
     assert not torch.equal(a[0], a[1])  # rows differ
     # the mask of a (2, 25, 50) input is the (50, 50) mask of its flattened rows
-    assert torch.equal(dropout_mask(1, 0, (2, 25, 50), 0.5).reshape(50, 50), a)
+    assert torch.equal(dropout_mask(1, (2, 25, 50), 0.5).reshape(50, 50), a)
 
 
 def test_rows_beyond_2_to_32_are_distinct():
     from lora_kernels.dropout import philox_first_word
 
     rows = torch.tensor([[5], [5 + 2**32]])
-    words = philox_first_word(3, 0, rows, torch.arange(64).unsqueeze(0))
+    words = philox_first_word(3, rows, torch.arange(64).unsqueeze(0))
     assert not torch.equal(words[0], words[1])
 
 
@@ -61,13 +60,22 @@ def test_triton_kernel_mask_equals_helper(backend):
     x = torch.ones(M, K, device=device)
     with use_backend("triton"):
         t = triton_lora._project(x, torch.eye(K, device=device), 1.0, p, seed)
-    torch.testing.assert_close(t, dropout_mask(seed, 0, (M, K), p, device=device), rtol=0, atol=1e-6)
+    torch.testing.assert_close(t, dropout_mask(seed, (M, K), p, device=device), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(37, 70), (2, 0, 5), (0, 3), (3, 17, 9)])
 def test_fast_path_equals_the_torch_specification(shape):
     """dropout_mask (the extension's Philox when built) gives the bits of the pure-torch specification."""
     for seed in (0, 77, 2**40 + 5, 2**63 - 1):
-        expected = dropout_mask_torch(seed, 0, shape, 0.3)
-        assert torch.equal(dropout_mask(seed, 0, shape, 0.3), expected)
-    assert torch.equal(dropout_mask(5, 3, shape, 0.3), dropout_mask_torch(5, 3, shape, 0.3))  # offset
+        expected = dropout_mask_torch(seed, shape, 0.3)
+        assert torch.equal(dropout_mask(seed, shape, 0.3), expected)
+
+
+def test_first_word_is_philox_of_the_documented_counter():
+    """The mask's word at (row, col) is Philox-4x32-10 of the counter (col, row_lo, row_hi, 0)."""
+    from lora_kernels.dropout import philox_first_word
+
+    seed, row, col = 2**40 + 9, 2**32 + 6, 11
+    counter = tuple(torch.tensor([c]) for c in (col, row & 0xFFFFFFFF, row >> 32, 0))
+    expected = philox4x32(counter, (seed & 0xFFFFFFFF, seed >> 32))[0]
+    assert torch.equal(philox_first_word(seed, torch.tensor([row]), torch.tensor([col])), expected)

@@ -17,7 +17,7 @@ from helpers import HAS_TRITON, make_problem, requires_cuda
 
 import lora_kernels
 from lora_kernels import dispatch, dropout_mask, use_backend
-from lora_kernels.ops import cuda_lora, device_guard
+from lora_kernels.ops import LoRAParams, cuda_lora, device_guard
 
 #: Triton kernels run here: on a GPU, or on the CPU through the interpreter (conftest sets it where no GPU is).
 TRITON_RUNS = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
@@ -53,7 +53,7 @@ def test_strided_bias_extension_ops(kind):
     x, weight, lora_A, lora_B = (
         t.detach() for t in (problem.x, problem.weight, problem.lora_A, problem.lora_B)
     )
-    y, _ = cuda_lora.lora_forward(x, weight, bias, lora_A, lora_B, 2.0, 0.0, 0)
+    y, _ = cuda_lora.lora_forward(x, weight, bias, lora_A, lora_B, LoRAParams(2.0))
     expected = lora_kernels.lora_linear_reference(x, weight, bias.contiguous(), lora_A, lora_B, 2.0)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
@@ -261,7 +261,7 @@ def test_kernel_mask_is_exact_for_seed_words_over_2_to_31(seed, device):
     x = torch.ones(M, K, device=device)
     with use_backend("triton"):
         t = triton_lora._project(x, torch.eye(K, device=device), 1.0, p, seed)
-    torch.testing.assert_close(t, dropout_mask(seed, 0, (M, K), p, device=device), rtol=0, atol=1e-6)
+    torch.testing.assert_close(t, dropout_mask(seed, (M, K), p, device=device), rtol=0, atol=1e-6)
 
 
 def _compiled_variants(kernel) -> int:

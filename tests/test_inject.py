@@ -120,3 +120,30 @@ def test_merge_and_unmerge():
     unmerge_lora(model)
     torch.testing.assert_close(model.layers[0].q_proj.weight, weight, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(_run(model, x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_inject_rejects_an_unknown_option_before_changing_the_model():
+    model = Net()
+    with pytest.raises(TypeError, match=r"inject_lora\(\) got an unexpected keyword argument 'rank'"):
+        inject_lora(model, ["q_proj"], rank=4)
+    assert isinstance(model.layers[0].q_proj, nn.Linear)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_attach_lora_gives_each_module_its_own_options():
+    from lora_kernels.inject import attach_lora
+
+    model = Net()
+    existing = inject_lora(model, ["head"], r=2).head
+    layers = attach_lora(
+        model, {"layers.0.q_proj": {"r": 4, "lora_alpha": 8}, "layers.1.v_proj": {"r": 2}, "head": {}}
+    )
+    assert layers["head"] is existing  # a FusedLoRALinear is kept as it is
+    assert (layers["layers.0.q_proj"].r, layers["layers.0.q_proj"].scaling) == (4, 2.0)
+    assert layers["layers.1.v_proj"].r == 2 and model.layers[1].v_proj is layers["layers.1.v_proj"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{name}.{ab}" for name in layers for ab in ("lora_A", "lora_B")}
+    with pytest.raises(ValueError, match=r"has no module 'layers\.7\.q_proj'"):
+        attach_lora(model, {"layers.7.q_proj": {}})
+    with pytest.raises(TypeError, match=r"layers.0.norm \(LayerNorm\)"):
+        attach_lora(model, {"layers.0.norm": {}})

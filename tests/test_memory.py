@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from lora_kernels import bench, lora_linear, use_backend
+from lora_kernels import lora_linear, use_backend
+from lora_kernels.testing import SavedTensorCounter
 
 # Distinct sizes so that M×N, M×K, M×r and the weights cannot be confused: x is (3, 37, K), M = 111.
 LEAD, K, N, R = (3, 37), 96, 80, 6
@@ -28,28 +30,33 @@ def _tensors(dtype=torch.float32, device="cpu"):
     return x, weight, bias, lora_A, lora_B
 
 
-def _ours_saved(backend, dropout_p: float) -> tuple[bench.SavedTensorCounter, torch.Tensor]:
+def _ours_saved(backend, dropout_p: float) -> tuple[SavedTensorCounter, torch.Tensor]:
     """What ``backend`` (a helpers.Backend) saves for backward, on its device."""
     x, weight, bias, lora_A, lora_B = _tensors(device=backend.device)
-    with use_backend(backend.name), bench.SavedTensorCounter([x, weight, bias, lora_A, lora_B]) as counter:
+    with use_backend(backend.name), SavedTensorCounter([x, weight, bias, lora_A, lora_B]) as counter:
         y = lora_linear(x, weight, bias, lora_A, lora_B, 2.0, dropout_p, training=True, dropout_seed=5)
     y.sum().backward()  # the saved tensors are usable: backward runs
     assert x.grad is not None and lora_A.grad is not None and lora_B.grad is not None
     return counter, x
 
 
-def _peft_saved(dropout_p: float) -> bench.SavedTensorCounter:
-    pytest.importorskip("peft")
-    case = bench.Case(M, K, N, R, dropout_p, "fp32", "fwd_bwd", bias=True)
-    x, weight, bias, lora_A, lora_B = _tensors()
-    inputs = bench.Inputs(x.detach().reshape(M, K), weight, bias, lora_A, lora_B, x.detach(), 2.0)
-    return bench.saved_bytes("peft", case, inputs)
+def _peft_saved(dropout_p: float) -> SavedTensorCounter:
+    """What a real ``peft.tuners.lora.Linear`` (frozen base, trainable A and B) saves for backward."""
+    lora = pytest.importorskip("peft.tuners.lora")
+    config = lora.LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=dropout_p)
+    base = nn.Linear(K, N).requires_grad_(False)
+    layer = lora.Linear(base, "default", config=config, r=R, lora_alpha=2 * R, lora_dropout=dropout_p)
+    layer.train()
+    x = torch.randn(M, K, requires_grad=True)
+    with SavedTensorCounter([x, *layer.parameters()]) as counter:
+        layer(x)
+    return counter
 
 
 def test_counter_tells_inputs_from_activations():
     x = torch.randn(M, K, requires_grad=True)
     w = torch.randn(N, K, requires_grad=True)
-    with bench.SavedTensorCounter([x, w]) as counter:
+    with SavedTensorCounter([x, w]) as counter:
         h = torch.nn.functional.linear(x.reshape(M, K), w)  # saves x (a view) and w: inputs
         (h * h).sum()  # saves h twice: one new M×N storage, counted once
     # x's view and w's transpose share storages with the inputs: they cost nothing.

@@ -127,3 +127,27 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="in_features=4"):
         layer(torch.randn(2, 5))
     assert math.isfinite(layer.scaling)
+
+
+def test_scaling_is_derived_from_alpha_rank_and_rslora():
+    """PEFT's scaling, computed from lora_alpha, r and use_rslora: never stale, never set on its own."""
+    layer = FusedLoRALinear(8, 6, r=4, lora_alpha=8)
+    assert layer.scaling == 2.0
+    layer.lora_alpha = 12
+    assert layer.scaling == 3.0
+    layer.use_rslora = True
+    assert layer.scaling == pytest.approx(6.0)
+    with pytest.raises(AttributeError):
+        layer.scaling = 5.0
+
+
+def test_lora_options_are_checked_once_for_every_entry_point():
+    """The constructor and from_linear take the same LoRA options and name the caller on a typo."""
+    with pytest.raises(TypeError, match=r"FusedLoRALinear\(\) got an unexpected keyword argument 'rank'"):
+        FusedLoRALinear(8, 6, rank=4)
+    with pytest.raises(TypeError, match=r"from_linear\(\) got an unexpected keyword argument 'alpha'"):
+        FusedLoRALinear.from_linear(nn.Linear(8, 6), alpha=4)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        FusedLoRALinear.from_linear(nn.Linear(8, 6), lora_dropout=1.0)
+    layer = FusedLoRALinear(8, 6)
+    assert (layer.r, layer.lora_alpha, layer.lora_dropout, layer.use_rslora) == (8, 8, 0.0, False)

@@ -15,22 +15,15 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import lora_kernels.peft as lk_peft  # noqa: E402
 from lora_kernels import inject_lora, use_backend  # noqa: E402
+from lora_kernels.testing import LLAMA_PROJECTIONS, tiny_llama  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LLAMA_PROJECTIONS
 
 
 @pytest.fixture(scope="module")
 def base_model():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=128)
 
 
 @pytest.fixture

@@ -140,7 +140,7 @@ def test_nan_and_inf_propagate_like_the_reference(backend, where, value):
     setattr(problem, where, tensor)
     with use_backend(backend.name):
         y = lora_linear(*_args(problem), dropout_p=0.5, training=True, dropout_seed=1)
-    mask = lora_kernels.dropout_mask(1, 0, problem.x.shape, 0.5, device=backend.device)
+    mask = lora_kernels.dropout_mask(1, problem.x.shape, 0.5, device=backend.device)
     expected = lora_linear_reference(*_args(problem), dropout_mask=mask)
     assert torch.equal(torch.isnan(y), torch.isnan(expected))
     assert torch.equal(torch.isinf(y), torch.isinf(expected))
@@ -267,11 +267,11 @@ def test_two_processes_start_together(tmp_path):
     root = Path(__file__).resolve().parents[1]
     script = (
         "import sys; sys.path.insert(0, 'tools'); import compile_kernels as c, lora_kernels, torch\n"
-        "from lora_kernels.ops import cuda_lora\n"
+        "from lora_kernels.ops import LoRAParams, cuda_lora\n"
         "c.compile_kernel('_lora_linear_kernel', 'bf16', True, {'FUSE_PROJECT': False}, 90)\n"
         "if cuda_lora.has_extension():\n"
         "    x, w, a, b = torch.randn(5, 8), torch.randn(3, 8), torch.randn(2, 8), torch.randn(3, 2)\n"
-        "    y, _ = cuda_lora.lora_forward(x, w, None, a, b, 2.0, 0.0, 0)\n"
+        "    y, _ = cuda_lora.lora_forward(x, w, None, a, b, LoRAParams(2.0))\n"
         "    assert torch.allclose(y, x @ w.T + 2.0 * (x @ a.T) @ b.T, atol=1e-5)\n"
         "print('ok')\n"
     )

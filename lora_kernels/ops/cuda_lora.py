@@ -19,8 +19,9 @@ from __future__ import annotations
 import importlib
 
 import torch
+from torch import Tensor
 
-from . import as_output, device_guard
+from . import LoRAParams, NeedsGrad, as_output, device_guard
 
 try:
     _C = importlib.import_module("lora_kernels._C")
@@ -50,52 +51,37 @@ def _ops():
 
 
 def lora_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: int,
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, params: LoRAParams,
     out_shape: tuple[int, ...] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     ops = _ops()
+    dropout_p, seed = float(params.dropout_p), int(params.seed)
     with device_guard(x.device):
-        t = ops.lora_project(x, lora_A, 1.0, float(dropout_p), int(seed))
-        y = ops.lora_linear_fwd(x, weight, bias, t, lora_B, float(scaling))
+        t = ops.lora_project(x, lora_A, 1.0, dropout_p, seed)
+        y = ops.lora_linear_fwd(x, weight, bias, t, lora_B, float(params.scaling))
     return as_output(y, out_shape), t
 
 
 def lora_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    t: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: int,
-    needs_grad: tuple[bool, bool, bool, bool, bool],
-) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of :func:`lora_forward` for ``(x, weight, bias, lora_A, lora_B)``."""
-    need_x, need_weight, need_bias, need_A, need_B = needs_grad
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, params: LoRAParams,
+    needs_grad: NeedsGrad,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # fmt: skip
+    """``(dX, dA, dB, None)`` for :func:`lora_forward` from the ops ``lora_grad_t_and_B``, ``lora_grad_x``
+    and ``lora_grad_A``; the bias gradient is left to ``run_backward``."""
+    need_x, _, _, need_A, need_B = needs_grad
     ops = _ops()
-    grad_x = grad_weight = grad_bias = grad_A = grad_B = None
+    scaling, dropout_p, seed = float(params.scaling), float(params.dropout_p), int(params.seed)
+    grad_x = grad_A = grad_B = None
+    if not (need_x or need_A or need_B):
+        return grad_x, grad_A, grad_B, None
     with device_guard(grad_y.device):
-        if need_x or need_A or need_B:
-            # One read of dY gives both s·(dY·B) (for dX and dA) and dB = dYᵀ·t.
-            grad_t, grad_B_f32 = ops.lora_grad_t_and_B(grad_y, lora_B, t, float(scaling))
-            if need_B:  # the op gives dYᵀ·t; t carries no s (see lora_forward)
-                grad_B = grad_B_f32.mul_(scaling).to(lora_B.dtype)
-            if need_x:
-                grad_x = ops.lora_grad_x(grad_y, weight, grad_t, lora_A, float(dropout_p), int(seed))
-            if need_A:
-                grad_A = ops.lora_grad_A(grad_t, x, float(dropout_p), int(seed)).to(lora_A.dtype)
-        if need_bias:
-            grad_bias = grad_y.sum(0)
-        if need_weight:
-            grad_weight = torch.mm(grad_y.t(), x)
-    return grad_x, grad_weight, grad_bias, grad_A, grad_B
+        # One read of dY gives both s·(dY·B) (for dX and dA) and dB = dYᵀ·t.
+        grad_t, grad_B_f32 = ops.lora_grad_t_and_B(grad_y, lora_B, t, scaling)
+        if need_B:  # the op gives dYᵀ·t; t carries no s (see lora_forward)
+            grad_B = grad_B_f32.mul_(scaling).to(lora_B.dtype)
+        if need_x:
+            grad_x = ops.lora_grad_x(grad_y, weight, grad_t, lora_A, dropout_p, seed)
+        if need_A:
+            grad_A = ops.lora_grad_A(grad_t, x, dropout_p, seed).to(lora_A.dtype)
+    return grad_x, grad_A, grad_B, None

@@ -9,64 +9,50 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..dropout import dropout_mask
-from . import as_output, t_dtype
+from . import LoRAParams, NeedsGrad, as_output, t_dtype
 
 
-def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """``tensor.to(dtype)``, skipped when it is a no-op (the call alone costs about a µs)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _dropped(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
-    if dropout_p == 0.0:
+def _dropped(x: Tensor, params: LoRAParams) -> Tensor:
+    if params.dropout_p == 0.0:
         return x
-    return x * dropout_mask(seed, 0, x.shape, dropout_p, device=x.device, dtype=x.dtype)
+    return x * dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=x.dtype)
 
 
 def lora_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: int,
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, params: LoRAParams,
     out_shape: tuple[int, ...] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     dtype = x.dtype
-    t = _as(torch.mm(_dropped(x, dropout_p, seed), _as(lora_A, dtype).t()), t_dtype(dtype))
+    t = _as(torch.mm(_dropped(x, params), _as(lora_A, dtype).t()), t_dtype(dtype))
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     # s as the GEMM's alpha: applied to the float32 accumulator, after t's cast (no fp16 overflow of s·t)
-    y.addmm_(_as(t, dtype), _as(lora_B, dtype).t(), alpha=scaling)
+    y.addmm_(_as(t, dtype), _as(lora_B, dtype).t(), alpha=params.scaling)
     return as_output(y, out_shape), t
 
 
 def lora_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    t: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: int,
-    needs_grad: tuple[bool, bool, bool, bool, bool],
-) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of :func:`lora_forward` for ``(x, weight, bias, lora_A, lora_B)``."""
-    need_x, need_weight, need_bias, need_A, need_B = needs_grad
-    dtype = grad_y.dtype
-    grad_x = grad_weight = grad_bias = grad_A = grad_B = None
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, params: LoRAParams,
+    needs_grad: NeedsGrad,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # fmt: skip
+    """``(dX, dA, dB, None)`` for :func:`lora_forward` (the bias gradient is left to ``run_backward``)."""
+    need_x, _, _, need_A, need_B = needs_grad
+    dtype, scaling = grad_y.dtype, params.scaling
+    grad_x = grad_A = grad_B = None
     if need_x or need_A:
         # s·(dY·B): the gradient reaching t, scaled once here for both dX and dA.
         grad_t = _as(_as(torch.mm(grad_y, _as(lora_B, dtype)), t_dtype(dtype)).mul_(scaling), dtype)
     mask = None
-    if dropout_p > 0.0 and (need_x or need_A):  # regenerated once, shared by dX and dA
-        mask = dropout_mask(seed, 0, x.shape, dropout_p, device=x.device, dtype=dtype)
+    if params.dropout_p > 0.0 and (need_x or need_A):  # regenerated once, shared by dX and dA
+        mask = dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=dtype)
     if need_x:
         grad_x = torch.mm(grad_y, weight)
         if mask is None:
@@ -77,23 +63,12 @@ def lora_backward(
         grad_A = _as(torch.mm(grad_t.t(), x if mask is None else x * mask), lora_A.dtype)
     if need_B:
         grad_B = _as(_as(torch.mm(grad_y.t(), _as(t, dtype)), t_dtype(dtype)).mul_(scaling), lora_B.dtype)
-    if need_bias:
-        grad_bias = grad_y.sum(0)
-    if need_weight:
-        grad_weight = torch.mm(grad_y.t(), x)
-    return grad_x, grad_weight, grad_bias, grad_A, grad_B
+    return grad_x, grad_A, grad_B, None
 
 
 def lora_linear_composite(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: int,
-) -> torch.Tensor:
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, params: LoRAParams
+) -> Tensor:
     """The fused LoRA linear as plain differentiable torch ops on an ``(..., in_features)`` input.
 
     No autograd Function: autograd, forward-mode AD and every ``torch.func`` transform (``vmap``, ``grad``,
@@ -104,5 +79,5 @@ def lora_linear_composite(
     in PEFT's order of operations: ``x·Wᵀ + b + s·((dropout(x)·Aᵀ)·Bᵀ)``.
     """
     dtype = x.dtype
-    lora = F.linear(F.linear(_dropped(x, dropout_p, seed), _as(lora_A, dtype)), _as(lora_B, dtype))
-    return F.linear(x, weight, bias).add(lora, alpha=scaling)
+    lora = F.linear(F.linear(_dropped(x, params), _as(lora_A, dtype)), _as(lora_B, dtype))
+    return F.linear(x, weight, bias).add(lora, alpha=params.scaling)

@@ -35,7 +35,7 @@ from triton.runtime.errors import OutOfResources
 from .. import dropout
 from ..dispatch import interpreting
 from ..dropout import dropout_threshold, split_seed
-from . import device_guard
+from . import LoRAParams, NeedsGrad, device_guard
 
 # Globals read inside @triton.jit functions must be constexpr.
 _PHILOX_ROUNDS = tl.constexpr(dropout.PHILOX_ROUNDS)
@@ -70,6 +70,13 @@ def _dropout_keep(rows, cols, seed_lo, seed_hi, threshold):
         k0 = k0 + _PHILOX_KEY_BUMP_0
         k1 = k1 + _PHILOX_KEY_BUMP_1
     return (c0 >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _tile(start, BLOCK: tl.constexpr, end):
+    """The indices ``start + [0, BLOCK)`` of one tile along a dimension, and which of them are ``< end``."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < end
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
@@ -113,16 +120,13 @@ def _lora_linear_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, mask_m = _tile(pid_m.to(tl.int64) * BLOCK_M, BLOCK_M, M)
+    offs_n, mask_n = _tile(pid_n.to(tl.int64) * BLOCK_N, BLOCK_N, N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    offs_r, mask_r = _tile(0, BLOCK_R, R)
     in_dtype = a_ptr.dtype.element_ty
     t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
     p_ptrs = p_ptr + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
@@ -188,16 +192,13 @@ def _lora_project_kernel(
     ``scale`` already holds the dropout's ``1 / (1 - p)``.
     """
     pid_m = tl.program_id(0)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
+    offs_m, mask_m = _tile(pid_m.to(tl.int64) * BLOCK_M, BLOCK_M, M)
+    offs_r, mask_r = _tile(0, BLOCK_R, R)
     in_dtype = a_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
+        offs_k, mask_k = _tile(k * BLOCK_K, BLOCK_K, K)
         a = tl.load(
             a_ptr + offs_m[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak,
             mask=mask_m[:, None] & mask_k[None, :],
@@ -234,10 +235,8 @@ def _lora_reduce_rows_kernel(
     """
     pid_p = tl.program_id(0)
     pid_split = tl.program_id(1)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_p = offs_p < P
-    mask_r = offs_r < R
+    offs_p, mask_p = _tile(pid_p.to(tl.int64) * BLOCK_P, BLOCK_P, P)
+    offs_r, mask_r = _tile(0, BLOCK_R, R)
     in_dtype = a_ptr.dtype.element_ty
     row_start = pid_split.to(tl.int64) * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
@@ -245,8 +244,7 @@ def _lora_reduce_rows_kernel(
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for m in range(0, tl.cdiv(rows_per_split, BLOCK_M)):
-        offs_m = row_start + m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < row_end
+        offs_m, mask_m = _tile(row_start + m * BLOCK_M, BLOCK_M, row_end)
         a_t = tl.load(  # the (P, M) transpose of a's tile, read straight from a's strides
             a_ptr + offs_p[:, None] * stride_ap + offs_m[None, :] * stride_am,
             mask=mask_p[:, None] & mask_m[None, :],
@@ -637,18 +635,12 @@ def _reduce_rows(
 
 
 def lora_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: int,
-    out_shape: tuple[int, ...] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, params: LoRAParams, out_shape: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     M, K = x.shape
+    scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
     with _launch_guard(), device_guard(x.device):  # Triton launches on the current device
         if dropout_p == 0.0 and _fuse_projection(M, weight.shape[0], K, lora_A.shape[0]):
             t = torch.empty((M, lora_A.shape[0]), device=x.device, dtype=torch.float32)
@@ -663,20 +655,14 @@ def lora_forward(
 
 
 def lora_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    t: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: int,
-    needs_grad: tuple[bool, bool, bool, bool, bool],
-) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of :func:`lora_forward` for ``(x, weight, bias, lora_A, lora_B)``."""
-    need_x, need_weight, need_bias, need_A, need_B = needs_grad
-    grad_x = grad_weight = grad_bias = grad_A = grad_B = None
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, t: torch.Tensor, params: LoRAParams, needs_grad: NeedsGrad,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """``(dX, dA, dB, db)`` for :func:`lora_forward`: ``db``, the column sums of dY, rides along the pass
+    that gives dB."""
+    need_x, _, need_bias, need_A, need_B = needs_grad
+    scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
+    grad_x = grad_bias = grad_A = grad_B = None
     with _launch_guard(), device_guard(grad_y.device):
         # s·dY·B, (M, r) fp32, by its own pass over dY (fusing it into the dX GEMM measured slower)
         if need_x or need_A:
@@ -690,6 +676,4 @@ def lora_backward(
             grad_B, grad_bias = _reduce_rows(grad_y, t, 0.0, seed, with_colsum=need_bias, scale=scaling)
             grad_B = grad_B.to(lora_B.dtype) if need_B else None
             grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
-    if need_weight:
-        grad_weight = torch.mm(grad_y.t(), x)
-    return grad_x, grad_weight, grad_bias, grad_A, grad_B
+    return grad_x, grad_A, grad_B, grad_bias

@@ -1,9 +1,14 @@
-"""``python -m lora_kernels bench``: time and measure the fused LoRA linear against its baselines.
+"""The benchmark harness: cases, providers, checks, memory, timing, ratios and tables, in one place.
 
-Read top to bottom: the cases (shapes, dtypes, modes), the providers (what runs), memory accounting
-(bytes saved for backward, CUDA peak memory), timing, ratios, and the report (``results.json``,
-``results.md``, ``speedup.png``, ``log.txt``). ``benchmarks/`` (pytest-benchmark) builds on the same
-cases, providers and memory helpers, so the report and the benchmark suite measure the same thing.
+Every benchmark entry point runs its measurements through :func:`measure` (one row: check against the
+float64 reference, saved bytes, the median time from :func:`time_calls`, CUDA peak memory):
+
+- ``python benchmarks/report.py``: the report (``results.json``, ``results.md``, ``speedup.png``, ``log.txt``);
+- ``pytest benchmarks/ --benchmark-only``: pytest-benchmark, one benchmark per case × provider
+  (``test_lora_linear.py`` hands the harness's per-call times to pytest-benchmark, it times nothing itself);
+- ``benchmarks/gpu_run.py``: the timing table of a GPU visit (its sweep times with :func:`median_ms`).
+
+So the same case gives the same kind of number, from the same loop, in all three.
 
 Providers, all computing ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` from the same tensors:
 
@@ -17,37 +22,32 @@ Providers, all computing ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` from 
 Modes: ``fwd`` (forward under ``no_grad``, dropout active as in training), ``fwd_bwd`` (forward and
 backward, ``W``/``b`` frozen, gradients for ``x``, ``A``, ``B``), ``merged`` (inference after merging the
 adapter into ``W``; PEFT after its ``merge()``).
+
+Needs the ``bench`` extra (``pip install -e '.[bench]'``) for PEFT and the plot.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import platform
 import re
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .dispatch import BACKENDS as BACKEND_NAMES
-from .dispatch import available_backends, use_backend
-from .functional import lora_linear
-from .modules import FusedLoRALinear
-from .reference import lora_linear_reference
+import lora_kernels
+from lora_kernels import FusedLoRALinear, available_backends, lora_linear, lora_linear_reference, use_backend
+from lora_kernels.testing import SavedTensorCounter, assert_close, relative_error
 
 MODES = ("fwd", "fwd_bwd", "merged")
 BASELINES = ("base", "peft", "composite")
@@ -361,9 +361,11 @@ def make_step(provider: str, case: Case, inputs: Inputs) -> Callable[[], None]:
 
 
 def check_provider(provider: str, case: Case, inputs: Inputs) -> float:
-    """Relative max error of ``provider``'s output against the fp64 reference (cases without dropout).
+    """``provider``'s output against the float64 reference: raises ``AssertionError`` beyond the tolerance of
+    the case's dtype (:func:`lora_kernels.testing.assert_close`), else returns the relative error.
 
-    Keeps the benchmarks honest: every provider must compute the same function before it is timed.
+    Keeps the benchmarks honest: every provider must compute the same function before it is timed (cases
+    without dropout: the providers draw different masks).
     """
     forward, _ = _forward_fn(provider, case, inputs)
     with torch.no_grad():
@@ -380,73 +382,17 @@ def check_provider(provider: str, case: Case, inputs: Inputs) -> float:
                 inputs.scaling,
                 upcast=True,
             )
-    return ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    assert_close(y, ref, case.torch_dtype, f"{provider} on {case.label}")
+    return relative_error(y, ref)
 
 
 def _double(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.double()
 
 
-#: Largest tolerated relative error of a provider against the fp64 reference, per dtype.
-CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
-
-
 # --------------------------------------------------------------------------------------------------------
 # Memory accounting
 # --------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class SavedTensor:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int  # bytes of its storage; 0 when the storage was already counted
-    kind: str  # "input" (shares a storage with an input/parameter) or "activation" (new memory)
-
-
-class SavedTensorCounter:
-    """Counts the bytes autograd saves for backward inside the ``with`` block.
-
-    A saved tensor whose storage is that of one of ``known`` (inputs and parameters, possibly a view or a
-    reshape of them) costs nothing and is ``kind="input"``; every other storage is new activation memory,
-    counted once however many nodes save it.
-    """
-
-    def __init__(self, known: Iterable[torch.Tensor] = ()) -> None:
-        self._known = {_storage_key(t) for t in known if t is not None}
-        self._seen: set[tuple] = set()
-        self.saved: list[SavedTensor] = []
-
-    @property
-    def activation_bytes(self) -> int:
-        """Bytes of new memory held for backward (storages not shared with an input or parameter)."""
-        return sum(s.nbytes for s in self.saved if s.kind == "activation")
-
-    def activations(self) -> list[SavedTensor]:
-        return [s for s in self.saved if s.kind == "activation"]
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(tensor)
-        kind = "input" if key in self._known else "activation"
-        nbytes = 0
-        if kind == "activation" and key not in self._seen:
-            self._seen.add(key)
-            nbytes = tensor.untyped_storage().nbytes()
-        self.saved.append(SavedTensor(tuple(tensor.shape), tensor.dtype, nbytes, kind))
-        return tensor
-
-    def __enter__(self) -> SavedTensorCounter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple:
-    storage = tensor.untyped_storage()
-    return (tensor.device.type, tensor.device.index, storage.data_ptr(), storage.nbytes())
 
 
 def saved_bytes(provider: str, case: Case, inputs: Inputs) -> SavedTensorCounter:
@@ -481,18 +427,6 @@ def peak_memory_bytes(step: Callable[[], None], device: torch.device) -> int | N
 # --------------------------------------------------------------------------------------------------------
 
 
-def synchronized(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """``step`` followed by a device synchronisation, so a timer around it measures the work."""
-    if device.type != "cuda":
-        return step
-
-    def call() -> None:
-        step()
-        torch.cuda.synchronize(device)
-
-    return call
-
-
 @functools.cache
 def _l2_flush_buffer(device_index: int) -> torch.Tensor:
     return torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=torch.device("cuda", device_index))
@@ -505,21 +439,23 @@ def flush_l2(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(step: Callable[[], None], device: torch.device, quick: bool = False) -> float:
-    """Median time of ``step`` in milliseconds.
+def time_calls(step: Callable[[], None], device: torch.device, quick: bool = False) -> list[float]:
+    """Per-call times of ``step`` in milliseconds, after warm-up: the one timing loop of every benchmark.
 
-    CUDA: ``triton.testing.do_bench`` (warm-up, L2 flushed before each call, CUDA events around each call,
-    median), or a CUDA-event loop with the same flush when triton is missing; the events time the work on
-    the device, and the loop synchronises after each call. CPU: ``time.perf_counter`` around each call
-    after warm-up; as many calls as fit a time budget (at least 5, 3 with ``quick``), median.
+    CUDA: ``triton.testing.do_bench`` (warm-up, L2 flushed before each call, CUDA events around each call;
+    as many calls as fit 100 ms, 40 with ``quick``), or a CUDA-event loop with the same flush when triton is
+    missing; the events time the work on the device, not the host's launch or synchronisation. CPU:
+    ``time.perf_counter`` around each call after one warm-up call; as many calls as fit 0.5 s (0.1 s with
+    ``quick``), at least 5 (3), at most 200.
     """
     if device.type == "cuda":
         warmup, rep = (10, 40) if quick else (25, 100)
         try:
             from triton.testing import do_bench
         except ImportError:
-            return _cuda_event_median(step, device, 5 if quick else 10, 20 if quick else 50)
-        return float(do_bench(step, warmup=warmup, rep=rep, return_mode="median"))
+            return _cuda_event_times(step, device, 5 if quick else 10, 20 if quick else 50)
+        times = do_bench(step, warmup=warmup, rep=rep, return_mode="all")
+        return [float(t) for t in times] if isinstance(times, (list, tuple)) else [float(times)]
     budget, min_calls = (0.1, 3) if quick else (0.5, 5)
     step()  # warm-up: allocator, first-call dispatch
     times = []
@@ -527,11 +463,16 @@ def median_ms(step: Callable[[], None], device: torch.device, quick: bool = Fals
     while len(times) < min_calls or (time.perf_counter() - start_all < budget and len(times) < 200):
         start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
-def _cuda_event_median(step: Callable[[], None], device: torch.device, warmup: int, reps: int) -> float:
+def median_ms(step: Callable[[], None], device: torch.device, quick: bool = False) -> float:
+    """The median of :func:`time_calls`: the number every benchmark reports."""
+    return statistics.median(time_calls(step, device, quick))
+
+
+def _cuda_event_times(step: Callable[[], None], device: torch.device, warmup: int, reps: int) -> list[float]:
     for _ in range(warmup):
         step()
     times = []
@@ -543,7 +484,48 @@ def _cuda_event_median(step: Callable[[], None], device: torch.device, warmup: i
         end.record()
         torch.cuda.synchronize(device)
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
+
+
+# --------------------------------------------------------------------------------------------------------
+# One measurement
+# --------------------------------------------------------------------------------------------------------
+
+
+def measure(
+    provider: str,
+    case: Case,
+    device: torch.device,
+    quick: bool = False,
+    *,
+    timed: bool = True,
+    samples: list[float] | None = None,
+) -> dict:
+    """One row: check, time, and measure ``provider`` on ``case`` (what every entry point records).
+
+    ``max_rel_error`` (cases without dropout; beyond the dtype's tolerance this raises), ``saved_bytes``
+    (``fwd_bwd``), ``median_ms`` (:func:`median_ms`; ``None`` with ``timed=False``, which runs the step
+    once instead) and ``peak_bytes`` (CUDA). The per-call times behind ``median_ms`` are appended to
+    ``samples`` when given.
+    """
+    inputs = make_inputs(case, device)
+    row = {"provider": provider, **case_fields(case)}
+    if case.dropout == 0.0:
+        row["max_rel_error"] = check_provider(provider, case, inputs)
+    step = make_step(provider, case, inputs)
+    row["saved_bytes"] = (
+        saved_bytes(provider, case, inputs).activation_bytes if case.mode == "fwd_bwd" else None
+    )
+    if timed:
+        times = time_calls(step, device, quick=quick)
+        row["median_ms"] = statistics.median(times)
+        if samples is not None:
+            samples.extend(times)
+    else:
+        step()
+        row["median_ms"] = None
+    row["peak_bytes"] = peak_memory_bytes(step, device)
+    return row
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -611,7 +593,7 @@ def versions() -> dict[str, str | None]:
         "cuda": torch.version.cuda,
         "triton": version_of("triton"),
         "peft": version_of("peft"),
-        "lora_kernels": __version__,
+        "lora_kernels": lora_kernels.__version__,
         "git": commit,
         "python": platform.python_version(),
     }
@@ -754,194 +736,3 @@ def format_markdown(rows: Sequence[dict], env: dict) -> str:
     if env.get("notes"):
         lines += ["", *(f"- {note}" for note in env["notes"])]
     return "\n".join(lines) + "\n"
-
-
-def plot_speedup(rows: Sequence[dict], path: Path, title: str) -> None:
-    """Speed-up over PEFT and overhead over ``base`` against tokens M, one row of panels per mode.
-
-    Each line is the geometric mean over the cases at that M (shapes, ranks, dropout, dtypes); the band
-    spans their minimum and maximum.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    fig, axes = plt.subplots(len(modes), 2, figsize=(11, 3.4 * len(modes)), squeeze=False)
-    for row_axes, mode in zip(axes, modes, strict=True):
-        mode_rows = [r for r in rows if r["mode"] == mode and r.get("median_ms")]
-        names = list(dict.fromkeys(r["provider"] for r in mode_rows))
-        for ax, metric, ylabel, skip in (
-            (row_axes[0], "speedup_over_peft", "speed-up over PEFT (×)", "peft"),
-            (row_axes[1], "ratio_to_base", "time / base time (×)", "base"),
-        ):
-            for name in names:
-                if name == skip:
-                    continue
-                by_m: dict[int, list[float]] = {}
-                for r in mode_rows:
-                    if r["provider"] == name and r.get(metric):
-                        by_m.setdefault(r["M"], []).append(r[metric])
-                if not by_m:
-                    continue
-                ms = sorted(by_m)
-                geo = [math.exp(statistics.fmean(math.log(v) for v in by_m[m])) for m in ms]
-                (line,) = ax.plot(ms, geo, marker="o", label=name)
-                lo, hi = [min(by_m[m]) for m in ms], [max(by_m[m]) for m in ms]
-                ax.fill_between(ms, lo, hi, color=line.get_color(), alpha=0.12)
-            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log", base=2)
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.set_xlabel("tokens M")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{mode}: {ylabel.split(' (')[0]}")
-            ax.grid(True, which="both", alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-    fig.suptitle(f"{title}\nline: geometric mean over cases at each M; band: min–max", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------------------
-# The report command
-# --------------------------------------------------------------------------------------------------------
-
-
-def measure(provider: str, case: Case, device: torch.device, quick: bool = False) -> dict:
-    """One row: check, time, and measure ``provider`` on ``case``."""
-    inputs = make_inputs(case, device)
-    row = {"provider": provider, **case_fields(case)}
-    if case.dropout == 0.0:
-        row["max_rel_error"] = check_provider(provider, case, inputs)
-        if row["max_rel_error"] > CHECK_TOLERANCE[case.dtype]:
-            raise AssertionError(f"{provider} on {case.label}: relative error {row['max_rel_error']:.2e}")
-    step = make_step(provider, case, inputs)
-    row["saved_bytes"] = (
-        saved_bytes(provider, case, inputs).activation_bytes if case.mode == "fwd_bwd" else None
-    )
-    row["median_ms"] = median_ms(step, device, quick=quick)
-    row["peak_bytes"] = peak_memory_bytes(step, device)
-    return row
-
-
-@contextlib.contextmanager
-def _tee(path: Path) -> Iterator[Callable[[str], None]]:
-    """``print`` that also appends to ``path`` (the raw log kept next to the results)."""
-    with path.open("w") as log:
-
-        def emit(text: str) -> None:
-            print(text)
-            log.write(text + "\n")
-            log.flush()
-
-        yield emit
-
-
-def default_out(device: torch.device, quick: bool = False) -> Path:
-    """Where a run writes without ``--out``: ``benchmarks/results/<device>/`` (the committed results), or for
-    ``--quick`` ``<tmp>/lora_kernels-bench-quick/<device>/``, so that a smoke run replaces nothing."""
-    if quick:
-        return Path(tempfile.gettempdir()) / "lora_kernels-bench-quick" / device_slug(device)
-    return Path("benchmarks") / "results" / device_slug(device)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lora_kernels bench",
-        description="Benchmark the fused LoRA linear against F.linear, PEFT and the unfused composite on "
-        "the device here; write results.json, results.md, speedup.png and log.txt.",
-    )
-    parser.add_argument("--quick", action="store_true", help="a tiny set of cases (seconds on a CPU)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="output folder (default benchmarks/results/<device>/; with --quick a folder under the system's "
-        "temporary directory, so that a quick run never replaces the committed results)",
-    )
-    parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    parser.add_argument(
-        "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
-    )
-    parser.add_argument("--providers", help="comma-separated subset of providers (default: all available)")
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if unknown := set(modes) - set(MODES):
-        parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
-    wanted = None
-    if args.providers:
-        wanted = {p.strip() for p in args.providers.split(",") if p.strip()}
-        known = {*BASELINES, MERGED_OURS, *BACKEND_NAMES}
-        if unknown := sorted(wanted - known):
-            parser.error(
-                f"unknown provider(s) {', '.join(map(repr, unknown))}; choose from {', '.join(sorted(known))}"
-            )
-        here = {p for mode in modes for p in providers(mode, device)}
-        if not wanted & here:
-            parser.error(
-                f"--providers {args.providers}: none of them runs on {device.type} for modes "
-                f"{','.join(modes)} (here: {', '.join(sorted(here))})"
-            )
-    out = args.out or default_out(device, args.quick)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.out is None and args.quick:
-        print(f"quick run: writing to {out} (choose with --out)")
-
-    cases = [c for c in (quick_cases(device) if args.quick else default_cases(device)) if c.mode in modes]
-    notes = []
-    if peft_import_error():
-        notes.append(f"peft provider skipped: {peft_import_error()}")
-    if load_note := cpu_load_note():
-        notes.append(load_note)
-    if device.type != "cuda":
-        notes.append(
-            "CPU run: ours is the torch backend only (Triton on the CPU is the interpreter, not a speed "
-            "measurement); peak memory is CUDA-only."
-        )
-    jobs = []
-    for case in cases:
-        for order, provider in enumerate(providers(case.mode, device)):
-            if provider == "peft" and peft_import_error():
-                continue
-            if wanted is None or provider in wanted or provider in ("base", "peft"):
-                jobs.append((case, provider, order))
-
-    env = {"device": device_name(device), "device_slug": device_slug(device), "versions": versions()}
-    env["notes"] = notes
-    from tqdm import tqdm
-
-    rows = []
-    with _tee(out / "log.txt") as emit:
-        emit(f"python -m lora_kernels bench {' '.join(argv if argv is not None else sys.argv[1:])}")
-        emit(f"device: {env['device']}")
-        emit("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
-        for note in notes:
-            emit(f"note: {note}")
-        emit(f"{len(cases)} cases, {len(jobs)} measurements")
-        started = time.perf_counter()
-        for case, provider, order in tqdm(jobs, desc="bench", unit="run", file=sys.stderr):
-            row = measure(provider, case, device, quick=args.quick)
-            row.update(device=env["device"], order=order, versions=env["versions"])
-            rows.append(row)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        add_ratios(rows)
-        if (load_note := cpu_load_note()) and load_note not in notes:
-            notes.append(f"at the end, {load_note}")
-            emit(f"note: at the end, {load_note}")
-        emit(format_text_table(rows))
-        emit(f"total {time.perf_counter() - started:.1f} s")
-
-    (out / "results.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
-    (out / "results.md").write_text(format_markdown(rows, env))
-    plot_speedup(rows, out / "speedup.png", f"{env['device']} — lora_kernels {__version__}")
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'speedup.png'}, {out / 'log.txt'}")
-    return 0

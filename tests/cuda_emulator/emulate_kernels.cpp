@@ -1,4 +1,4 @@
-// Runs the CUDA kernels of ../lora_kernels.cuh on the CPU, for machines without a GPU.
+// Runs the CUDA kernels of csrc/lora_kernels.cuh on the CPU, for machines without a GPU.
 //
 // The kernel source is compiled as plain C++. The 256 threads of a block are ucontext coroutines on one OS
 // thread: each runs until it reaches __syncthreads() (or finishes), then the next one runs, so a "pass" over
@@ -10,7 +10,7 @@
 // behaviour, memory coalescing or speed.
 //
 // Built and run by tests/test_cuda_ext.py::test_cuda_kernels_emulated_on_cpu:
-//   c++ -std=c++20 -O1 -I<torch>/include emulate_kernels.cpp -o emulate && ./emulate
+//   c++ -std=c++20 -O1 -I<torch>/include -I<repo>/csrc emulate_kernels.cpp -o emulate && ./emulate
 // Prints one line per failing case and "all N cases passed" on success (exit code 0).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -59,7 +59,7 @@ inline void __syncthreads() {
 #define __launch_bounds__(n)
 #define __shared__ static
 
-#include "../lora_kernels.cuh"
+#include "lora_kernels.cuh"  // from csrc/ (-I)
 
 using namespace lora_kernels;
 using namespace lora_kernels::cuda;
@@ -366,7 +366,7 @@ template <typename T>
 void run_dtype(const char* dtype) {
   uint32_t rng_seed = 0;
   // r covers every rank tile and its edges (16 | 64 | 256); target 1 gives one block per row tile (no
-  // splits), 264 an H100's 2 x 132 SMs (K / N / M splits and row groups as far as the shape allows).
+  // splits), 264 that of a 132-SM GPU (K / N / M splits and row groups as far as the shape allows).
   for (int64_t r : {1, 5, 17, 64, 65, 256}) {
     for (double p : {0.0, 0.3}) {
       for (int64_t target : {1, 264}) {
