@@ -35,7 +35,7 @@ from triton.runtime.errors import OutOfResources
 from .. import dropout
 from ..dispatch import interpreting
 from ..dropout import dropout_threshold, split_seed
-from . import LoRAParams, NeedsGrad, device_guard
+from . import _NO_GUARD, LoRAParams, NeedsGrad, device_guard
 
 # Globals read inside @triton.jit functions must be constexpr.
 _PHILOX_ROUNDS = tl.constexpr(dropout.PHILOX_ROUNDS)
@@ -281,9 +281,6 @@ _INTERPRETER_LOCK = threading.Lock()
 
 def _launch_guard() -> contextlib.AbstractContextManager:
     return _INTERPRETER_LOCK if interpreting() else _NO_GUARD
-
-
-_NO_GUARD = contextlib.nullcontext()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -642,15 +639,14 @@ def lora_forward(
     M, K = x.shape
     scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
     with _launch_guard(), device_guard(x.device):  # Triton launches on the current device
-        if dropout_p == 0.0 and _fuse_projection(M, weight.shape[0], K, lora_A.shape[0]):
+        # t = dropout(x)·Aᵀ: in the GEMM's main loop where it can (no dropout), else by its own pass
+        fuse = dropout_p == 0.0 and _fuse_projection(M, weight.shape[0], K, lora_A.shape[0])
+        if fuse:
             t = torch.empty((M, lora_A.shape[0]), device=x.device, dtype=torch.float32)
-            y = _linear_with_lora(x, weight.t(), t, lora_B.t(), bias, 0.0, seed, lora_A.t(), 1.0, scaling,
-                                  out_shape)  # fmt: skip
         else:
             t = _project(x, lora_A.t(), 1.0, dropout_p, seed)
-            y = _linear_with_lora(
-                x, weight.t(), t, lora_B.t(), bias, 0.0, seed, None, 1.0, scaling, out_shape
-            )
+        project = lora_A.t() if fuse else None
+        y = _linear_with_lora(x, weight.t(), t, lora_B.t(), bias, 0.0, seed, project, 1.0, scaling, out_shape)
     return y, t
 
 
