@@ -2,10 +2,10 @@
 
 from .dispatch import available_backends, use_backend
 from .dropout import dropout_mask
-from .functional import LoRALinearFunction, lora_linear
+from .functional import LoRALinearFunction, dora_linear, dora_weight_norm, lora_linear
 from .inject import inject_lora, lora_state_dict, merge_lora, unmerge_lora
 from .modules import FusedLoRALinear
-from .reference import lora_linear_reference
+from .reference import dora_linear_reference, lora_linear_reference
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,9 @@ __all__ = [
     "FusedLoRALinear",
     "LoRALinearFunction",
     "available_backends",
+    "dora_linear",
+    "dora_linear_reference",
+    "dora_weight_norm",
     "dropout_mask",
     "inject_lora",
     "lora_linear",

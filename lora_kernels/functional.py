@@ -29,11 +29,12 @@ import operator
 import torch
 from torch import Tensor
 
+from . import ops
 from .dispatch import MAX_KERNEL_RANK, select_backend
 from .dropout import new_seed
-from .library import LoRALinearFunction, lora_linear_op
+from .library import DoRALinearFunction, LoRALinearFunction, lora_linear_op
 from .ops import LoRAParams, autocast_available
-from .ops.torch_lora import lora_linear_composite
+from .ops.torch_lora import dora_linear_composite, lora_linear_composite
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -185,6 +186,66 @@ def lora_linear(
             seed_tensor = torch.tensor(dropout_seed, dtype=torch.int64)
     y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor, backend)
     return y
+
+
+def dora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+    scaling: float, dropout_p: float = 0.0, training: bool = False, *, dropout_seed: int | None = None,
+) -> Tensor:  # fmt: skip
+    """Fused DoRA linear (weight-decomposed LoRA, PEFT's ``use_dora=True``), with PEFT's semantics.
+
+    With ``n = ‖W + s·B·A‖`` per output row, detached (DoRA paper §4.3), and ``c = magnitude / n``:
+    ``y = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b`` without dropout (or in eval), and with dropout in training,
+    ``x̃ = dropout(x)``: ``y = x·Wᵀ + b + (c − 1) ⊙ (x̃·Wᵀ) + c ⊙ s·(x̃·Aᵀ)·Bᵀ``, as PEFT's
+    ``DoraLinearVariant`` computes it (:func:`lora_kernels.reference.dora_linear_reference`).
+
+    Args:
+        magnitude: DoRA's trainable magnitude ``m``, ``(out_features,)`` (PEFT's ``lora_magnitude_vector``),
+            usually in the adapters' dtype.
+        the others: as :func:`lora_linear`.
+
+    Returns:
+        ``(..., out_features)`` in ``x.dtype``, a new tensor. Gradients flow to ``x``, ``lora_A``,
+        ``lora_B``, ``magnitude`` (and ``weight``/``bias`` if they require them).
+
+    The eager call runs the fused autograd Function on the selected backend (the CUDA extension runs DoRA on
+    the torch backend's ops); under ``torch.compile``, ``torch.func`` transforms, forward-mode AD and on
+    ``meta`` tensors it runs the same math as plain torch ops.
+    """
+    x, weight, bias = _autocast_inputs(x, weight, bias)
+    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    _check_magnitude(magnitude, weight, lora_A)
+    dropout_seed = check_dropout_seed(dropout_seed)
+    dropout_p, scaling = float(dropout_p if training else 0.0), float(scaling)
+    seed = 0
+    if dropout_p > 0.0:
+        seed = new_seed() if dropout_seed is None else dropout_seed
+    if torch.compiler.is_compiling() or _composite_needed(x, weight, bias, lora_A, lora_B, magnitude):
+        params = LoRAParams(scaling, dropout_p, seed)
+        return dora_linear_composite(x, weight, bias, lora_A, lora_B, magnitude, params)
+    backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
+    return DoRALinearFunction.apply(
+        x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, backend
+    )
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``‖W + s·B·A‖`` per output row (``out_features``), float32 (float64 for float64 weights), without
+    autograd: DoRA's detached norm, and the initial value of its magnitude. Computed on the backend
+    :func:`lora_linear` would use, from one read of ``W`` where that backend fuses it (Triton)."""
+    backend = _backend_for(weight.device, weight.dtype, lora_A.shape[0])
+    return ops.dora_weight_norm(backend, weight, lora_A, lora_B, float(scaling))
+
+
+def _check_magnitude(magnitude: Tensor, weight: Tensor, lora_A: Tensor) -> None:
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"magnitude must be a torch.Tensor, got {type(magnitude).__name__}")
+    if magnitude.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{_describe('magnitude', magnitude)} must be a floating-point tensor")
+    if tuple(magnitude.shape) != (weight.shape[0],):
+        raise ValueError(f"{_describe('magnitude', magnitude)} must be (out_features={weight.shape[0]},)")
+    if magnitude.device != weight.device:
+        raise ValueError(f"{_describe('magnitude', magnitude)} is not on the device of the weight")
 
 
 _forward_ad = torch.autograd.forward_ad

@@ -44,9 +44,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ops import LoRAParams, run_backward, run_forward, t_dtype
+from .ops import LoRAParams, run_backward, run_dora_backward, run_dora_forward, run_forward, t_dtype
 
-__all__ = ["LoRALinearFunction", "lora_linear_backward_op", "lora_linear_op", "once_differentiable_grads"]
+__all__ = [
+    "DoRALinearFunction",
+    "LoRALinearFunction",
+    "lora_linear_backward_op",
+    "lora_linear_op",
+    "once_differentiable_grads",
+]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -128,6 +134,40 @@ class LoRALinearFunction(torch.autograd.Function):
         return y
 
     backward = staticmethod(_backward)
+
+
+class DoRALinearFunction(torch.autograd.Function):
+    """DoRA's linear (PEFT's ``use_dora``) with the fused forward and backward of one backend.
+
+    Saves ``x``, the weight and adapters (parameters: not copied), ``t`` (M×r float32), ``z`` (the M×N
+    pre-scale output in ``x.dtype``, for ``dm``; see benchmarks/NOTES.md for why it is kept rather than
+    recomputed), and the N-sized ``col_scale = m / n`` and ``n``. Eager only: under ``torch.compile``
+    :func:`lora_kernels.dora_linear` runs the differentiable composite, which the compiler fuses itself.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float, seed: int,
+        backend: str,
+    ):  # fmt: skip
+        params = LoRAParams(scaling, dropout_p, seed)
+        y, t, z, col_scale, norm = run_dora_forward(backend, x, weight, bias, lora_A, lora_B, magnitude, params)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, z, col_scale, norm)
+        ctx.params, ctx.backend, ctx.magnitude_dtype = params, backend, magnitude.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, t, z, col_scale, norm = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:6])
+        with torch.no_grad():
+            grads = run_dora_backward(
+                ctx.backend, grad_y, x, weight, lora_A, lora_B, t, z, col_scale, norm, ctx.magnitude_dtype,
+                ctx.params, needs,
+            )  # fmt: skip
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            grads = once_differentiable_grads((grad_y, x, weight, lora_A, lora_B), grads)
+        return (*grads, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------------

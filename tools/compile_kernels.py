@@ -32,26 +32,34 @@ KERNELS = {
             "p_ptr": "fp32",
             "bias_ptr": "in",
             "out_ptr": "in",
+            "a2_ptr": "in",
+            "a_scale_ptr": "fp32",
+            "out_scale_ptr": "fp32",
+            "z_ptr": "in",
         },
         {"project_scale", "lora_scale", "dropout_scale"},
-        {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16, "GROUP_M": 8},
+        {"HAS_BIAS": True, "SCALE_A": False, "SECOND": 0, "DORA_OUT": False, "FUSE_PROJECT": False,
+         "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16, "GROUP_M": 8},
         {"num_warps": 8, "num_stages": 3},
-        ({"FUSE_PROJECT": False}, {"FUSE_PROJECT": True}),
-    ),
+        # LoRA (t by its own kernel, or fused), then DoRA: forward without / with dropout, dX without / with
+        ({}, {"FUSE_PROJECT": True}, {"FUSE_PROJECT": True, "DORA_OUT": True}, {"SECOND": 1, "DORA_OUT": True},
+         {"SCALE_A": True}, {"SECOND": 2}),
+    ),  # fmt: skip
     "_lora_project_kernel": (
-        {"a_ptr": "in", "b_ptr": "fp32", "out_ptr": "fp32"},
-        {"scale"},
-        {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 64},
+        {"a_ptr": "in", "b_ptr": "fp32", "out_ptr": "fp32", "row_sq_ptr": "fp32", "dropped_ptr": "in"},
+        {"scale", "dropout_scale"},
+        {"ROW_SQ": False, "STORE_DROPPED": False, "BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 64},
         {"num_warps": 4, "num_stages": 3},
-        ({},),
+        ({}, {"ROW_SQ": True}, {"STORE_DROPPED": True}),  # DoRA: ‖W_j‖² with W·Aᵀ; x̃ with t
     ),
     "_lora_reduce_rows_kernel": (
-        {"a_ptr": "in", "c_ptr": "fp32", "out_ptr": "fp32", "colsum_ptr": "fp32"},
+        {"a_ptr": "in", "c_ptr": "fp32", "out_ptr": "fp32", "colsum_ptr": "fp32", "z_ptr": "in",
+         "prodsum_ptr": "fp32"},
         {"scale"},
-        {"HAS_COLSUM": True, "BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_R": 32},
+        {"HAS_COLSUM": True, "HAS_PRODSUM": False, "BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_R": 32},
         {"num_warps": 4, "num_stages": 3},
-        ({},),
-    ),
+        ({}, {"HAS_PRODSUM": True}),  # DoRA: Σ_rows dY ⊙ z on dB's loads
+    ),  # fmt: skip
 }
 
 

@@ -18,6 +18,22 @@ gradient ``dW = dYᵀ·x`` and, unless the backend returns it, the bias gradient
     for free (the Triton backend sums the columns of dY in the pass that gives dB), else ``None``:
     :func:`run_backward` computes it then. ``weight`` is only read, for ``dX = dY·W + ...``.
 
+DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): a backend may also provide
+
+``dora_norm_parts(weight, lora_A) -> (weight_sq (N,), weight_A (N, r))``
+    ``‖W_j‖²`` and ``W·Aᵀ`` in float32 from one pass over ``W``; :func:`dora_weight_norm` builds
+    ``‖W + s·B·A‖`` from them and the small adapters.
+``dora_forward(x, weight, bias, lora_A, lora_B, col_scale, params, out_shape=None) -> (y, t, z)``
+    with ``c = col_scale = m / ‖W + s·B·A‖`` (float32, N) and ``x̃ = dropout(x)``:
+    ``z = x̃·Wᵀ + s·t·Bᵀ`` (``x.dtype``, M×N, kept for ``dm``) and ``y = x·Wᵀ − x̃·Wᵀ + c ⊙ z + b``, i.e.
+    ``c ⊙ z + b`` without dropout (see :func:`lora_kernels.reference.dora_linear_reference`).
+``dora_backward(grad_y, x, weight, lora_A, lora_B, t, z, col_scale, params, needs_grad) -> (grad_x, grad_A,
+grad_B, grad_bias, grad_z_colsum)``
+    ``needs_grad`` as ``lora_backward``'s; ``grad_z_colsum = Σ_rows dY ⊙ z`` (float32, N), from which
+    :func:`run_dora_backward` makes ``dm = grad_z_colsum / n``.
+
+A backend without them (the CUDA extension) runs DoRA on the torch backend's (:func:`dora_backend_module`).
+
 Precision contract (the same in every backend): the matmuls run in the input's dtype (adapters are cast
 tile by tile, never x), accumulate in float32, and ``t`` stays float32; ``y`` and ``grad_x`` come out in
 ``x.dtype``, ``grad_A``/``grad_B`` in the adapters' dtype, as under ``torch.autocast``. The scaling ``s`` is
@@ -37,9 +53,12 @@ import torch
 from torch import Tensor
 
 from ..dispatch import backend_module
+from ..dropout import dropout_mask
 
 #: Autograd's ``needs_input_grad`` for ``(x, weight, bias, lora_A, lora_B)``.
 NeedsGrad = tuple[bool, bool, bool, bool, bool]
+#: The same for DoRA, with the magnitude last: ``(x, weight, bias, lora_A, lora_B, magnitude)``.
+DoRANeedsGrad = tuple[bool, bool, bool, bool, bool, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +131,23 @@ def as_output(y: torch.Tensor, out_shape: tuple[int, ...] | None) -> torch.Tenso
     return _no_view_reshape(y, out_shape)
 
 
+def _flat_input(x: Tensor, out_features: int) -> tuple[Tensor, tuple[int, ...] | None]:
+    """``x`` as ``(M, in_features)`` and the output shape ``(..., out_features)`` (``None`` for a 2-D x)."""
+    if x.dim() == 2:  # (the reshapes cost µs a call: skipped where x is 2-D already)
+        return x, None
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), (*x.shape[:-1], out_features)
+
+
+def _flat_grad(x: Tensor, grad_y: Tensor, out_features: int) -> tuple[Tensor, Tensor]:
+    """``x`` and ``grad_y`` as 2-D ``(M, in)`` / ``(M, out)``, ``grad_y`` in ``x.dtype``."""
+    if x.dim() != 2:
+        rows = math.prod(x.shape[:-1])
+        grad_y, x = grad_y.reshape(rows, out_features), x.reshape(rows, x.shape[-1])
+    if grad_y.dtype != x.dtype:
+        grad_y = grad_y.to(x.dtype)
+    return x, grad_y
+
+
 def run_forward(
     backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
     params: LoRAParams,
@@ -121,9 +157,7 @@ def run_forward(
     ``y`` is not a view (the backend allocates it in the ``(..., out)`` shape), so the caller may modify
     it in place as it may nn.Linear's output.
     """
-    flat = x.dim() != 2  # (the reshapes cost µs a call: skipped where x is 2-D already)
-    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x
-    out_shape = (*x.shape[:-1], weight.shape[0]) if flat else None
+    x2d, out_shape = _flat_input(x, weight.shape[0])
     with _no_autocast(x.device.type):  # the caller applied autocast's casts already
         return backend_module(backend).lora_forward(x2d, weight, bias, lora_A, lora_B, params, out_shape)
 
@@ -135,14 +169,7 @@ def run_backward(
     """Gradients for ``(x, weight, bias, lora_A, lora_B)`` of an ``(..., in_features)`` input (``grad_x`` in
     x's shape): the backend's ``lora_backward``, plus ``dW = dYᵀ·x`` and, where the backend leaves it,
     ``db = Σ_rows dY``."""
-    flat = x.dim() != 2
-    if flat:
-        rows = math.prod(x.shape[:-1])
-        grad_y, x2d = grad_y.reshape(rows, weight.shape[0]), x.reshape(rows, x.shape[-1])
-    else:
-        x2d = x
-    if grad_y.dtype != x.dtype:
-        grad_y = grad_y.to(x.dtype)
+    x2d, grad_y = _flat_grad(x, grad_y, weight.shape[0])
     _, need_weight, need_bias, _, _ = needs_grad
     with _no_autocast(x.device.type):
         grad_x, grad_A, grad_B, grad_bias = backend_module(backend).lora_backward(
@@ -151,6 +178,89 @@ def run_backward(
         if need_bias and grad_bias is None:
             grad_bias = grad_y.sum(0)
         grad_weight = torch.mm(grad_y.t(), x2d) if need_weight else None
-    if flat and grad_x is not None:
+    if grad_x is not None and grad_x.shape != x.shape:
         grad_x = grad_x.reshape(x.shape)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B
+
+
+# --------------------------------------------------------------------------------------------------------
+# DoRA
+# --------------------------------------------------------------------------------------------------------
+
+
+def dora_backend_module(backend: str):
+    """The module that runs DoRA for ``backend``: its own where it has the DoRA functions, else torch's."""
+    module = backend_module(backend)
+    return module if hasattr(module, "dora_forward") else backend_module("torch")
+
+
+def dora_weight_norm(
+    backend: str, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
+) -> Tensor:  # fmt: skip
+    """``‖W + s·B·A‖`` per output row (float32; float64 for float64 weights), without autograd.
+
+    Never forms ``W + s·B·A``: ``‖W_j + s·B_j·A‖² = ‖W_j‖² + 2s·B_j·(A·W_jᵀ) + s²·B_j·(A·Aᵀ)·B_jᵀ``, where
+    the backend's ``dora_norm_parts`` gives ``‖W_j‖²`` and ``W·Aᵀ`` from one read of ``W`` and the rest is
+    ``(N, r)``-sized. The sum is clamped at 0 before the square root (rounding could take a zero norm
+    below it).
+    """
+    with torch.no_grad(), _no_autocast(weight.device.type):
+        weight_sq, weight_A = dora_backend_module(backend).dora_norm_parts(weight, lora_A)
+        B = lora_B.to(weight_A.dtype)
+        A = lora_A.to(weight_A.dtype)
+        norm_sq = weight_sq + (2.0 * scaling) * (B * weight_A).sum(1)
+        norm_sq += (scaling * scaling) * ((B @ (A @ A.t())) * B).sum(1)
+        return norm_sq.clamp_min_(0.0).sqrt_()
+
+
+def run_dora_forward(
+    backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+    magnitude: Tensor, params: LoRAParams,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """DoRA's forward on an ``(..., in_features)`` input: ``(y, t, z, col_scale, norm)``.
+
+    ``norm = ‖W + s·B·A‖`` (detached), ``col_scale = m / norm`` (float32), ``t`` and ``z`` as the backends'
+    ``dora_forward`` gives them; all five are what :func:`run_dora_backward` needs besides the inputs.
+    """
+    x2d, out_shape = _flat_input(x, weight.shape[0])
+    module = dora_backend_module(backend)
+    with _no_autocast(x.device.type):
+        norm = dora_weight_norm(backend, weight, lora_A, lora_B, params.scaling)
+        col_scale = magnitude.detach().to(norm.dtype) / norm
+        y, t, z = module.dora_forward(x2d, weight, bias, lora_A, lora_B, col_scale, params, out_shape)
+    return y, t, z, col_scale, norm
+
+
+def run_dora_backward(
+    backend: str, grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor,
+    z: Tensor, col_scale: Tensor, norm: Tensor, magnitude_dtype: torch.dtype, params: LoRAParams,
+    needs_grad: DoRANeedsGrad,
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """Gradients for ``(x, weight, bias, lora_A, lora_B, magnitude)`` of :func:`run_dora_forward`.
+
+    ``dm = Σ_rows (dY ⊙ z) / n``; ``dW`` (a trained base weight; the norm is detached, so only the GEMMs
+    count) is ``(dY ⊙ c)ᵀ·x`` without dropout, ``dYᵀ·x + (dY ⊙ (c − 1))ᵀ·x̃`` with it.
+    """
+    x2d, grad_y = _flat_grad(x, grad_y, weight.shape[0])
+    need_x, need_weight, need_bias, need_A, need_B, need_m = needs_grad
+    module = dora_backend_module(backend)
+    with _no_autocast(x.device.type):
+        grad_x, grad_A, grad_B, grad_bias, grad_z_colsum = module.dora_backward(
+            grad_y, x2d, weight, lora_A, lora_B, t, z, col_scale, params, needs_grad
+        )
+        if need_bias and grad_bias is None:
+            grad_bias = grad_y.sum(0)
+        grad_weight = _dora_weight_grad(grad_y, x2d, col_scale, params) if need_weight else None
+    grad_m = (grad_z_colsum / norm).to(magnitude_dtype) if need_m else None
+    if grad_x is not None and grad_x.shape != x.shape:
+        grad_x = grad_x.reshape(x.shape)
+    return grad_x, grad_weight, grad_bias, grad_A, grad_B, grad_m
+
+
+def _dora_weight_grad(grad_y: Tensor, x: Tensor, col_scale: Tensor, params: LoRAParams) -> Tensor:
+    """``dW`` of DoRA (rarely needed: the base weight is frozen in LoRA training), with torch ops."""
+    dtype = grad_y.dtype  # the column scales multiply in float32 (c is close to 1: bf16 would round it)
+    if params.dropout_p == 0.0:
+        return torch.mm((grad_y * col_scale).to(dtype).t(), x)
+    mask = dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=x.dtype)
+    return torch.mm(grad_y.t(), x).addmm_((grad_y * (col_scale - 1)).to(dtype).t(), x * mask)

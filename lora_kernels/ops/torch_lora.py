@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..dropout import dropout_mask
-from . import LoRAParams, NeedsGrad, as_output, t_dtype
+from . import DoRANeedsGrad, LoRAParams, NeedsGrad, as_output, dora_weight_norm, t_dtype
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -81,3 +81,84 @@ def lora_linear_composite(
     dtype = x.dtype
     lora = F.linear(F.linear(_dropped(x, params), _as(lora_A, dtype)), _as(lora_B, dtype))
     return F.linear(x, weight, bias).add(lora, alpha=params.scaling)
+
+
+# --------------------------------------------------------------------------------------------------------
+# DoRA (see lora_kernels/ops/__init__.py for the contract)
+# --------------------------------------------------------------------------------------------------------
+
+
+def dora_norm_parts(weight: Tensor, lora_A: Tensor) -> tuple[Tensor, Tensor]:
+    """``(‖W_j‖², W·Aᵀ)`` in float32 (float64 for float64 weights); two reads of ``W`` here (torch has no
+    fused op for both), one in the Triton kernel."""
+    dtype = t_dtype(weight.dtype)
+    weight_sq = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square_()
+    weight_A = _as(torch.mm(weight, _as(lora_A, weight.dtype).t()), dtype)
+    return weight_sq, weight_A
+
+
+def dora_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, col_scale: Tensor,
+    params: LoRAParams, out_shape: tuple[int, ...] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(y, t, z)``: ``z = x̃·Wᵀ + s·t·Bᵀ``, ``y = x·Wᵀ − x̃·Wᵀ + c ⊙ z + b`` (``c ⊙ z + b`` without
+    dropout), the column scale applied in float32."""
+    dtype = x.dtype
+    x_dropped = _dropped(x, params)
+    t = _as(torch.mm(x_dropped, _as(lora_A, dtype).t()), t_dtype(dtype))
+    z = torch.mm(x_dropped, weight.t())
+    base_minus_dropped = None
+    if params.dropout_p > 0.0:  # x·Wᵀ − x̃·Wᵀ: the undropped base product stays unscaled
+        base_minus_dropped = torch.mm(x, weight.t()).sub_(z)
+    z.addmm_(_as(t, dtype), _as(lora_B, dtype).t(), alpha=params.scaling)
+    y = z * col_scale  # float32 (col_scale's dtype): c is close to 1, x.dtype would round it
+    if base_minus_dropped is not None:
+        y += base_minus_dropped
+    if bias is not None:
+        y += bias
+    return as_output(_as(y, dtype), out_shape), t, z
+
+
+def dora_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, z: Tensor,
+    col_scale: Tensor, params: LoRAParams, needs_grad: DoRANeedsGrad,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, Tensor | None]:  # fmt: skip
+    """``(dX, dA, dB, None, Σ_rows dY ⊙ z)`` for :func:`dora_forward`.
+
+    The gradient reaching ``z`` is ``dY ⊙ c``; with dropout, ``dX = dY·W + mask ⊙ ((dY ⊙ (c − 1))·W +
+    s·(dY ⊙ c)·B·A)``, without it ``(dY ⊙ c)·W + s·(dY ⊙ c)·B·A``.
+    """
+    need_x, _, _, need_A, need_B, need_m = needs_grad
+    dtype, scaling = grad_y.dtype, params.scaling
+    grad_z = _as(grad_y * col_scale, dtype)  # the product in float32
+    grad_x, grad_A, grad_B = lora_backward(
+        grad_z, x, weight, lora_A, lora_B, t, params, (need_x and params.dropout_p == 0.0, False, False,
+                                                       need_A, need_B),
+    )[:3]  # fmt: skip
+    if need_x and params.dropout_p > 0.0:
+        mask = dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=dtype)
+        grad_t = _as(_as(torch.mm(grad_z, _as(lora_B, dtype)), t_dtype(dtype)).mul_(scaling), dtype)
+        grad_x_base = torch.mm(grad_y, weight)
+        lora_part = torch.mm(_as(grad_y * (col_scale - 1), dtype), weight).addmm_(grad_t, _as(lora_A, dtype))
+        grad_x = grad_x_base.addcmul_(lora_part, mask)
+    grad_z_colsum = (grad_y * z).sum(0, dtype=t_dtype(dtype)) if need_m else None
+    return grad_x, grad_A, grad_B, None, grad_z_colsum
+
+
+def dora_linear_composite(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+    params: LoRAParams,
+) -> Tensor:  # fmt: skip
+    """DoRA's linear as plain differentiable torch ops (as :func:`lora_linear_composite` for LoRA): for
+    ``torch.func`` transforms, forward-mode AD, ``meta`` tensors and ``torch.compile``. The norm is computed
+    without autograd (detached, as PEFT's)."""
+    dtype = x.dtype
+    col_scale = magnitude.to(t_dtype(dtype)) / dora_weight_norm("torch", weight, lora_A, lora_B, params.scaling)
+    x_dropped = _dropped(x, params)
+    lora = F.linear(F.linear(x_dropped, _as(lora_A, dtype)), _as(lora_B, dtype)) * params.scaling
+    if params.dropout_p == 0.0:
+        y = (F.linear(x, weight) + lora) * col_scale
+        y = y if bias is None else y + bias
+    else:
+        y = F.linear(x, weight, bias) + (col_scale - 1) * F.linear(x_dropped, weight) + col_scale * lora
+    return y.to(dtype)

@@ -35,7 +35,7 @@ from triton.runtime.errors import OutOfResources
 from .. import dropout
 from ..dispatch import interpreting
 from ..dropout import dropout_threshold, split_seed
-from . import _NO_GUARD, LoRAParams, NeedsGrad, device_guard
+from . import _NO_GUARD, DoRANeedsGrad, LoRAParams, NeedsGrad, device_guard
 
 # Globals read inside @triton.jit functions must be constexpr.
 _PHILOX_ROUNDS = tl.constexpr(dropout.PHILOX_ROUNDS)
@@ -81,14 +81,15 @@ def _tile(start, BLOCK: tl.constexpr, end):
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
 def _lora_linear_kernel(
-    a_ptr, b_ptr, t_ptr, u_ptr, p_ptr, bias_ptr, out_ptr,
+    a_ptr, b_ptr, t_ptr, u_ptr, p_ptr, bias_ptr, out_ptr, a2_ptr, a_scale_ptr, out_scale_ptr, z_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_tm, stride_tr, stride_ur, stride_un, stride_pk, stride_pr,
-    stride_bias, stride_om, stride_on,
+    stride_bias, stride_om, stride_on, stride_a2m, stride_a2k,
     project_scale, lora_scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_PROJECT: tl.constexpr,
     LORA_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SCALE_A: tl.constexpr, SECOND: tl.constexpr, DORA_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -108,6 +109,15 @@ def _lora_linear_kernel(
     it is cast to the input dtype as the main loop's operands are; in fp16 (``LORA_FP32``) it would overflow
     where ``s·t`` exceeds 65504 (a large rsLoRA scaling; PEFT, which multiplies by ``s`` last, stays finite),
     so both operands stay fp32 and the product runs in TF32: fp16's 10-bit mantissa with fp32's range.
+
+    DoRA (``v = a_scale``, a K-vector, fp32; ``c = out_scale``, an N-vector, fp32):
+
+    * ``SCALE_A``: the main product takes ``a ⊙ v`` (columns of ``a`` scaled; dX: ``(dY ⊙ c)·W``).
+    * ``SECOND``: a second accumulator on the same ``b`` tiles (``b`` read once for both):
+      1: ``a2·b`` (forward with dropout: ``a2 = x̃``, the dropped input); 2: ``(a ⊙ v)·b`` (dX with
+      dropout: ``v = c − 1``). With ``HAS_DROPOUT`` the masked LoRA term is ``mask ⊙ (acc2 + t·u)``.
+    * ``DORA_OUT`` (forward): ``z = acc_z + lora_scale·t·u`` is stored to ``z_ptr`` (``acc_z`` is the second
+      accumulator with ``SECOND == 1``, else the main one) and ``out = acc − acc_z + c ⊙ z + bias``.
     """
     # Grouped ordering of the output tiles (Triton tutorial 03) so neighbouring programs share L2 tiles.
     pid = tl.program_id(0)
@@ -131,13 +141,28 @@ def _lora_linear_kernel(
     t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
     p_ptrs = p_ptr + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
 
+    a2_ptrs = a2_ptr + offs_m[:, None] * stride_a2m + offs_k[None, :] * stride_a2k
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if SCALE_A or SECOND == 2:
+            v = tl.load(a_scale_ptr + k * BLOCK_K + offs_k, mask=offs_k < k_left, other=0.0)
+            a_scaled = (a.to(tl.float32) * v[None, :]).to(in_dtype)
+        if SECOND == 1:
+            a2 = tl.load(a2_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            acc2 = tl.dot(a2, b, acc2, input_precision=INPUT_PRECISION)
+            a2_ptrs += BLOCK_K * stride_a2k
+        elif SECOND == 2:
+            acc2 = tl.dot(a_scaled, b, acc2, input_precision=INPUT_PRECISION)
+        if SCALE_A:
+            acc = tl.dot(a_scaled, b, acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if FUSE_PROJECT:
             p = tl.load(p_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
             t_acc = tl.dot(a, p.to(in_dtype), t_acc, input_precision=INPUT_PRECISION)
@@ -163,8 +188,23 @@ def _lora_linear_kernel(
     else:
         t_op = (t * lora_scale).to(in_dtype)
         u_op = u.to(in_dtype)
-    if HAS_DROPOUT:
-        lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if DORA_OUT:
+        if SECOND == 1:  # z = x̃·Wᵀ + s·t·Bᵀ; out = x·Wᵀ − x̃·Wᵀ + c ⊙ z
+            z = tl.dot(t_op, u_op, acc2, input_precision=INPUT_PRECISION)
+            acc = acc - acc2
+        else:  # z = x·Wᵀ + s·t·Bᵀ; out = c ⊙ z
+            z = tl.dot(t_op, u_op, acc, input_precision=INPUT_PRECISION)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        z_ptrs = z_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask_mn)
+        col_scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += z * col_scale[None, :]
+    elif HAS_DROPOUT:
+        if SECOND == 2:
+            lora = tl.dot(t_op, u_op, acc2, input_precision=INPUT_PRECISION)
+        else:
+            lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
         keep = _dropout_keep(offs_m[:, None], offs_n[None, :], seed_lo, seed_hi, dropout_threshold)
         acc += lora * (keep.to(tl.float32) * dropout_scale)  # a product, not a select: NaN·0 stays NaN
     else:
@@ -174,22 +214,27 @@ def _lora_linear_kernel(
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
 def _lora_project_kernel(
-    a_ptr, b_ptr, out_ptr,
+    a_ptr, b_ptr, out_ptr, row_sq_ptr, dropped_ptr,
     M, K, R,
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
-    scale, seed_lo, seed_hi, dropout_threshold,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
+    HAS_DROPOUT: tl.constexpr, ROW_SQ: tl.constexpr, STORE_DROPPED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """``out[M, R] = scale · dropout(a)[M, K] · b[K, R]`` in fp32 (R ≤ 256: the skinny side of LoRA).
 
     Forward: ``a = x``, ``b = Aᵀ`` gives ``t``. Backward: ``a = dY``, ``b = B`` gives ``s·dY·B``.
     ``scale`` already holds the dropout's ``1 / (1 - p)``.
+
+    DoRA's extras, on the same loads: ``ROW_SQ`` stores ``row_sq[M] = Σ_k a²`` (fp32; ``a = W``, ``b = Aᵀ``:
+    ``‖W_j‖²`` and ``W·Aᵀ`` from one read of ``W``); ``STORE_DROPPED`` stores ``dropped = dropout(a)``
+    (``a.dtype``, contiguous (M, K); the forward's second GEMM operand, freed after the forward).
     """
     pid_m = tl.program_id(0)
     offs_m, mask_m = _tile(pid_m.to(tl.int64) * BLOCK_M, BLOCK_M, M)
@@ -197,6 +242,7 @@ def _lora_project_kernel(
     in_dtype = a_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k, mask_k = _tile(k * BLOCK_K, BLOCK_K, K)
         a = tl.load(
@@ -204,9 +250,18 @@ def _lora_project_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
+        if ROW_SQ:
+            a_f32 = a.to(tl.float32)
+            row_sq += tl.sum(a_f32 * a_f32, axis=1)
         if HAS_DROPOUT:
             keep = _dropout_keep(offs_m[:, None], offs_k[None, :], seed_lo, seed_hi, dropout_threshold)
             a = a * keep.to(a.dtype)  # multiply as x·mask does, so a dropped NaN still propagates
+        if STORE_DROPPED:
+            tl.store(
+                dropped_ptr + offs_m[:, None] * K + offs_k[None, :],
+                (a * dropout_scale).to(a.dtype),
+                mask=mask_m[:, None] & mask_k[None, :],
+            )
         b = tl.load(
             b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_r[None, :] * stride_br,
             mask=mask_k[:, None] & mask_r[None, :],
@@ -216,15 +271,18 @@ def _lora_project_kernel(
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
     tl.store(out_ptrs, acc * scale, mask=mask_m[:, None] & mask_r[None, :])
+    if ROW_SQ:
+        tl.store(row_sq_ptr + offs_m, row_sq, mask=mask_m)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
 def _lora_reduce_rows_kernel(
-    a_ptr, c_ptr, out_ptr, colsum_ptr,
+    a_ptr, c_ptr, out_ptr, colsum_ptr, z_ptr, prodsum_ptr,
     M, P, R, rows_per_split,
-    stride_am, stride_ap, stride_cm, stride_cr,
+    stride_am, stride_ap, stride_cm, stride_cr, stride_zm, stride_zp,
     scale, seed_lo, seed_hi, dropout_threshold,
-    HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, HAS_PRODSUM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """Partial sums over one chunk of rows: ``out[split, P, R] = scale · dropout(a)ᵀ · c``, fp32.
@@ -232,6 +290,7 @@ def _lora_reduce_rows_kernel(
     ``colsum[split, P] = Σ_rows a`` rides along on the same loads. The host sums the splits in a fixed
     order, so the result is deterministic (no atomics).
     dB + dbias: ``a = dY``, ``c = t``. dA (transposed): ``a = x`` with its dropout, ``c = s·dY·B``.
+    DoRA's ``dm`` rides along too: ``HAS_PRODSUM`` stores ``prodsum[split, P] = Σ_rows a ⊙ z`` (``z`` (M, P)).
     """
     pid_p = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -243,6 +302,7 @@ def _lora_reduce_rows_kernel(
 
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    prodsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for m in range(0, tl.cdiv(rows_per_split, BLOCK_M)):
         offs_m, mask_m = _tile(row_start + m * BLOCK_M, BLOCK_M, row_end)
         a_t = tl.load(  # the (P, M) transpose of a's tile, read straight from a's strides
@@ -252,6 +312,13 @@ def _lora_reduce_rows_kernel(
         )
         if HAS_COLSUM:
             colsum += tl.sum(a_t.to(tl.float32), axis=1)
+        if HAS_PRODSUM:
+            z_t = tl.load(
+                z_ptr + offs_p[:, None] * stride_zp + offs_m[None, :] * stride_zm,
+                mask=mask_p[:, None] & mask_m[None, :],
+                other=0.0,
+            )
+            prodsum += tl.sum(a_t.to(tl.float32) * z_t.to(tl.float32), axis=1)
         if HAS_DROPOUT:
             keep = _dropout_keep(offs_m[None, :], offs_p[:, None], seed_lo, seed_hi, dropout_threshold)
             a_t = a_t * keep.to(a_t.dtype)
@@ -266,6 +333,8 @@ def _lora_reduce_rows_kernel(
     tl.store(out_ptrs, acc * scale, mask=mask_p[:, None] & mask_r[None, :])
     if HAS_COLSUM:
         tl.store(colsum_ptr + pid_split.to(tl.int64) * P + offs_p, colsum, mask=mask_p)
+    if HAS_PRODSUM:
+        tl.store(prodsum_ptr + pid_split.to(tl.int64) * P + offs_p, prodsum, mask=mask_p)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,8 +379,9 @@ def _num_sms(device_index: int) -> int:
 # Triton-tutorial defaults they had before.
 
 
-def _linear_config(M: int, N: int, K: int, element_size: int) -> dict:
-    """Preferred tile config for :func:`_lora_linear_kernel` (GEMM + LoRA epilogue)."""
+def _linear_config(M: int, N: int, K: int, element_size: int, two_acc: bool = False) -> dict:
+    """Preferred tile config for :func:`_lora_linear_kernel` (GEMM + LoRA epilogue); ``two_acc``: DoRA's
+    variants with a second accumulator (``SECOND``), which hold twice the fp32 tile in registers."""
     if interpreting():
         return dict(
             BLOCK_M=_pow2_clamp(M, 16, 128),
@@ -330,6 +400,8 @@ def _linear_config(M: int, N: int, K: int, element_size: int) -> dict:
         return dict(
             BLOCK_M=_pow2_clamp(M, 16, 64), BLOCK_N=128, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=4
         )
+    if half and two_acc:  # not measured: two 128x128 fp32 accumulators take what one 128x256 does
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if half:  # H200, 4096x4096, M = 8192: 0.415 ms against 0.499 for 128x128x64 (F.linear: 0.349)
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
@@ -495,14 +567,13 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _linear_plan(M: int, N: int, K: int, element_size: int) -> tuple:
+def _linear_plan(M: int, N: int, K: int, element_size: int, two_acc: bool) -> tuple:
     def make():
-        configs = _Configs(
-            _smaller_configs(_linear_config(M, N, K, element_size), ("BLOCK_N", "BLOCK_M", "BLOCK_K"))
-        )
+        cfg = _linear_config(M, N, K, element_size, two_acc) if two_acc else _linear_config(M, N, K, element_size)
+        configs = _Configs(_smaller_configs(cfg, ("BLOCK_N", "BLOCK_M", "BLOCK_K")))
         return configs, lambda cfg: (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
 
-    return _plan(("linear", M, N, K, element_size, interpreting(), _linear_config), make)
+    return _plan(("linear", M, N, K, element_size, two_acc, interpreting(), _linear_config), make)
 
 
 def _linear_with_lora(
@@ -517,12 +588,22 @@ def _linear_with_lora(
     project_scale: float = 1.0,
     lora_scale: float = 1.0,
     out_shape: tuple[int, ...] | None = None,
+    *,
+    a_scale: torch.Tensor | None = None,
+    second: int = 0,
+    a2: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``a·b + [mask ⊙] lora_scale·t·u + bias`` with ``a`` (M, K), ``b`` (K, N), ``t`` (M, R), ``u`` (R, N).
 
     With ``project`` (K, R), ``t`` is an output: the kernel fills it with ``project_scale · a·project``.
     ``bias`` may have any stride (0 included). The result is a new contiguous tensor of ``out_shape``
     (default ``(M, N)``; any shape of M·N elements: the kernel writes it as (M, N) row-major).
+
+    DoRA (see the kernel): ``a_scale`` (K, fp32) scales ``a``'s columns in the main product unless
+    ``second == 2``, where it feeds the second accumulator; ``second == 1`` takes ``a2`` (M, K);
+    ``out_scale`` (N, fp32) with ``z`` (M, N, contiguous, an output) is the forward's epilogue.
     """
     M, K = a.shape
     N = b.shape[1]
@@ -534,34 +615,44 @@ def _linear_with_lora(
         return out
     seed_lo, seed_hi, threshold, scale = _dropout_args(dropout_p, seed)
     p = project if project is not None else t
-    configs, grid_of = _linear_plan(M, N, K, a.element_size())
+    a2_arg = a2 if a2 is not None else a
+    configs, grid_of = _linear_plan(M, N, K, a.element_size(), second != 0)
     _launch(
         _lora_linear_kernel,
         grid_of,
         configs,
         (
-            a, b, t, u, p, bias if bias is not None else out, out,
+            a, b, t, u, p, bias if bias is not None else out, out, a2_arg,
+            a_scale if a_scale is not None else out, out_scale if out_scale is not None else out,
+            z if z is not None else out,
             M, N, K, R,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             t.stride(0), t.stride(1), u.stride(0), u.stride(1), p.stride(0), p.stride(1),
-            bias.stride(0) if bias is not None else 0, N, 1,  # out: contiguous, viewed as (M, N)
+            bias.stride(0) if bias is not None else 0, N, 1,  # out (and z): contiguous, viewed as (M, N)
+            a2_arg.stride(0), a2_arg.stride(1),
             project_scale, lora_scale, seed_lo, seed_hi, threshold, scale,
         ),
         dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=project is not None,
              LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_input_precision(a.dtype),
+             SCALE_A=a_scale is not None and second != 2, SECOND=second, DORA_OUT=z is not None,
              BLOCK_R=_block_r(R)),
     )  # fmt: skip
     return out
 
 
-def _project(a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
-    """``scale · dropout(a)·b`` in fp32, ``a`` (M, K), ``b`` (K, R)."""
+def _project(
+    a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float, seed: int, *,
+    row_sq: torch.Tensor | None = None, dropped: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``scale · dropout(a)·b`` in fp32, ``a`` (M, K), ``b`` (K, R); also fills ``row_sq`` (M, fp32) with
+    ``Σ_k a²`` and ``dropped`` (M, K contiguous, ``a.dtype``) with ``dropout(a)`` when they are given."""
     M, K = a.shape
     R = b.shape[1]
     out = torch.empty((M, R), device=a.device, dtype=torch.float32)
     if M == 0:
         return out
     seed_lo, seed_hi, threshold, dropout_scale = _dropout_args(dropout_p, seed)
+    mask_scale = dropout_scale
     if dropout_p > 0.0:
         scale = scale * dropout_scale
 
@@ -575,20 +666,23 @@ def _project(a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float, s
         grid_of,
         configs,
         (
-            a, b, out,
+            a, b, out, row_sq if row_sq is not None else out, dropped if dropped is not None else a,
             M, K, R,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            scale, seed_lo, seed_hi, threshold,
+            scale, seed_lo, seed_hi, threshold, mask_scale,
         ),
-        dict(HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(a.dtype)),
+        dict(HAS_DROPOUT=dropout_p > 0.0, ROW_SQ=row_sq is not None, STORE_DROPPED=dropped is not None,
+             INPUT_PRECISION=_input_precision(a.dtype)),
     )  # fmt: skip
     return out
 
 
 def _reduce_rows(
-    a: torch.Tensor, c: torch.Tensor, dropout_p: float, seed: int, with_colsum: bool, scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``scale·dropout(a)ᵀ·c`` (P, R) and optionally ``a.sum(0)`` (P,), both fp32, ``a`` (M, P), ``c`` (M, R)."""
+    a: torch.Tensor, c: torch.Tensor, dropout_p: float, seed: int, with_colsum: bool, scale: float = 1.0,
+    z: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``scale·dropout(a)ᵀ·c`` (P, R), optionally ``a.sum(0)`` (P,) and, given ``z`` (M, P), ``(a ⊙ z).sum(0)``
+    (P,), all fp32, ``a`` (M, P), ``c`` (M, R)."""
     M, P = a.shape
     R = c.shape[1]
 
@@ -605,6 +699,7 @@ def _reduce_rows(
     configs, grid_of, splits, rows_per_split = _plan(key, make)
     partial = torch.empty((splits, P, R), device=a.device, dtype=torch.float32)
     colsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if with_colsum else None
+    prodsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if z is not None else None
     seed_lo, seed_hi, threshold, dropout_scale = _dropout_args(dropout_p, seed)
     if dropout_p > 0.0:
         scale = scale * dropout_scale
@@ -614,16 +709,19 @@ def _reduce_rows(
             grid_of,
             configs,
             (
-                a, c, partial, colsum if colsum is not None else partial,
+                a, c, partial, colsum if colsum is not None else partial, z if z is not None else a,
+                prodsum if prodsum is not None else partial,
                 M, P, R, rows_per_split,
                 a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+                *(z.stride() if z is not None else (0, 0)),
                 scale, seed_lo, seed_hi, threshold,
             ),
-            dict(HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=with_colsum, INPUT_PRECISION=_input_precision(a.dtype)),
+            dict(HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=with_colsum, HAS_PRODSUM=z is not None,
+                 INPUT_PRECISION=_input_precision(a.dtype)),
         )  # fmt: skip
     if splits == 1:
-        return partial[0], None if colsum is None else colsum[0]
-    return partial.sum(0), None if colsum is None else colsum.sum(0)
+        return tuple(None if x is None else x[0] for x in (partial, colsum, prodsum))
+    return tuple(None if x is None else x.sum(0) for x in (partial, colsum, prodsum))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -666,10 +764,84 @@ def lora_backward(
         if need_x:
             grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, dropout_p, seed)
         if need_A:
-            grad_A_t, _ = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)
+            grad_A_t, _, _ = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)
             grad_A = grad_A_t.t().to(lora_A.dtype)
         if need_B or need_bias:  # dB = s·dYᵀ·t (t carries no s)
-            grad_B, grad_bias = _reduce_rows(grad_y, t, 0.0, seed, with_colsum=need_bias, scale=scaling)
+            grad_B, grad_bias, _ = _reduce_rows(grad_y, t, 0.0, seed, with_colsum=need_bias, scale=scaling)
             grad_B = grad_B.to(lora_B.dtype) if need_B else None
             grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias
+
+
+# --------------------------------------------------------------------------------------------------
+# DoRA (see lora_kernels/ops/__init__.py): the same three kernels, with their DoRA options.
+# --------------------------------------------------------------------------------------------------
+
+
+def dora_norm_parts(weight: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(‖W_j‖², W·Aᵀ)`` in fp32 from one read of ``W``: the projection kernel with ``ROW_SQ``."""
+    weight_sq = torch.empty(weight.shape[0], device=weight.device, dtype=torch.float32)
+    with _launch_guard(), device_guard(weight.device):
+        weight_A = _project(weight, lora_A.t(), 1.0, 0.0, 0, row_sq=weight_sq)
+    if weight.shape[0] > 0 and weight.shape[1] == 0:
+        weight_sq.zero_()
+    return weight_sq, weight_A
+
+
+def dora_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, col_scale: torch.Tensor, params: LoRAParams, out_shape: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(y, t, z)`` in one GEMM launch after ``t``'s: ``W`` is read once for ``x·Wᵀ`` and, with dropout,
+    ``x̃·Wᵀ`` (two accumulators; ``x̃`` is written by ``t``'s kernel and freed on return)."""
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
+    z = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    with _launch_guard(), device_guard(x.device):
+        if dropout_p == 0.0:
+            t = torch.empty((M, r), device=x.device, dtype=torch.float32)
+            y = _linear_with_lora(
+                x, weight.t(), t, lora_B.t(), bias, 0.0, seed, lora_A.t(), 1.0, scaling, out_shape,
+                out_scale=col_scale, z=z,
+            )  # fmt: skip
+        else:
+            x_dropped = torch.empty((M, K), device=x.device, dtype=x.dtype)
+            t = _project(x, lora_A.t(), 1.0, dropout_p, seed, dropped=x_dropped)
+            y = _linear_with_lora(
+                x, weight.t(), t, lora_B.t(), bias, 0.0, seed, None, 1.0, scaling, out_shape,
+                second=1, a2=x_dropped, out_scale=col_scale, z=z,
+            )  # fmt: skip
+    return y, t, z
+
+
+def dora_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    t: torch.Tensor, z: torch.Tensor, col_scale: torch.Tensor, params: LoRAParams, needs_grad: DoRANeedsGrad,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """``(dX, dA, dB, db, Σ_rows dY ⊙ z)``. ``dY ⊙ c`` is never formed: ``s·(dY ⊙ c)·B = s·dY·(c ⊙ B)``
+    (``c ⊙ B`` is N×r), the dX GEMM scales its dY tiles in registers, and dB is ``c ⊙ (s·dYᵀ·t)``. One
+    pass over dY gives dB, db and ``Σ dY ⊙ z``."""
+    need_x, _, need_bias, need_A, need_B, need_m = needs_grad
+    scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
+    grad_x = grad_bias = grad_A = grad_B = grad_z_colsum = None
+    with _launch_guard(), device_guard(grad_y.device):
+        if need_x or need_A:
+            grad_t = _project(grad_y, lora_B * col_scale[:, None], scaling, 0.0, seed)
+        if need_x:
+            if dropout_p == 0.0:  # (dY ⊙ c)·W + s·(dY ⊙ c)·B·A
+                grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, 0.0, seed, a_scale=col_scale)
+            else:  # dY·W + mask ⊙ ((dY ⊙ (c − 1))·W + s·(dY ⊙ c)·B·A)
+                grad_x = _linear_with_lora(
+                    grad_y, weight, grad_t, lora_A, None, dropout_p, seed, a_scale=col_scale - 1.0, second=2
+                )
+        if need_A:
+            grad_A_t, _, _ = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)
+            grad_A = grad_A_t.t().to(lora_A.dtype)
+        if need_B or need_bias or need_m:
+            grad_B, grad_bias, grad_z_colsum = _reduce_rows(
+                grad_y, t, 0.0, seed, with_colsum=need_bias, scale=scaling, z=z if need_m else None
+            )
+            grad_B = (grad_B * col_scale[:, None]).to(lora_B.dtype) if need_B else None
+            grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
+    return grad_x, grad_A, grad_B, grad_bias, grad_z_colsum
