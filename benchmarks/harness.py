@@ -19,6 +19,12 @@ Providers, all computing ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` from 
 ``triton``, ``cuda``, ``torch``  ours: :func:`lora_kernels.lora_linear` on that backend.
 ``ours``       (merged mode only) :class:`~lora_kernels.FusedLoRALinear` after ``merge()``.
 
+DoRA cases (``Case.dora``) compute PEFT's DoRA (:func:`lora_kernels.dora_linear`) instead, with the same
+names: ``composite`` is then :func:`~lora_kernels.ops.torch_lora.dora_linear_composite` (plain torch ops
+under autograd), ``triton``/``cuda``/``torch`` run :func:`lora_kernels.dora_linear`, and PEFT's DoRA layer
+is ``peft_dora`` (its ratios are ``ratio_to_peft``). ``ratio_to_lora`` is a DoRA row's time over the same
+provider's time on the same case without DoRA, when the run has it.
+
 Modes: ``fwd`` (forward under ``no_grad``, dropout active as in training), ``fwd_bwd`` (forward and
 backward, ``W``/``b`` frozen, gradients for ``x``, ``A``, ``B``), ``merged`` (inference after merging the
 adapter into ``W``; PEFT after its ``merge()``).
@@ -46,12 +52,24 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_kernels
-from lora_kernels import FusedLoRALinear, available_backends, lora_linear, lora_linear_reference, use_backend
+from lora_kernels import (
+    FusedLoRALinear,
+    available_backends,
+    dora_linear,
+    dora_linear_reference,
+    lora_linear,
+    lora_linear_reference,
+    use_backend,
+)
+from lora_kernels.ops import LoRAParams
+from lora_kernels.ops.torch_lora import dora_linear_composite
+from lora_kernels.reference import dora_weight_norm_reference
 from lora_kernels.testing import SavedTensorCounter, assert_close, relative_error
 
 MODES = ("fwd", "fwd_bwd", "merged")
 BASELINES = ("base", "peft", "composite")
 MERGED_OURS = "ours"
+PEFT_DORA = "peft_dora"
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
@@ -74,6 +92,7 @@ class Case:
     mode: str  # one of MODES
     bias: bool = False
     adapter_dtype: str | None = None  # e.g. "fp32" adapters on a "bf16" base (PEFT's default); None: dtype
+    dora: bool = False  # PEFT's use_dora
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -87,7 +106,8 @@ class Case:
     def label(self) -> str:
         """A compact, unique, pytest-id-safe name."""
         adapters = f"-A{self.adapter_dtype}" if self.adapter_dtype else ""
-        return f"{self.mode}-{self.dtype}{adapters}-{self.shape}-M{self.M}-r{self.r}-p{self.dropout:g}"
+        dora = "-dora" if self.dora else ""
+        return f"{self.mode}{dora}-{self.dtype}{adapters}-{self.shape}-M{self.M}-r{self.r}-p{self.dropout:g}"
 
 
 def _grid(
@@ -97,6 +117,7 @@ def _grid(
     dropouts: Iterable[float],
     dtypes: Iterable[str],
     modes: Iterable[str] = MODES,
+    dora: bool = False,
 ) -> list[Case]:
     """Every combination; ``merged`` only without dropout (merged inference has no dropout)."""
     cases = []
@@ -107,7 +128,7 @@ def _grid(
                     for p in dropouts:
                         if mode == "merged" and p > 0:
                             continue
-                        cases.extend(Case(M, in_f, out_f, r, p, dtype, mode) for M in tokens)
+                        cases.extend(Case(M, in_f, out_f, r, p, dtype, mode, dora=dora) for M in tokens)
     return cases
 
 
@@ -119,7 +140,7 @@ def gpu_cases() -> list[Case]:
         ranks=[8, 16, 64],
         dropouts=[0.0, 0.1],
         dtypes=["bf16", "fp16"],
-    )
+    ) + _grid([(4096, 4096)], [16, 512, 8192], [16], [0.0, 0.1], ["bf16"], dora=True)
 
 
 def cpu_cases() -> list[Case]:
@@ -128,8 +149,10 @@ def cpu_cases() -> list[Case]:
     M stays at or below 1024: the torch backend draws its dropout mask with Philox in int64 torch ops,
     about a second per million elements on a 2-core CPU, twice per training step.
     """
-    return _grid([(1024, 1024)], [16, 256, 1024], [16], [0.0, 0.1], ["fp32"]) + _grid(
-        [(512, 1024)], [256], [8, 64], [0.0, 0.1], ["fp32"]
+    return (
+        _grid([(1024, 1024)], [16, 256, 1024], [16], [0.0, 0.1], ["fp32"])
+        + _grid([(512, 1024)], [256], [8, 64], [0.0, 0.1], ["fp32"])
+        + _grid([(1024, 1024)], [256, 1024], [16], [0.0, 0.1], ["fp32"], ("fwd", "fwd_bwd"), dora=True)
     )
 
 
@@ -211,10 +234,12 @@ class Inputs:
     lora_B: torch.Tensor
     grad_y: torch.Tensor
     scaling: float
+    magnitude: torch.Tensor | None = None  # DoRA cases
 
     def known(self) -> list[torch.Tensor]:
         """Tensors whose storage is the caller's, not the layer's: saving them costs no memory."""
-        return [t for t in (self.x, self.weight, self.bias, self.lora_A, self.lora_B) if t is not None]
+        tensors = (self.x, self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude)
+        return [t for t in tensors if t is not None]
 
 
 def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> Inputs:
@@ -229,7 +254,7 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> Inputs
         return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(dt)
 
     K, N = case.in_features, case.out_features
-    return Inputs(
+    inputs = Inputs(
         x=rand(case.M, K),
         weight=rand(N, K, std=K**-0.5),
         bias=rand(N) if case.bias else None,
@@ -238,19 +263,26 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> Inputs
         grad_y=rand(case.M, N),
         scaling=2.0,  # lora_alpha = 2r
     )
+    if case.dora:  # the initial magnitude (the norm), off by up to 10 % per row as after some training
+        norm = dora_weight_norm_reference(inputs.weight, inputs.lora_A, inputs.lora_B, inputs.scaling)
+        jitter = 1 + 0.1 * torch.rand(N, generator=gen, device=device, dtype=torch.float32)
+        inputs.magnitude = (norm.float() * jitter).to(adapter_dtype)
+    return inputs
 
 
-def providers(mode: str, device: torch.device | str) -> list[str]:
-    """Provider names for ``mode`` on ``device``; ``base`` first and ``peft`` second (the references).
+def providers(mode: str, device: torch.device | str, dora: bool = False) -> list[str]:
+    """Provider names for ``mode`` on ``device``; ``base`` first and ``peft`` (``peft_dora`` for DoRA
+    cases) second (the references).
 
     On the CPU only the ``torch`` backend is ours: Triton there needs the interpreter, which is no speed
     measurement (``TRITON_INTERPRET=1`` is never set by the benchmarks).
     """
     device = torch.device(device)
+    peft = PEFT_DORA if dora else "peft"
     if mode == "merged":
-        return ["base", "peft", MERGED_OURS]
+        return ["base", peft, MERGED_OURS]
     ours = available_backends(device) if device.type == "cuda" else ["torch"]
-    return [*BASELINES, *ours]
+    return ["base", peft, "composite", *ours]
 
 
 @functools.cache
@@ -283,16 +315,17 @@ def make_peft_layer(case: Case, inputs: Inputs) -> nn.Module:
     from peft.tuners.lora import Linear as PeftLoraLinear
 
     alpha = inputs.scaling * case.r
-    config = LoraConfig(r=case.r, lora_alpha=alpha, lora_dropout=case.dropout, target_modules=["base"])
-    layer = PeftLoraLinear(
-        _linear(inputs), "default", config=config, r=case.r, lora_alpha=alpha, lora_dropout=case.dropout
-    )
+    options = dict(r=case.r, lora_alpha=alpha, lora_dropout=case.dropout, use_dora=case.dora)
+    config = LoraConfig(target_modules=["base"], **options)
+    layer = PeftLoraLinear(_linear(inputs), "default", config=config, **options)
     layer.to(inputs.weight.dtype)
     layer.lora_A.to(inputs.lora_A.dtype)  # fp32 adapters on a half base stay fp32, as PEFT's default
     layer.lora_B.to(inputs.lora_B.dtype)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(inputs.lora_A)
         layer.lora_B["default"].weight.copy_(inputs.lora_B)
+        if case.dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(inputs.magnitude)
     layer.base_layer.requires_grad_(False)
     if not math.isclose(layer.scaling["default"], inputs.scaling):
         raise AssertionError(f"PEFT scaling {layer.scaling['default']} != {inputs.scaling}")
@@ -308,33 +341,48 @@ def _forward_fn(
     if provider == "base":
         weight, bias = inputs.weight, inputs.bias
         return (lambda x: F.linear(x, weight, bias)), []
-    if provider == "peft":
+    if provider in ("peft", PEFT_DORA):
         layer = make_peft_layer(case, inputs)
         if case.mode == "merged":
             layer.merge()
         layer.train(training)
-        return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        adapters = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        if case.dora:
+            adapters.append(layer.lora_magnitude_vector["default"].weight)
+        return layer, adapters
+    w, b, A, B, m, s = (
+        inputs.weight,
+        inputs.bias,
+        inputs.lora_A,
+        inputs.lora_B,
+        inputs.magnitude,
+        inputs.scaling,
+    )
+    trained = [A, B, m] if case.dora else [A, B]
+    if provider == "composite" and case.dora:
+        return (lambda x: dora_linear_composite(x, w, b, A, B, m, LoRAParams(s, p, seed=0))), trained
     if provider == "composite":
-        w, b, A, B, s = inputs.weight, inputs.bias, inputs.lora_A, inputs.lora_B, inputs.scaling
-        return (lambda x: CompositeLoRAFunction.apply(x, w, b, A, B, s, p)), [A, B]
+        return (lambda x: CompositeLoRAFunction.apply(x, w, b, A, B, s, p)), trained
     if provider == MERGED_OURS:
         layer = FusedLoRALinear.from_linear(
-            _linear(inputs), r=case.r, lora_alpha=inputs.scaling * case.r, init_lora_weights=False
-        )
+            _linear(inputs), r=case.r, lora_alpha=s * case.r, init_lora_weights=False, use_dora=case.dora,
+            adapter_dtype=A.dtype,
+        )  # fmt: skip
         with torch.no_grad():
-            layer.lora_A.copy_(inputs.lora_A)
-            layer.lora_B.copy_(inputs.lora_B)
+            for name, tensor in zip(("lora_A", "lora_B", "lora_magnitude"), trained, strict=False):
+                getattr(layer, name).copy_(tensor)
         layer.merge()
         layer.eval()
         return layer, []
-    # ours on one backend; the backend is fixed at forward time and recorded for backward.
-    w, b, A, B, s = inputs.weight, inputs.bias, inputs.lora_A, inputs.lora_B, inputs.scaling
 
+    # ours on one backend; the backend is fixed at forward time and recorded for backward.
     def ours(x: torch.Tensor) -> torch.Tensor:
         with use_backend(provider):
+            if case.dora:
+                return dora_linear(x, w, b, A, B, m, s, p, training=training)
             return lora_linear(x, w, b, A, B, s, p, training=training)
 
-    return ours, [A, B]
+    return ours, trained
 
 
 def make_step(provider: str, case: Case, inputs: Inputs) -> Callable[[], None]:
@@ -372,6 +420,9 @@ def check_provider(provider: str, case: Case, inputs: Inputs) -> float:
         y = forward(inputs.x)
         if provider == "base":
             ref = F.linear(inputs.x.double(), inputs.weight.double(), _double(inputs.bias))
+        elif case.dora:
+            i = inputs
+            ref = dora_linear_reference(i.x, i.weight, i.bias, i.lora_A, i.lora_B, i.magnitude, i.scaling)
         else:
             ref = lora_linear_reference(
                 inputs.x,
@@ -403,7 +454,7 @@ def saved_bytes(provider: str, case: Case, inputs: Inputs) -> SavedTensorCounter
     for tensor in adapters:
         tensor.requires_grad_()
     known = [x, *inputs.known(), *adapters]
-    if provider == "peft":
+    if provider in ("peft", PEFT_DORA):
         known += [p for p in forward.parameters()]  # type: ignore[union-attr]
     with SavedTensorCounter(known) as counter:
         forward(x)
@@ -611,6 +662,7 @@ def case_fields(case: Case) -> dict:
         "bias": case.bias,
         "mode": case.mode,
         "adapter_dtype": case.adapter_dtype or case.dtype,
+        "dora": case.dora,
     }
 
 
@@ -628,23 +680,32 @@ def case_key(row: dict) -> tuple:
             "r",
             "dropout",
             "mode",
+            "dora",
         )
     )
 
 
 def add_ratios(rows: Sequence[dict]) -> None:
     """Add ``ratio_to_base``/``ratio_to_peft``/``ratio_to_composite`` (time / that provider's time on the same
-    case in the same run: below 1 is faster) and ``speedup_over_peft`` (peft time / time) to each row."""
+    case in the same run: below 1 is faster; PEFT's DoRA is ``peft`` for DoRA cases), ``speedup_over_peft``
+    (peft time / time) and, to DoRA rows, ``ratio_to_lora`` (time / the same provider's time on the case
+    without DoRA) to each row."""
     refs: dict[tuple, dict[str, float]] = {}
+    times: dict[tuple, float] = {}
     for row in rows:
-        if row.get("median_ms") and row["provider"] in BASELINES:
-            refs.setdefault(case_key(row), {})[row["provider"]] = row["median_ms"]
+        name = "peft" if row["provider"] == PEFT_DORA else row["provider"]
+        if row.get("median_ms") and name in BASELINES:
+            refs.setdefault(case_key(row), {})[name] = row["median_ms"]
+        if row.get("median_ms"):
+            times[(*case_key(row), row["provider"])] = row["median_ms"]
     for row in rows:
         ms = row.get("median_ms")
         ref = refs.get(case_key(row), {})
         for name in BASELINES:
             row[f"ratio_to_{name}"] = ms / ref[name] if ms and name in ref else None
         row["speedup_over_peft"] = ref["peft"] / ms if ms and "peft" in ref else None
+        lora = times.get((*case_key(row)[:-1], False, row["provider"])) if row.get("dora") else None
+        row["ratio_to_lora"] = ms / lora if ms and lora else None
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -667,6 +728,7 @@ TABLE_COLUMNS = [
     "ratio_to_base",
     "ratio_to_peft",
     "ratio_to_composite",
+    "ratio_to_lora",
     "peak_MiB",
     "saved_MiB",
 ]
@@ -687,11 +749,17 @@ def table_rows(rows: Sequence[dict]) -> list[list[str]]:
     """Rows as strings, in TABLE_COLUMNS order, grouped by case."""
     out = []
     for row in sorted(
-        rows, key=lambda r: (MODES.index(r["mode"]), *_sortable(case_key(r)[1:8]), r.get("order", 0))
+        rows,
+        key=lambda r: (
+            MODES.index(r["mode"]),
+            bool(r.get("dora")),
+            *_sortable(case_key(r)[1:8]),
+            r.get("order", 0),
+        ),
     ):
         out.append(
             [
-                row["mode"],
+                row["mode"] + ("+dora" if row.get("dora") else ""),
                 _dtype_label(row),
                 row["shape"],
                 str(row["M"]),
@@ -702,6 +770,7 @@ def table_rows(rows: Sequence[dict]) -> list[list[str]]:
                 _fmt(row.get("ratio_to_base"), ".2f"),
                 _fmt(row.get("ratio_to_peft"), ".2f"),
                 _fmt(row.get("ratio_to_composite"), ".2f"),
+                _fmt(row.get("ratio_to_lora"), ".2f"),
                 _mib(row.get("peak_bytes")),
                 _mib(row.get("saved_bytes")),
             ]
@@ -726,7 +795,8 @@ def format_markdown(rows: Sequence[dict], env: dict) -> str:
         "`median_ms`: median time of one call (forward, or forward + backward in `fwd_bwd`). "
         "`ratio_to_base` / `ratio_to_peft` / `ratio_to_composite`: that time divided by the time of `base` "
         "(`F.linear`, no LoRA) / `peft` / `composite` (cuBLAS GEMM + `addmm_` of the LoRA term) on the same "
-        "case in the same run; below 1 is faster. `peak_MiB`: peak CUDA memory of one "
+        "case in the same run; below 1 is faster (`mode` +dora: PEFT's DoRA, `peft` is PEFT's DoRA layer; "
+        "`ratio_to_lora`: time over the same provider's on the case without DoRA). `peak_MiB`: peak CUDA memory of one "
         "call above the inputs (– on CPU). `saved_MiB`: new memory autograd keeps for backward (`fwd_bwd`).",
         "",
         "| " + " | ".join(TABLE_COLUMNS) + " |",

@@ -30,6 +30,7 @@ from harness import (
     BASELINES,
     MERGED_OURS,
     MODES,
+    PEFT_DORA,
     Case,
     add_ratios,
     cpu_load_note,
@@ -64,7 +65,13 @@ def plot_speedup(rows: Sequence[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(len(modes), 2, figsize=(11, 3.4 * len(modes)), squeeze=False)
     for row_axes, mode in zip(axes, modes, strict=True):
         mode_rows = [r for r in rows if r["mode"] == mode and r.get("median_ms")]
-        names = list(dict.fromkeys(r["provider"] for r in mode_rows))
+
+        def line_name(r: dict) -> str:  # DoRA rows get lines of their own
+            return (
+                "peft" if r["provider"] == PEFT_DORA else r["provider"] + (" (DoRA)" if r.get("dora") else "")
+            )
+
+        names = list(dict.fromkeys(line_name(r) for r in mode_rows))
         for ax, metric, ylabel, skip in (
             (row_axes[0], "speedup_over_peft", "speed-up over PEFT (×)", "peft"),
             (row_axes[1], "ratio_to_base", "time / base time (×)", "base"),
@@ -74,7 +81,7 @@ def plot_speedup(rows: Sequence[dict], path: Path, title: str) -> None:
                     continue
                 by_m: dict[int, list[float]] = {}
                 for r in mode_rows:
-                    if r["provider"] == name and r.get(metric):
+                    if line_name(r) == name and r.get(metric):
                         by_m.setdefault(r["M"], []).append(r[metric])
                 if not by_m:
                     continue
@@ -150,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wanted = None
     if args.providers:
         wanted = {p.strip() for p in args.providers.split(",") if p.strip()}
-        known = {*BASELINES, MERGED_OURS, *BACKEND_NAMES}
+        known = {*BASELINES, PEFT_DORA, MERGED_OURS, *BACKEND_NAMES}
         if unknown := sorted(wanted - known):
             parser.error(
                 f"unknown provider(s) {', '.join(map(repr, unknown))}; choose from {', '.join(sorted(known))}"
@@ -179,10 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     jobs = []
     for case in cases:
-        for order, provider in enumerate(providers(case.mode, device)):
-            if provider == "peft" and peft_import_error():
+        for order, provider in enumerate(providers(case.mode, device, case.dora)):
+            if provider in ("peft", PEFT_DORA) and peft_import_error():
                 continue
-            if wanted is None or provider in wanted or provider in ("base", "peft"):
+            if wanted is None or provider in wanted or provider in ("base", "peft", PEFT_DORA):
                 jobs.append((case, provider, order))
 
     env = {"device": device_name(device), "device_slug": device_slug(device), "versions": versions()}

@@ -2,7 +2,8 @@
 
 :func:`save_adapter` writes the adapters of a model injected with :func:`lora_kernels.inject_lora` as a PEFT
 adapter directory (``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight`` /
-``.lora_B.weight`` as ``PeftModel.save_pretrained`` writes them, and ``adapter_config.json``), which
+``.lora_B.weight`` as ``PeftModel.save_pretrained`` writes them, DoRA's magnitude as
+``.lora_magnitude_vector``, and ``adapter_config.json``), which
 ``PeftModel.from_pretrained`` loads; :func:`load_adapter` reads such a directory (ours or PEFT's) into a
 plain or injected model. Needs only ``safetensors`` (without it, ``adapter_model.bin`` through
 ``torch.save``). Also reachable as ``lora_kernels.peft.save_adapter`` / ``load_adapter``.
@@ -74,8 +75,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, target_modul
 
     Raises:
         ValueError: no injected layers, a merged layer, or layers that differ in ``lora_dropout`` or
-            ``use_rslora``, which a PEFT ``LoraConfig`` holds once for all its layers (the message names
-            the layers).
+            ``use_rslora`` or ``use_dora``, which a PEFT ``LoraConfig`` holds once for all its layers (the
+            message names the layers).
     """
     layers = lora_layers(model)
     if not layers:
@@ -85,6 +86,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, target_modul
         raise ValueError(f"unmerge the layers before saving: {', '.join(merged[:5])} are merged")
     dropout = _single_value(layers, "lora_dropout", "PEFT's LoraConfig has one lora_dropout for all layers")
     rslora = _single_value(layers, "use_rslora", "PEFT's LoraConfig has one use_rslora for all layers")
+    use_dora = _single_value(layers, "use_dora", "PEFT's LoraConfig has one use_dora for all layers")
     r, alpha = _most_common(layers, "r"), _most_common(layers, "lora_alpha")
     if target_modules is None:
         target_modules = _short_targets(model, sorted(layers))
@@ -103,7 +105,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, target_modul
         "alpha_pattern": _pattern(layers, "lora_alpha", alpha),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -112,6 +114,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, target_modul
     for name, layer in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+        if use_dora:  # PEFT's file key: no adapter name, no ".weight"
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = (
+                layer.lora_magnitude.detach().contiguous().cpu()
+            )
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, _CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -136,13 +142,12 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
 
 
 def _read_config(directory: str) -> dict[str, Any]:
-    """``adapter_config.json``, checked to describe plain LoRA on linear layers."""
+    """``adapter_config.json``, checked to describe LoRA (or DoRA) on linear layers."""
     with open(os.path.join(directory, _CONFIG)) as f:
         config = json.load(f)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory} is a {config.get('peft_type')} adapter, not LoRA")
     unsupported = {
-        "use_dora": bool(config.get("use_dora")),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
         "bias": config.get("bias", "none") != "none",
         "lora_bias": bool(config.get("lora_bias")),
@@ -154,8 +159,8 @@ def _read_config(directory: str) -> dict[str, Any]:
     return config
 
 
-def _read_weights(directory: str) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapter tensors as ``{module name: {"lora_A": A, "lora_B": B}}``."""
+def _read_weights(directory: str, use_dora: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter tensors as ``{module name: {"lora_A": A, "lora_B": B[, "lora_magnitude": m]}}``."""
     safe, binary = os.path.join(directory, _WEIGHTS_SAFE), os.path.join(directory, _WEIGHTS_BIN)
     if os.path.exists(safe):
         from safetensors.torch import load_file
@@ -169,13 +174,17 @@ def _read_weights(directory: str) -> dict[str, dict[str, torch.Tensor]]:
     for key, tensor in state.items():
         name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         match = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", name)
-        if match is None:
-            raise ValueError(
-                f"unexpected tensor {key!r} in {directory}: only lora_A/lora_B weights are supported"
-            )
-        per_module.setdefault(match.group(1), {})[match.group(2)] = tensor
+        magnitude = re.fullmatch(r"(.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?", name)
+        if match is not None:
+            per_module.setdefault(match.group(1), {})[match.group(2)] = tensor
+        elif magnitude is not None and use_dora:
+            per_module.setdefault(magnitude.group(1), {})["lora_magnitude"] = tensor
+        else:
+            supported = "lora_A/lora_B weights" + (" and lora_magnitude_vector" if use_dora else "")
+            raise ValueError(f"unexpected tensor {key!r} in {directory}: only {supported} are supported")
+    expected = {"lora_A", "lora_B", "lora_magnitude"} if use_dora else {"lora_A", "lora_B"}
     for name, pair in per_module.items():
-        if set(pair) != {"lora_A", "lora_B"}:
+        if set(pair) != expected:
             raise ValueError(f"{directory} has only {', '.join(pair)} for module {name}")
     return per_module
 
@@ -188,13 +197,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     Returns ``model``.
 
     Raises:
-        ValueError: the adapter is not plain LoRA on linear layers (DoRA, ``fan_in_fan_out``, biases,
+        ValueError: the adapter is not LoRA or DoRA on linear layers (``fan_in_fan_out``, biases,
             ``modules_to_save``, embeddings...), names a module the model does not have, or does not
             match the config or the model's layers in rank. Checked before the model changes.
     """
     directory = os.fspath(directory)
     config = _read_config(directory)
-    per_module = _read_weights(directory)
+    use_dora = bool(config.get("use_dora", False))
+    per_module = _read_weights(directory, use_dora)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
     modules = dict(model.named_modules())
@@ -213,10 +223,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             raise ValueError(f"{name}: lora_A has rank {r} but the config says r={expected_r}")
         if isinstance(module, FusedLoRALinear) and module.r != r:
             raise ValueError(f"{name} is a FusedLoRALinear of rank {module.r}, the adapter has rank {r}")
+        if isinstance(module, FusedLoRALinear) and module.use_dora != use_dora:
+            raise ValueError(
+                f"{name} is a FusedLoRALinear with use_dora={module.use_dora}, the adapter has {use_dora}"
+            )
         options[name] = dict(
             r=r, lora_alpha=_pattern_value(alpha_pattern, name, config.get("lora_alpha", 8)),
             lora_dropout=float(config.get("lora_dropout", 0.0)), use_rslora=use_rslora,
-            adapter_dtype=pair["lora_A"].dtype,
+            adapter_dtype=pair["lora_A"].dtype, use_dora=use_dora,
         )  # fmt: skip
     layers = attach_lora(model, options, stacklevel=3)
     with torch.no_grad():
@@ -224,4 +238,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             layer.lora_alpha, layer.use_rslora = options[name]["lora_alpha"], use_rslora
             layer.lora_A.copy_(per_module[name]["lora_A"])
             layer.lora_B.copy_(per_module[name]["lora_B"])
+            if use_dora:
+                layer.lora_magnitude.copy_(per_module[name]["lora_magnitude"])
     return model

@@ -93,7 +93,7 @@ def inject_lora(
             matches ``model.layers.0.self_attn.q_proj``; a dotted suffix also works) or a regex string
             matched against the full module name.
         **options: the adapter's options (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
-            ``init_lora_weights``, ``adapter_dtype``: :class:`~lora_kernels.modules.LoRAOptions`), as for
+            ``init_lora_weights``, ``adapter_dtype``, ``use_dora``: :class:`~lora_kernels.modules.LoRAOptions`), as for
             :class:`FusedLoRALinear`.
 
     Every parameter outside the adapters is frozen (``requires_grad=False``), as ``get_peft_model`` does.
@@ -163,20 +163,21 @@ def attach_lora(
         modules[name] = FusedLoRALinear.from_linear(modules[name], **options[name])
         _set_submodule(model, name, modules[name])
     for layer in lora_layers(model).values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        for param in layer.adapter_parameters().values():
+            param.requires_grad_(True)
     return modules
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only (``...lora_A`` / ``...lora_B``), keyed as in ``model.state_dict()``.
+    """The adapter tensors only (``...lora_A`` / ``...lora_B``, and DoRA's ``...lora_magnitude``), keyed as in
+    ``model.state_dict()``.
 
     Load them back with ``model.load_state_dict(sd, strict=False)`` on an injected model.
     """
     keys = set()
-    for name in lora_layers(model):
+    for name, layer in lora_layers(model).items():
         prefix = f"{name}." if name else ""
-        keys.update((prefix + "lora_A", prefix + "lora_B"))
+        keys.update(prefix + key for key in layer.adapter_parameters())
     return {k: v for k, v in model.state_dict().items() if k in keys}
 
 

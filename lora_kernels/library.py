@@ -151,7 +151,9 @@ class DoRALinearFunction(torch.autograd.Function):
         backend: str,
     ):  # fmt: skip
         params = LoRAParams(scaling, dropout_p, seed)
-        y, t, z, col_scale, norm = run_dora_forward(backend, x, weight, bias, lora_A, lora_B, magnitude, params)
+        y, t, z, col_scale, norm = run_dora_forward(
+            backend, x, weight, bias, lora_A, lora_B, magnitude, params
+        )
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, z, col_scale, norm)
         ctx.params, ctx.backend, ctx.magnitude_dtype = params, backend, magnitude.dtype
         return y

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import TypedDict, Unpack
 
-from .functional import lora_linear
+from .functional import dora_linear, dora_weight_norm, lora_linear
 
 
 class LoRAOptions(TypedDict, total=False):
@@ -27,6 +27,7 @@ class LoRAOptions(TypedDict, total=False):
     use_rslora: bool
     init_lora_weights: bool | str
     adapter_dtype: torch.dtype | None
+    use_dora: bool
 
 
 #: The defaults of :class:`LoRAOptions` (PEFT's, but ``lora_alpha = r``: scaling 1).
@@ -37,6 +38,7 @@ LORA_DEFAULTS: LoRAOptions = {
     "use_rslora": False,
     "init_lora_weights": True,
     "adapter_dtype": None,
+    "use_dora": False,
 }
 
 
@@ -51,6 +53,10 @@ def lora_options(options: Mapping[str, Any], caller: str) -> LoRAOptions:
         )
     full: LoRAOptions = {**LORA_DEFAULTS, **options}
     _check_lora_args(full["r"], full["lora_alpha"], full["lora_dropout"])
+    if not isinstance(full["use_dora"], bool):
+        raise TypeError(
+            f"use_dora must be a bool, got {full['use_dora']!r} ({type(full['use_dora']).__name__})"
+        )
     return full
 
 
@@ -61,8 +67,15 @@ class FusedLoRALinear(nn.Module):
     (``lora_alpha / sqrt(r)`` with ``use_rslora``). ``weight`` and ``bias`` are frozen; ``lora_A`` (r, in)
     and ``lora_B`` (out, r) train. Dropout on the LoRA branch is active in ``train()`` mode only.
 
-    ``state_dict()`` holds ``weight``, ``bias``, ``lora_A`` and ``lora_B``; a merged layer adds
-    ``_extra_state = {"merged": True}`` (its ``weight`` holds the adapter). ``load_state_dict`` restores the
+    With ``use_dora=True`` the layer is DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): a trainable
+    magnitude ``lora_magnitude`` (out_features,) rescales each output row,
+    ``y = (m / ‖W + s·B·A‖) ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b`` with the norm detached, and with dropout PEFT's
+    form (:func:`lora_kernels.dora_linear`). ``lora_magnitude`` starts as that norm, so the layer starts as
+    the base layer whatever the adapters' initialisation.
+
+    ``state_dict()`` holds ``weight``, ``bias``, ``lora_A`` and ``lora_B`` (and ``lora_magnitude``); a merged
+    layer adds ``_extra_state = {"merged": True}`` (its ``weight`` holds the adapter; a DoRA layer also keeps
+    the norm it was merged with, ``"dora_weight_norm"``, which ``unmerge`` needs, as PEFT caches it). ``load_state_dict`` restores the
     saved layer exactly: a merged state dict makes the layer merged (no adapter applied twice), one without
     the extra state (unmerged, or saved before it existed) makes it unmerged, and adapters alone loaded
     into a merged layer are re-merged (the old ones are taken out of ``weight``, the new ones put in).
@@ -79,8 +92,10 @@ class FusedLoRALinear(nn.Module):
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``; default False.
         init_lora_weights: ``True`` (the default: A kaiming-uniform, B zeros, so the layer starts as the
             base layer), ``"gaussian"`` (A normal with std 1/r, B zeros) or ``False`` (both random, for tests).
-        adapter_dtype: dtype of ``lora_A``/``lora_B``; default the base dtype. ``torch.float32`` on a
-            bf16/fp16 base is PEFT's default and runs without casting copies of the input.
+        adapter_dtype: dtype of ``lora_A``/``lora_B`` (and ``lora_magnitude``); default the base dtype.
+            ``torch.float32`` on a bf16/fp16 base is PEFT's default and runs without casting copies of the
+            input.
+        use_dora: DoRA (see above); default False.
     """
 
     def __init__(
@@ -130,7 +145,11 @@ class FusedLoRALinear(nn.Module):
         factory = {"device": weight.device, "dtype": options["adapter_dtype"] or weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
+        self.use_dora = options["use_dora"]
+        if self.use_dora:
+            self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, **factory))
         self.merged = False
+        self._dora_merged_norm: torch.Tensor | None = None  # the norm a merged DoRA layer was merged with
         self.reset_lora_parameters(options["init_lora_weights"])
         self.init_lora_weights = options["init_lora_weights"]
 
@@ -178,35 +197,81 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(
                 f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}"
             )
+        if self.use_dora:  # PEFT: the magnitude starts as the norm of W + s·B·A
+            self.lora_magnitude.copy_(self.weight_norm())
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors of the adapter by name: ``lora_A``, ``lora_B`` and, with DoRA,
+        ``lora_magnitude``."""
+        params = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.use_dora:
+            params["lora_magnitude"] = self.lora_magnitude
+        return params
+
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ``‖W + s·B·A‖`` per output row (float32, no autograd), of the *unmerged* weight."""
+        if self.merged:
+            raise RuntimeError("weight_norm() needs the unmerged weight; unmerge() first")
+        return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling · lora_B · lora_A`` in the base weight's dtype (computed in fp32)."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-        return delta.to(self.weight.dtype)
+        return self._delta_weight_f32().to(self.weight.dtype)
+
+    def _delta_weight_f32(self) -> torch.Tensor:
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``weight`` (for inference); a second call warns and does nothing."""
+        """Fold the adapter into ``weight`` (for inference); a second call warns and does nothing.
+
+        DoRA, as PEFT merges it: ``W ← (m / n) ⊙ (W + s·B·A)`` with ``n = ‖W + s·B·A‖`` of the unmerged
+        weight, computed in float32; ``n`` is kept for :meth:`unmerge`.
+        """
         if self.merged:
             warnings.warn("FusedLoRALinear is already merged; merge() did nothing", stacklevel=2)
             return
-        self.weight += self.delta_weight()
+        if self.use_dora:
+            norm = self.weight_norm()
+            factor = (self.lora_magnitude.float() / norm)[:, None]
+            merged = (self.weight.float() + self._delta_weight_f32()) * factor
+            self.weight.copy_(merged)
+            self._dora_merged_norm = norm
+        else:
+            self.weight += self.delta_weight()
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the adapter back out of ``weight``; on an unmerged layer it warns and does nothing."""
+        """Take the adapter back out of ``weight``; on an unmerged layer it warns and does nothing.
+
+        DoRA: ``W ← W / (m / n) − s·B·A`` with the ``n`` :meth:`merge` used (as PEFT's cached norm).
+        """
         if not self.merged:
             warnings.warn("FusedLoRALinear is not merged; unmerge() did nothing", stacklevel=2)
             return
-        self.weight -= self.delta_weight()
+        if self.use_dora:
+            if self._dora_merged_norm is None:
+                raise RuntimeError(
+                    "this merged DoRA layer does not know the norm it was merged with, so it cannot unmerge"
+                )
+            factor = (self.lora_magnitude.float() / self._dora_merged_norm.to(self.weight.device))[:, None]
+            self.weight.copy_(self.weight.float() / factor - self._delta_weight_f32())
+            self._dora_merged_norm = None
+        else:
+            self.weight -= self.delta_weight()
         self.merged = False
 
     # ---------------------------------------------------------------------------------------- state dict
 
     def get_extra_state(self) -> dict[str, Any]:
-        """``{"merged": bool}``: whether the saved ``weight`` holds the adapter (written only when merged)."""
-        return {"merged": self.merged}
+        """``{"merged": bool}``: whether the saved ``weight`` holds the adapter (written only when merged);
+        a merged DoRA layer adds ``"dora_weight_norm"``, the norm it was merged with."""
+        state: dict[str, Any] = {"merged": self.merged}
+        if self.merged and self.use_dora and self._dora_merged_norm is not None:
+            state["dora_weight_norm"] = self._dora_merged_norm
+        return state
 
     def set_extra_state(self, state: Any) -> None:
         # Applied by _load_from_state_dict, together with the weight it describes; here only checked.
@@ -223,7 +288,7 @@ class FusedLoRALinear(nn.Module):
     ):
         extra_key = prefix + _EXTRA_STATE
         has_weight = prefix + "weight" in state_dict
-        has_adapters = prefix + "lora_A" in state_dict or prefix + "lora_B" in state_dict
+        has_adapters = any(prefix + name in state_dict for name in self.adapter_parameters())
         remerge = self.merged and not has_weight and has_adapters
         if remerge:  # adapters alone into a merged layer: take the old ones out of the weight first
             self.unmerge()
@@ -240,12 +305,19 @@ class FusedLoRALinear(nn.Module):
         if has_weight and len(error_msgs) == errors:
             extra = state_dict.get(extra_key)
             self.merged = bool(extra["merged"]) if isinstance(extra, dict) else False
+            norm = extra.get("dora_weight_norm") if self.merged else None
+            self._dora_merged_norm = None if norm is None else norm.to(self.weight.device, torch.float32)
 
     # ------------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        if self.use_dora:
+            return dora_linear(
+                x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude, self.scaling,
+                self.lora_dropout, self.training,
+            )  # fmt: skip
         return lora_linear(
             x,
             self.weight,
@@ -261,7 +333,7 @@ class FusedLoRALinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
-            f"use_rslora={self.use_rslora}, merged={self.merged}"
+            f"use_rslora={self.use_rslora}, {'use_dora=True, ' if self.use_dora else ''}merged={self.merged}"
         )
 
 

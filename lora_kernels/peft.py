@@ -2,7 +2,8 @@
 
 :func:`fuse` / :func:`unfuse`: a ``PeftModel`` keeps its modules, parameters, state-dict keys and
 ``save_pretrained``; only the forward of each ``peft.tuners.lora.layer.Linear`` is swapped for one that
-calls :func:`lora_kernels.lora_linear` on PEFT's own ``lora_A``/``lora_B`` parameters.
+calls :func:`lora_kernels.lora_linear` on PEFT's own ``lora_A``/``lora_B`` parameters (DoRA layers:
+:func:`lora_kernels.dora_linear`, with PEFT's ``lora_magnitude_vector`` as the magnitude).
 
 This module is ``lora_kernels.peft``; ``import peft`` inside it is absolute, so it always means the real
 package (imported lazily, only by :func:`fuse`). :func:`save_adapter` / :func:`load_adapter`, which
@@ -21,7 +22,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .adapter_io import load_adapter, save_adapter
-from .functional import lora_linear
+from .functional import dora_linear, lora_linear
 
 __all__ = ["fuse", "load_adapter", "save_adapter", "unfuse"]
 
@@ -86,16 +87,19 @@ def _why_not_fused(layer: nn.Module) -> tuple[str | None, bool]:
     if len(active) != 1:
         return f"{len(active)} active adapters ({', '.join(active)}); the fused op runs exactly one", True
     adapter = active[0]
-    if layer.use_dora.get(adapter, False):
-        return "DoRA (use_dora=True)", True
-    if adapter in getattr(layer, "lora_variant", {}):
-        return f"a LoRA variant ({type(layer.lora_variant[adapter]).__name__})", True
+    dora = layer.use_dora.get(adapter, False)
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
+        return f"a LoRA variant ({type(variant).__name__})", True
     lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
     if lora_A.bias is not None or lora_B.bias is not None:
         return "lora_bias=True", True
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         return f"its dropout is {type(dropout).__name__}", True
-    if any(_runs_more_than_forward(m) for m in (base, lora_A, lora_B, dropout)):
+    modules = [base, lora_A, lora_B, dropout]
+    if dora:
+        modules.append(layer.lora_magnitude_vector[adapter])
+    if any(_runs_more_than_forward(m) for m in modules):
         return (
             "its base layer or adapter modules have hooks or a replaced forward (PEFT's forward runs them)",
             True,
@@ -118,7 +122,7 @@ def _warn_once(reason: str) -> None:
 
 
 def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """PEFT ``lora.Linear.forward`` for one plain LoRA adapter on an ``nn.Linear``, through the fused op."""
+    """PEFT ``lora.Linear.forward`` for one LoRA (or DoRA) adapter on an ``nn.Linear``, through the fused op."""
     peft_forward = type(self).forward
     if args or kwargs:
         if kwargs.get("adapter_names") is not None:
@@ -137,9 +141,11 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         return peft_forward(self, x)
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    return lora_linear(
-        x, base.weight, base.bias, lora_A, lora_B, float(self.scaling[adapter]), p, dropout.training
-    )
+    scaling = float(self.scaling[adapter])
+    if self.use_dora.get(adapter, False):
+        magnitude = self.lora_magnitude_vector[adapter].weight
+        return dora_linear(x, base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p, dropout.training)
+    return lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, p, dropout.training)
 
 
 class _FusedForward:
@@ -171,7 +177,7 @@ def fuse(peft_model: nn.Module) -> int:
     The forward of each ``peft.tuners.lora.layer.Linear`` instance is replaced; modules, parameters,
     state-dict keys, ``save_pretrained``, merging and adapter switching stay PEFT's, and the model still
     saves with ``torch.save``, pickles and deep-copies. A layer that cannot run fused falls back to PEFT's
-    own forward at call time: DoRA and other variants, several active adapters, a quantized or
+    own forward at call time: LoRA variants other than DoRA, several active adapters, a quantized or
     non-``nn.Linear`` base, a base that is itself a tuner layer (LoHa, LoKr... in a ``PeftMixedModel``),
     ``fan_in_fan_out``, ``lora_bias``, hooks on the base layer or adapter modules (or global module hooks),
     all of which PEFT's forward honours. One warning lists those found now, and each new reason met later

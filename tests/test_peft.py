@@ -109,9 +109,9 @@ def test_fuse_save_pretrained_is_peft_s(base_model, tmp_path):
 
 
 def test_unfusable_layers_warn_and_keep_peft_forward(base_model, ids):
-    reference = _peft_model(base_model, use_dora=True)
+    reference = _peft_model(base_model, lora_bias=True)
     fused = copy.deepcopy(reference)
-    with pytest.warns(UserWarning, match="DoRA"):
+    with pytest.warns(UserWarning, match="lora_bias"):
         assert lk_peft.fuse(fused) == 0
     torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
 
@@ -175,7 +175,7 @@ def test_load_adapter_from_peft(base_model, ids, tmp_path):
         )
 
 
-def test_load_adapter_rejects_dora(base_model, tmp_path):
-    _peft_model(base_model, use_dora=True).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="use_dora"):
+def test_load_adapter_rejects_lora_bias(base_model, tmp_path):
+    _peft_model(base_model, lora_bias=True).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="lora_bias"):
         lk_peft.load_adapter(copy.deepcopy(base_model), tmp_path)

@@ -38,13 +38,29 @@ KERNELS = {
             "z_ptr": "in",
         },
         {"project_scale", "lora_scale", "dropout_scale"},
-        {"HAS_BIAS": True, "SCALE_A": False, "SECOND": 0, "DORA_OUT": False, "FUSE_PROJECT": False,
-         "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16, "GROUP_M": 8},
+        {
+            "HAS_BIAS": True,
+            "SCALE_A": False,
+            "SECOND": 0,
+            "DORA_OUT": False,
+            "FUSE_PROJECT": False,
+            "BLOCK_M": 128,
+            "BLOCK_N": 128,
+            "BLOCK_K": 64,
+            "BLOCK_R": 16,
+            "GROUP_M": 8,
+        },
         {"num_warps": 8, "num_stages": 3},
         # LoRA (t by its own kernel, or fused), then DoRA: forward without / with dropout, dX without / with
-        ({}, {"FUSE_PROJECT": True}, {"FUSE_PROJECT": True, "DORA_OUT": True}, {"SECOND": 1, "DORA_OUT": True},
-         {"SCALE_A": True}, {"SECOND": 2}),
-    ),  # fmt: skip
+        (
+            {},
+            {"FUSE_PROJECT": True},
+            {"FUSE_PROJECT": True, "DORA_OUT": True},
+            {"SECOND": 1, "DORA_OUT": True},
+            {"SCALE_A": True},
+            {"SECOND": 2},
+        ),
+    ),
     "_lora_project_kernel": (
         {"a_ptr": "in", "b_ptr": "fp32", "out_ptr": "fp32", "row_sq_ptr": "fp32", "dropped_ptr": "in"},
         {"scale", "dropout_scale"},
@@ -53,13 +69,19 @@ KERNELS = {
         ({}, {"ROW_SQ": True}, {"STORE_DROPPED": True}),  # DoRA: ‖W_j‖² with W·Aᵀ; x̃ with t
     ),
     "_lora_reduce_rows_kernel": (
-        {"a_ptr": "in", "c_ptr": "fp32", "out_ptr": "fp32", "colsum_ptr": "fp32", "z_ptr": "in",
-         "prodsum_ptr": "fp32"},
+        {
+            "a_ptr": "in",
+            "c_ptr": "fp32",
+            "out_ptr": "fp32",
+            "colsum_ptr": "fp32",
+            "z_ptr": "in",
+            "prodsum_ptr": "fp32",
+        },
         {"scale"},
         {"HAS_COLSUM": True, "HAS_PRODSUM": False, "BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_R": 32},
         {"num_warps": 4, "num_stages": 3},
         ({}, {"HAS_PRODSUM": True}),  # DoRA: Σ_rows dY ⊙ z on dB's loads
-    ),  # fmt: skip
+    ),
 }
 
 

@@ -206,11 +206,18 @@ def dora_weight_norm(
     """
     with torch.no_grad(), _no_autocast(weight.device.type):
         weight_sq, weight_A = dora_backend_module(backend).dora_norm_parts(weight, lora_A)
-        B = lora_B.to(weight_A.dtype)
-        A = lora_A.to(weight_A.dtype)
-        norm_sq = weight_sq + (2.0 * scaling) * (B * weight_A).sum(1)
-        norm_sq += (scaling * scaling) * ((B @ (A @ A.t())) * B).sum(1)
-        return norm_sq.clamp_min_(0.0).sqrt_()
+        return norm_from_parts(weight_sq, weight_A, lora_A, lora_B, scaling)
+
+
+def norm_from_parts(
+    weight_sq: Tensor, weight_A: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
+) -> Tensor:
+    """:func:`dora_weight_norm` from a backend's ``dora_norm_parts``: ``(N, r)``-sized work only."""
+    B = lora_B.to(weight_A.dtype)
+    A = lora_A.to(weight_A.dtype)
+    norm_sq = weight_sq + (2.0 * scaling) * (B * weight_A).sum(1)
+    norm_sq = norm_sq + (scaling * scaling) * ((B @ (A @ A.t())) * B).sum(1)
+    return norm_sq.clamp_min(0.0).sqrt()
 
 
 def run_dora_forward(
@@ -242,7 +249,7 @@ def run_dora_backward(
     count) is ``(dY ⊙ c)ᵀ·x`` without dropout, ``dYᵀ·x + (dY ⊙ (c − 1))ᵀ·x̃`` with it.
     """
     x2d, grad_y = _flat_grad(x, grad_y, weight.shape[0])
-    need_x, need_weight, need_bias, need_A, need_B, need_m = needs_grad
+    _, need_weight, need_bias, _, _, need_m = needs_grad
     module = dora_backend_module(backend)
     with _no_autocast(x.device.type):
         grad_x, grad_A, grad_B, grad_bias, grad_z_colsum = module.dora_backward(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..dropout import dropout_mask
-from . import DoRANeedsGrad, LoRAParams, NeedsGrad, as_output, dora_weight_norm, t_dtype
+from . import DoRANeedsGrad, LoRAParams, NeedsGrad, as_output, norm_from_parts, t_dtype
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -153,7 +153,9 @@ def dora_linear_composite(
     ``torch.func`` transforms, forward-mode AD, ``meta`` tensors and ``torch.compile``. The norm is computed
     without autograd (detached, as PEFT's)."""
     dtype = x.dtype
-    col_scale = magnitude.to(t_dtype(dtype)) / dora_weight_norm("torch", weight, lora_A, lora_B, params.scaling)
+    with torch.no_grad():
+        norm = norm_from_parts(*dora_norm_parts(weight, lora_A), lora_A, lora_B, params.scaling)
+    col_scale = magnitude.to(norm.dtype) / norm
     x_dropped = _dropped(x, params)
     lora = F.linear(F.linear(x_dropped, _as(lora_A, dtype)), _as(lora_B, dtype)) * params.scaling
     if params.dropout_p == 0.0:
