@@ -65,7 +65,7 @@ def _count_triton_launches():
 
     def counting_launch(kernel, grid_of, configs, args, constexprs):
         name = getattr(kernel, "__name__", "")
-        if name.startswith("_lora"):
+        if name.endswith("_kernel"):
             _KERNEL_LAUNCHES[name] = _KERNEL_LAUNCHES.get(name, 0) + 1
         return launch(kernel, grid_of, configs, args, constexprs)
 

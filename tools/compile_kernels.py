@@ -62,11 +62,11 @@ KERNELS = {
         ),
     ),
     "_lora_project_kernel": (
-        {"a_ptr": "in", "b_ptr": "fp32", "out_ptr": "fp32", "row_sq_ptr": "fp32", "dropped_ptr": "in"},
+        {"a_ptr": "in", "b_ptr": "fp32", "out_ptr": "fp32", "dropped_ptr": "in"},
         {"scale", "dropout_scale"},
-        {"ROW_SQ": False, "STORE_DROPPED": False, "BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 64},
+        {"STORE_DROPPED": False, "BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 64},
         {"num_warps": 4, "num_stages": 3},
-        ({}, {"ROW_SQ": True}, {"STORE_DROPPED": True}),  # DoRA: ‖W_j‖² with W·Aᵀ; x̃ with t
+        ({}, {"STORE_DROPPED": True}),  # DoRA with dropout: x̃ stored beside t
     ),
     "_lora_reduce_rows_kernel": (
         {
@@ -82,13 +82,22 @@ KERNELS = {
         {"num_warps": 4, "num_stages": 3},
         ({}, {"HAS_PRODSUM": True}),  # DoRA: Σ_rows dY ⊙ z on dB's loads
     ),
+    "_dora_norm_kernel": (  # DoRA's ‖W + s·B·A‖ (no dropout, no input precision: one variant per dtype)
+        {"w_ptr": "in", "a_ptr": "fp32", "b_ptr": "fp32", "out_ptr": "fp32"},
+        {"scale"},
+        {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 16},
+        {"num_warps": 4, "num_stages": 3},
+        ({},),
+    ),
 }
 
 
 def compile_kernel(name: str, dtype: str, dropout: bool, variant: dict, arch: int) -> None:
     kernel = getattr(triton_lora, name)
     pointers, floats, constexprs, options, _ = KERNELS[name]
-    constexprs = {**constexprs, **variant, "HAS_DROPOUT": dropout, "INPUT_PRECISION": "tf32"}
+    constexprs = {**constexprs, **variant}
+    if "HAS_DROPOUT" in kernel.arg_names:
+        constexprs.update(HAS_DROPOUT=dropout, INPUT_PRECISION="tf32")
     if "LORA_FP32" in kernel.arg_names and "LORA_FP32" not in variant:
         constexprs["LORA_FP32"] = dtype == "fp16"  # as the launcher sets it: the fp16 epilogue runs in TF32
     signature = {}
@@ -115,7 +124,8 @@ def main() -> int:
         for name, spec in KERNELS.items():
             for variant in spec[-1]:
                 for dtype in ("fp16", "bf16", "fp32"):
-                    for dropout in (False, True):
+                    kernel = getattr(triton_lora, name)
+                    for dropout in (False, True) if "HAS_DROPOUT" in kernel.arg_names else (False,):
                         what = f"sm_{arch} {name} {dtype} dropout={dropout} {variant or ''}"
                         try:
                             compile_kernel(name, dtype, dropout, variant, arch)

@@ -20,9 +20,9 @@ gradient ``dW = dYᵀ·x`` and, unless the backend returns it, the bias gradient
 
 DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): a backend may also provide
 
-``dora_norm_parts(weight, lora_A) -> (weight_sq (N,), weight_A (N, r))``
-    ``‖W_j‖²`` and ``W·Aᵀ`` in float32 from one pass over ``W``; :func:`dora_weight_norm` builds
-    ``‖W + s·B·A‖`` from them and the small adapters.
+``dora_weight_norm(weight, lora_A, lora_B, scaling) -> norm (N,)``
+    ``‖W_j + s·B_j·A‖`` per output row in float32 (float64 for float64 weights), computed directly (the
+    sum ``W + s·B·A`` first, then its square: no cancellation between expanded terms).
 ``dora_forward(x, weight, bias, lora_A, lora_B, col_scale, params, out_shape=None) -> (y, t, z)``
     with ``c = col_scale = m / ‖W + s·B·A‖`` (float32, N) and ``x̃ = dropout(x)``:
     ``z = x̃·Wᵀ + s·t·Bᵀ`` (``x.dtype``, M×N, kept for ``dm``) and ``y = x·Wᵀ − x̃·Wᵀ + c ⊙ z + b``, i.e.
@@ -197,27 +197,10 @@ def dora_backend_module(backend: str):
 def dora_weight_norm(
     backend: str, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
 ) -> Tensor:  # fmt: skip
-    """``‖W + s·B·A‖`` per output row (float32; float64 for float64 weights), without autograd.
-
-    Never forms ``W + s·B·A``: ``‖W_j + s·B_j·A‖² = ‖W_j‖² + 2s·B_j·(A·W_jᵀ) + s²·B_j·(A·Aᵀ)·B_jᵀ``, where
-    the backend's ``dora_norm_parts`` gives ``‖W_j‖²`` and ``W·Aᵀ`` from one read of ``W`` and the rest is
-    ``(N, r)``-sized. The sum is clamped at 0 before the square root (rounding could take a zero norm
-    below it).
-    """
+    """``‖W + s·B·A‖`` per output row (float32; float64 for float64 weights), without autograd, on
+    ``backend`` (the Triton kernel reads ``W`` once and never forms ``W + s·B·A`` in memory)."""
     with torch.no_grad(), _no_autocast(weight.device.type):
-        weight_sq, weight_A = dora_backend_module(backend).dora_norm_parts(weight, lora_A)
-        return norm_from_parts(weight_sq, weight_A, lora_A, lora_B, scaling)
-
-
-def norm_from_parts(
-    weight_sq: Tensor, weight_A: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
-) -> Tensor:
-    """:func:`dora_weight_norm` from a backend's ``dora_norm_parts``: ``(N, r)``-sized work only."""
-    B = lora_B.to(weight_A.dtype)
-    A = lora_A.to(weight_A.dtype)
-    norm_sq = weight_sq + (2.0 * scaling) * (B * weight_A).sum(1)
-    norm_sq = norm_sq + (scaling * scaling) * ((B @ (A @ A.t())) * B).sum(1)
-    return norm_sq.clamp_min(0.0).sqrt()
+        return dora_backend_module(backend).dora_weight_norm(weight, lora_A, lora_B, scaling)
 
 
 def run_dora_forward(

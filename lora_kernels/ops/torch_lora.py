@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..dropout import dropout_mask
-from . import DoRANeedsGrad, LoRAParams, NeedsGrad, as_output, norm_from_parts, t_dtype
+from . import DoRANeedsGrad, LoRAParams, NeedsGrad, as_output, t_dtype
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -88,13 +88,22 @@ def lora_linear_composite(
 # --------------------------------------------------------------------------------------------------------
 
 
-def dora_norm_parts(weight: Tensor, lora_A: Tensor) -> tuple[Tensor, Tensor]:
-    """``(‖W_j‖², W·Aᵀ)`` in float32 (float64 for float64 weights); two reads of ``W`` here (torch has no
-    fused op for both), one in the Triton kernel."""
+#: Rows of ``W + s·B·A`` formed at once by :func:`dora_weight_norm` (a float32 temporary of at most 64 MiB).
+_NORM_CHUNK_ELEMENTS = 1 << 24
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``‖W + s·B·A‖`` per row in float32 (float64 for float64 weights), a chunk of rows at a time."""
     dtype = t_dtype(weight.dtype)
-    weight_sq = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square_()
-    weight_A = _as(torch.mm(weight, _as(lora_A, weight.dtype).t()), dtype)
-    return weight_sq, weight_A
+    A, B = _as(lora_A, dtype), _as(lora_B, dtype)
+    rows = max(1, _NORM_CHUNK_ELEMENTS // max(weight.shape[1], 1))
+    norms = [
+        torch.linalg.vector_norm(
+            _as(weight[i : i + rows], dtype).addmm(B[i : i + rows], A, alpha=scaling), dim=1
+        )
+        for i in range(0, weight.shape[0], rows)
+    ]
+    return torch.cat(norms) if len(norms) != 1 else norms[0]
 
 
 def dora_forward(
@@ -154,7 +163,7 @@ def dora_linear_composite(
     without autograd (detached, as PEFT's)."""
     dtype = x.dtype
     with torch.no_grad():
-        norm = norm_from_parts(*dora_norm_parts(weight, lora_A), lora_A, lora_B, params.scaling)
+        norm = dora_weight_norm(weight, lora_A, lora_B, params.scaling)
     col_scale = magnitude.to(norm.dtype) / norm
     x_dropped = _dropped(x, params)
     lora = F.linear(F.linear(x_dropped, _as(lora_A, dtype)), _as(lora_B, dtype)) * params.scaling

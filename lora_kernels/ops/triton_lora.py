@@ -219,11 +219,11 @@ def _lora_linear_kernel(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
 def _lora_project_kernel(
-    a_ptr, b_ptr, out_ptr, row_sq_ptr, dropped_ptr,
+    a_ptr, b_ptr, out_ptr, dropped_ptr,
     M, K, R,
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
     scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
-    HAS_DROPOUT: tl.constexpr, ROW_SQ: tl.constexpr, STORE_DROPPED: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, STORE_DROPPED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
@@ -232,9 +232,8 @@ def _lora_project_kernel(
     Forward: ``a = x``, ``b = Aᵀ`` gives ``t``. Backward: ``a = dY``, ``b = B`` gives ``s·dY·B``.
     ``scale`` already holds the dropout's ``1 / (1 - p)``.
 
-    DoRA's extras, on the same loads: ``ROW_SQ`` stores ``row_sq[M] = Σ_k a²`` (fp32; ``a = W``, ``b = Aᵀ``:
-    ``‖W_j‖²`` and ``W·Aᵀ`` from one read of ``W``); ``STORE_DROPPED`` stores ``dropped = dropout(a)``
-    (``a.dtype``, contiguous (M, K); the forward's second GEMM operand, freed after the forward).
+    DoRA's forward with dropout: ``STORE_DROPPED`` also stores ``dropped = dropout(a)`` (``a.dtype``,
+    contiguous (M, K)), the second operand of its GEMM, freed after the forward.
     """
     pid_m = tl.program_id(0)
     offs_m, mask_m = _tile(pid_m.to(tl.int64) * BLOCK_M, BLOCK_M, M)
@@ -242,7 +241,6 @@ def _lora_project_kernel(
     in_dtype = a_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k, mask_k = _tile(k * BLOCK_K, BLOCK_K, K)
         a = tl.load(
@@ -250,9 +248,6 @@ def _lora_project_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        if ROW_SQ:
-            a_f32 = a.to(tl.float32)
-            row_sq += tl.sum(a_f32 * a_f32, axis=1)
         if HAS_DROPOUT:
             keep = _dropout_keep(offs_m[:, None], offs_k[None, :], seed_lo, seed_hi, dropout_threshold)
             a = a * keep.to(a.dtype)  # multiply as x·mask does, so a dropped NaN still propagates
@@ -271,8 +266,6 @@ def _lora_project_kernel(
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
     tl.store(out_ptrs, acc * scale, mask=mask_m[:, None] & mask_r[None, :])
-    if ROW_SQ:
-        tl.store(row_sq_ptr + offs_m, row_sq, mask=mask_m)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
@@ -335,6 +328,45 @@ def _lora_reduce_rows_kernel(
         tl.store(colsum_ptr + pid_split.to(tl.int64) * P + offs_p, colsum, mask=mask_p)
     if HAS_PRODSUM:
         tl.store(prodsum_ptr + pid_split.to(tl.int64) * P + offs_p, prodsum, mask=mask_p)
+
+
+@triton.jit
+def _dora_norm_kernel(
+    w_ptr, a_ptr, b_ptr, out_ptr,
+    N, K, R,
+    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    scale,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """DoRA's norm: ``out[N] = ‖w + scale·b·a‖`` per row, ``w`` (N, K), ``a`` (R, K), ``b`` (N, R), fp32.
+
+    Each program reads its rows of ``w`` once and forms ``w + scale·b·a`` tile by tile in registers (an
+    IEEE fp32 product: the adapters' precision, as PEFT's ``B @ A``), so the norm is the direct one.
+    """
+    pid = tl.program_id(0)
+    offs_n, mask_n = _tile(pid.to(tl.int64) * BLOCK_N, BLOCK_N, N)
+    offs_r, mask_r = _tile(0, BLOCK_R, R)
+    b = tl.load(
+        b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+        mask=mask_n[:, None] & mask_r[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k, mask_k = _tile(k * BLOCK_K, BLOCK_K, K)
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :].to(tl.int64) * stride_wk,
+            mask=mask_n[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        a = tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak,
+            mask=mask_r[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        v = w + scale * tl.dot(b, a, input_precision="ieee")
+        sq += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + offs_n, tl.sqrt(sq), mask=mask_n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -644,10 +676,10 @@ def _linear_with_lora(
 
 def _project(
     a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float, seed: int, *,
-    row_sq: torch.Tensor | None = None, dropped: torch.Tensor | None = None,
+    dropped: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """``scale · dropout(a)·b`` in fp32, ``a`` (M, K), ``b`` (K, R); also fills ``row_sq`` (M, fp32) with
-    ``Σ_k a²`` and ``dropped`` (M, K contiguous, ``a.dtype``) with ``dropout(a)`` when they are given."""
+    """``scale · dropout(a)·b`` in fp32, ``a`` (M, K), ``b`` (K, R); also fills ``dropped`` (M, K contiguous,
+    ``a.dtype``) with ``dropout(a)`` when it is given."""
     M, K = a.shape
     R = b.shape[1]
     out = torch.empty((M, R), device=a.device, dtype=torch.float32)
@@ -668,12 +700,12 @@ def _project(
         grid_of,
         configs,
         (
-            a, b, out, row_sq if row_sq is not None else out, dropped if dropped is not None else a,
+            a, b, out, dropped if dropped is not None else a,
             M, K, R,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
             scale, seed_lo, seed_hi, threshold, mask_scale,
         ),
-        dict(HAS_DROPOUT=dropout_p > 0.0, ROW_SQ=row_sq is not None, STORE_DROPPED=dropped is not None,
+        dict(HAS_DROPOUT=dropout_p > 0.0, STORE_DROPPED=dropped is not None,
              INPUT_PRECISION=_input_precision(a.dtype)),
     )  # fmt: skip
     return out
@@ -785,14 +817,37 @@ def lora_backward(
 # --------------------------------------------------------------------------------------------------
 
 
-def dora_norm_parts(weight: torch.Tensor, lora_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(‖W_j‖², W·Aᵀ)`` in fp32 from one read of ``W``: the projection kernel with ``ROW_SQ``."""
-    weight_sq = torch.empty(weight.shape[0], device=weight.device, dtype=torch.float32)
+def dora_weight_norm(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:  # fmt: skip
+    """``‖W + s·B·A‖`` per row, fp32, by :func:`_dora_norm_kernel` (one read of ``W``)."""
+    N, K = weight.shape
+    R = lora_A.shape[0]
+    out = torch.empty(N, device=weight.device, dtype=torch.float32)
+    if N == 0:
+        return out
+    if interpreting():
+        cfg = dict(
+            BLOCK_N=_pow2_clamp(N, 16, 128), BLOCK_K=_pow2_clamp(K, 16, 128), num_warps=4, num_stages=1
+        )
+    else:  # not timed yet: 64 rows a program (64 programs for N = 4096), an r-wide fp32 tile of B in registers
+        cfg = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    configs = _Configs(_smaller_configs(dict(cfg, BLOCK_R=_block_r(R)), ("BLOCK_N", "BLOCK_K")))
     with _launch_guard(), device_guard(weight.device):
-        weight_A = _project(weight, lora_A.t(), 1.0, 0.0, 0, row_sq=weight_sq)
-    if weight.shape[0] > 0 and weight.shape[1] == 0:
-        weight_sq.zero_()
-    return weight_sq, weight_A
+        _launch(
+            _dora_norm_kernel,
+            lambda cfg: (_cdiv(N, cfg["BLOCK_N"]),),
+            configs,
+            (
+                weight, lora_A, lora_B, out,
+                N, K, R,
+                weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+                lora_B.stride(0), lora_B.stride(1),
+                scaling,
+            ),
+            {},
+        )  # fmt: skip
+    return out
 
 
 def dora_forward(
