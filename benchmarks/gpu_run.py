@@ -428,7 +428,7 @@ def phase_sanitize(work: Path) -> None:
                     A = (torch.randn(5, 67, device=DEVICE, dtype=dtype) / 8).requires_grad_()
                     B = (torch.randn(45, 5, device=DEVICE, dtype=dtype) / 2).requires_grad_()
                     m = (torch.rand(45, device=DEVICE, dtype=dtype) + 0.5).requires_grad_()
-                    for dora in (False, True):
+                    for dora in (False, True) if lead != (1,) else (False,):  # DoRA on the odd shape only
                         row = {"backend": backend, "dtype": str(dtype), "dropout": dropout_p, "lead": lead,
                                "dora": dora}  # fmt: skip
                         try:

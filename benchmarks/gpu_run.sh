@@ -111,7 +111,7 @@ phase tests 200 "$PY" -m pytest "${GPU_TESTS[@]}" "${PYTEST_ARGS[@]}" --junitxml
 
 phase table 90 "$PY" benchmarks/gpu_run.py table --work "$WORK"
 phase overhead 40 "$PY" benchmarks/gpu_run.py overhead --work "$WORK"
-phase e2e 40 "$PY" benchmarks/gpu_run.py e2e --work "$WORK"
+phase e2e 55 "$PY" benchmarks/gpu_run.py e2e --work "$WORK"
 phase sweep 60 "$PY" benchmarks/gpu_run.py sweep --work "$WORK"
 
 # --- sanitize: compute-sanitizer memcheck over every kernel variant on odd shapes, time-boxed
@@ -124,7 +124,7 @@ sanitize_phase() {
   fi
 }
 export -f sanitize_phase
-phase sanitize 30 sanitize_phase
+phase sanitize 45 sanitize_phase
 
 # --- cuda-ext: the cuda backend's tests, only if its build finished (never waits for it)
 if [ -n "$BUILD_PID" ]; then

@@ -704,7 +704,8 @@ def add_ratios(rows: Sequence[dict]) -> None:
         for name in BASELINES:
             row[f"ratio_to_{name}"] = ms / ref[name] if ms and name in ref else None
         row["speedup_over_peft"] = ref["peft"] / ms if ms and "peft" in ref else None
-        lora = times.get((*case_key(row)[:-1], False, row["provider"])) if row.get("dora") else None
+        ours = row.get("dora") and row["provider"] not in ("base", PEFT_DORA)
+        lora = times.get((*case_key(row)[:-1], False, row["provider"])) if ours else None
         row["ratio_to_lora"] = ms / lora if ms and lora else None
 
 

@@ -233,7 +233,8 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
     """``‖W + s·B·A‖`` per output row (``out_features``), float32 (float64 for float64 weights), without
     autograd: DoRA's detached norm, and the initial value of its magnitude. Computed on the backend
     :func:`lora_linear` would use, from one read of ``W`` where that backend fuses it (Triton)."""
-    backend = _backend_for(weight.device, weight.dtype, lora_A.shape[0])
+    # meta tensors (meta-device init) hold shapes only: no kernel can run on them
+    backend = "torch" if weight.is_meta else _backend_for(weight.device, weight.dtype, lora_A.shape[0])
     return ops.dora_weight_norm(backend, weight, lora_A, lora_B, float(scaling))
 
 

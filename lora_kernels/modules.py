@@ -149,7 +149,8 @@ class FusedLoRALinear(nn.Module):
         if self.use_dora:
             self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, **factory))
         self.merged = False
-        self._dora_merged_norm: torch.Tensor | None = None  # the norm a merged DoRA layer was merged with
+        # the norm a merged DoRA layer was merged with (moves with .to(); saved through the extra state)
+        self.register_buffer("_dora_merged_norm", None, persistent=False)
         self.reset_lora_parameters(options["init_lora_weights"])
         self.init_lora_weights = options["init_lora_weights"]
 
@@ -256,7 +257,7 @@ class FusedLoRALinear(nn.Module):
                 raise RuntimeError(
                     "this merged DoRA layer does not know the norm it was merged with, so it cannot unmerge"
                 )
-            factor = (self.lora_magnitude.float() / self._dora_merged_norm.to(self.weight.device))[:, None]
+            factor = (self.lora_magnitude.float() / self._dora_merged_norm)[:, None]
             self.weight.copy_(self.weight.float() / factor - self._delta_weight_f32())
             self._dora_merged_norm = None
         else:

@@ -392,3 +392,28 @@ def test_tradeoff_tool_runs():
     out = subprocess.run([sys.executable, str(script), "--size", "64", "--rank", "4"], capture_output=True,
                          text=True, timeout=300, check=True).stdout  # fmt: skip
     assert "DoRA fwd+bwd, z saved" in out and "saved 0.02 MiB" in out  # z: 64 × 64 fp32 = 16 KiB
+
+
+def test_module_drop_in_behaviours():
+    """In-place ops on the output, autocast, deepcopy/pickle, ``.to`` of a merged layer, meta init."""
+    import pickle
+
+    layer = FusedLoRALinear(12, 10, r=3, use_dora=True, init_lora_weights=False)
+    x = torch.randn(4, 12, requires_grad=True)
+    y = layer(x)
+    y += 1.0  # as on nn.Linear's output: nothing of y is saved for backward
+    y.sum().backward()
+    assert layer.lora_magnitude.grad is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    for copy_of in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
+        other = copy_of(layer)
+        torch.testing.assert_close(other(x), layer(x))
+    layer.merge()
+    moved = layer.to(torch.float64)
+    assert moved._dora_merged_norm.dtype == torch.float64  # a buffer: it moves with the layer
+    moved.unmerge()
+    meta = FusedLoRALinear(12, 10, r=3, use_dora=True, device="meta")
+    meta.to_empty(device="cpu")
+    meta.reset_parameters()
+    torch.testing.assert_close(meta.lora_magnitude.detach(), torch.linalg.vector_norm(meta.weight, dim=1))
