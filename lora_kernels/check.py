@@ -9,17 +9,19 @@ import torch
 
 from .dispatch import BACKENDS, available_backends, use_backend
 from .dropout import dropout_mask
-from .functional import lora_linear
-from .reference import lora_linear_reference
+from .functional import dora_linear, lora_linear
+from .reference import dora_linear_reference, dora_weight_norm_reference, lora_linear_reference
 from .testing import assert_close, relative_error
 
 #: Gradients reduce over more terms than the output: twice the output's tolerance (as in the tests).
 GRAD_SLACK = 2.0
 
 
-def parity(backend: str, device: torch.device, dtype: torch.dtype) -> dict[str, tuple[float, bool]]:
-    """``{name: (relative error, within tolerance)}`` of y, dx, dA, dB against the float64 reference
-    (dropout on, odd shapes), judged by :func:`lora_kernels.testing.assert_close`."""
+def parity(
+    backend: str, device: torch.device, dtype: torch.dtype, dora: bool = False
+) -> dict[str, tuple[float, bool]]:
+    """``{name: (relative error, within tolerance)}`` of y, dx, dA, dB (and DoRA's dm) against the float64
+    reference (dropout on, odd shapes), judged by :func:`lora_kernels.testing.assert_close`."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape, std=1.0):
@@ -28,15 +30,29 @@ def parity(backend: str, device: torch.device, dtype: torch.dtype) -> dict[str, 
     x, weight, bias = rand(3, 37, 70).requires_grad_(), rand(45, 70, std=0.12), rand(45)
     lora_A, lora_B = rand(5, 70, std=0.12).requires_grad_(), rand(45, 5, std=0.45).requires_grad_()
     grad_y = rand(3, 37, 45)
+    trained = [x, lora_A, lora_B]
+    if dora:  # a magnitude off the norm by a few percent per row
+        norm = dora_weight_norm_reference(weight, lora_A, lora_B, 2.0)
+        trained.append(
+            (norm * (1 + 0.1 * torch.rand(45, generator=gen, dtype=torch.float64))).to(device, dtype)
+        )
+        trained[-1].requires_grad_()
     with use_backend(backend):
-        y = lora_linear(x, weight, bias, lora_A, lora_B, 2.0, 0.1, training=True, dropout_seed=11)
-        grads = torch.autograd.grad(y, (x, lora_A, lora_B), grad_y)
-    leaves = [t.detach().double().requires_grad_() for t in (x, lora_A, lora_B)]
+        if dora:
+            y = dora_linear(x, weight, bias, lora_A, lora_B, trained[3], 2.0, 0.1, True, dropout_seed=11)
+        else:
+            y = lora_linear(x, weight, bias, lora_A, lora_B, 2.0, 0.1, training=True, dropout_seed=11)
+        grads = torch.autograd.grad(y, trained, grad_y)
+    leaves = [t.detach().double().requires_grad_() for t in trained]
     mask = dropout_mask(11, x.shape, 0.1, device=device)
-    y_ref = lora_linear_reference(leaves[0], weight, bias, leaves[1], leaves[2], 2.0, mask, upcast=True)
+    if dora:
+        y_ref = dora_linear_reference(leaves[0], weight, bias, leaves[1], leaves[2], leaves[3], 2.0, mask)
+    else:
+        y_ref = lora_linear_reference(leaves[0], weight, bias, leaves[1], leaves[2], 2.0, mask, upcast=True)
     grads_ref = torch.autograd.grad(y_ref, leaves, grad_y.double())
     results = {}
-    for name, got, ref in zip(("y", "dx", "dA", "dB"), (y, *grads), (y_ref, *grads_ref), strict=True):
+    names = ("y", "dx", "dA", "dB", "dm")[: len(trained) + 1]
+    for name, got, ref in zip(names, (y, *grads), (y_ref, *grads_ref), strict=True):
         try:
             assert_close(got, ref, dtype, name, 1.0 if name == "y" else GRAD_SLACK)
             ok = True
@@ -62,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"backends: {', '.join(usable)} (of {', '.join(BACKENDS)})")
     failed = False
     for backend in usable:
-        for dtype in (torch.float32, torch.float16):
-            results = parity(backend, device, dtype)
-            ok = all(within for _, within in results.values())
-            failed |= not ok
-            shown = ", ".join(f"{k} {err:.1e}" for k, (err, _) in results.items())
-            print(f"  {backend:6s} {dtype!s:14s} {'ok  ' if ok else 'FAIL'} max rel. error: {shown}")
+        for dora in (False, True):
+            for dtype in (torch.float32, torch.float16):
+                results = parity(backend, device, dtype, dora)
+                ok = all(within for _, within in results.values())
+                failed |= not ok
+                shown = ", ".join(f"{k} {err:.1e}" for k, (err, _) in results.items())
+                what = f"{backend} {'DoRA' if dora else 'LoRA'}"
+                print(f"  {what:11s} {dtype!s:14s} {'ok  ' if ok else 'FAIL'} max rel. error: {shown}")
     return 1 if failed else 0
