@@ -377,6 +377,21 @@ def test_backend_forward_backward(M, K, N, r, device, dtype, rtol, p):
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
+def test_backend_without_dropout_leaves_the_projections_to_torch(device, monkeypatch):
+    """Dropout 0: t = x·Aᵀ, s·dY·B and dB are torch matmuls (cuBLAS on a GPU), not the hand-written ops,
+    which only run where they fuse the dropout mask."""
+    called = []
+    for name in ("lora_project", "lora_grad_t_and_B"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _name=name, _op=op: called.append(_name) or _op(*args))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    _check_backend(37, 70, 45, 5, dtype, TOLERANCE[dtype], device, 0.0, adapter_dtype=torch.float32)
+    assert called == []
+    _check_backend(37, 70, 45, 5, dtype, TOLERANCE[dtype], device, 0.2)
+    assert called == ["lora_project", "lora_grad_t_and_B"]
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
 def test_backend_no_bias_and_fp32_adapters(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
     _check_backend(37, 70, 45, 5, dtype, 4e-2, device, 0.2, bias=False, adapter_dtype=torch.float32)
