@@ -67,12 +67,19 @@ at::Tensor lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
 // ---------------------------------------------------------------------------------------------------------
 namespace {
 
+// One thread per group of 8 columns of a row (`groups` per row): one Philox call, up to 8 stores.
 __global__ void __launch_bounds__(kThreads)
-    dropout_mask_kernel(float* __restrict__ out, int64_t rows, int64_t cols, float scale, DropoutParams dropout) {
-  const int64_t n = rows * cols;
+    dropout_mask_kernel(float* __restrict__ out, int64_t rows, int64_t cols, int64_t groups, float scale,
+                        DropoutParams dropout) {
+  const int64_t n = rows * groups;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[i] = dropout_keep(dropout, i / cols, i % cols) ? scale : 0.0f;
+    const int64_t row = i / groups;
+    const int64_t col0 = (i % groups) * kDropoutElementsPerCall;
+    const uint32_t bits = dropout_keep_bits(dropout, row, col0 / kDropoutElementsPerCall);
+    for (int j = 0; j < kDropoutElementsPerCall && col0 + j < cols; ++j) {
+      out[row * cols + col0 + j] = ((bits >> j) & 1u) ? scale : 0.0f;
+    }
   }
 }
 
@@ -89,9 +96,10 @@ at::Tensor lora_dropout_mask_cuda(at::IntArrayRef size, double dropout_p, int64_
     return mask;
   }
   const int64_t cols = size.back();  // rows: the leading dims, flattened
-  const int64_t blocks = std::min(ceil_div(n, kThreads), 8 * target_blocks());
+  const int64_t groups = ceil_div(cols, kDropoutElementsPerCall);  // per row, one thread each
+  const int64_t blocks = std::min(ceil_div(n / cols * groups, kThreads), 8 * target_blocks());
   dropout_mask_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      mask.mutable_data_ptr<float>(), n / cols, cols, static_cast<float>(1.0 / (1.0 - dropout_p)),
+      mask.mutable_data_ptr<float>(), n / cols, cols, groups, static_cast<float>(1.0 / (1.0 - dropout_p)),
       make_dropout_params(dropout_p, seed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return mask;

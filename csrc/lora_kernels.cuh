@@ -109,15 +109,34 @@ __device__ __forceinline__ void store_tile(const float (&acc)[TI][TJ], float* __
   }
 }
 
-// x[m, k] as float32 with the dropout mask applied (0 where dropped), and 0 outside the matrix (`inside`
-// false). x may have any strides; the mask uses the logical (m, k).
+// x[m, k] as float32, or 0 where `load` is false (outside the matrix, or dropped). x may have any strides.
 template <typename scalar_t>
-__device__ __forceinline__ float load_dropped(const scalar_t* __restrict__ x, int64_t stride_m, int64_t stride_k,
-                                              int64_t m, int64_t k, bool inside, const DropoutParams& dropout) {
-  if (!inside || !dropout_keep(dropout, m, k)) {
-    return 0.0f;
+__device__ __forceinline__ float load_or_zero(const scalar_t* __restrict__ x, int64_t stride_m, int64_t stride_k,
+                                              int64_t m, int64_t k, bool load) {
+  return load ? static_cast<float>(x[m * stride_m + k * stride_k]) : 0.0f;
+}
+
+// The dropout mask of a (ROWS, COLS) tile whose first element is (m0, k0), as bits in shared memory:
+// bits[mm][g] bit j is element (m0 + mm, k0 + 8·g + j). One Philox call per byte (8 columns), the block's
+// threads sharing the ROWS·COLS/8 calls; the mask itself is never written to global memory. k0 must be a
+// multiple of 8 (every caller's tiles start at multiples of their width, itself a multiple of 8), so that
+// a byte is exactly one Philox group of dropout.py. Rows past the matrix get bits nobody reads. The caller
+// synchronises before reading the bits.
+template <int ROWS, int COLS>
+__device__ __forceinline__ void fill_keep_bits(uint8_t (&bits)[ROWS][COLS / kDropoutElementsPerCall], int64_t m0,
+                                               int64_t k0, const DropoutParams& dropout, int tid) {
+  static_assert(COLS % kDropoutElementsPerCall == 0, "a keep tile holds whole groups of 8 columns");
+  constexpr int kGroups = COLS / kDropoutElementsPerCall;
+  for (int e = tid; e < ROWS * kGroups; e += kThreads) {
+    const int g = e % kGroups;
+    const int mm = e / kGroups;
+    bits[mm][g] = static_cast<uint8_t>(dropout_keep_bits(dropout, m0 + mm, k0 / kDropoutElementsPerCall + g));
   }
-  return static_cast<float>(x[m * stride_m + k * stride_k]);
+}
+
+// Column kk of a keep-tile row filled by fill_keep_bits.
+__device__ __forceinline__ bool keep_bit(const uint8_t* row_bits, int kk) {
+  return (row_bits[kk / kDropoutElementsPerCall] >> (kk % kDropoutElementsPerCall)) & 1u;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -145,6 +164,7 @@ __global__ void __launch_bounds__(kThreads)
   // Transposed tiles; the +1 keeps the transposing stores of a warp on distinct banks.
   __shared__ float x_tile[BK][BM + 1];
   __shared__ float a_tile[BK][RP + 1];
+  __shared__ uint8_t keep_tile[BM][BK / kDropoutElementsPerCall];
 
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % TX;
@@ -155,14 +175,19 @@ __global__ void __launch_bounds__(kThreads)
 
   float acc[TM][TR] = {};
 
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {  // k0: a multiple of BK (k_per_split is one)
+    if (dropout.enabled) {  // uniform across the block, and so is the barrier
+      fill_keep_bits<BM, BK>(keep_tile, m0, k0, dropout, tid);
+      __syncthreads();
+    }
     // Consecutive threads walk k: coalesced for a row-major x.
     for (int e = tid; e < BM * BK; e += kThreads) {
       const int kk = e % BK;
       const int mm = e / BK;
       const int64_t m = m0 + mm;
       const int64_t k = k0 + kk;
-      x_tile[kk][mm] = load_dropped(x, x_stride_m, x_stride_k, m, k, m < M && k < k_end, dropout);
+      const bool keep = !dropout.enabled || keep_bit(keep_tile[mm], kk);
+      x_tile[kk][mm] = load_or_zero(x, x_stride_m, x_stride_k, m, k, m < M && k < k_end && keep);
     }
     for (int e = tid; e < RP * BK; e += kThreads) {
       const int kk = e % BK;
@@ -351,6 +376,7 @@ __global__ void __launch_bounds__(kThreads)
   static_assert(TY * TR == RP && TX * TK == BK, "tile does not match the thread grid");
   __shared__ float g_tile[BMC][RP];
   __shared__ float x_tile[BMC][BK];
+  __shared__ uint8_t keep_tile[BMC][BK / kDropoutElementsPerCall];
 
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % TX;
@@ -362,6 +388,10 @@ __global__ void __launch_bounds__(kThreads)
   float acc[TR][TK] = {};
 
   for (int64_t mb = m_begin; mb < m_end; mb += BMC) {
+    if (dropout.enabled) {  // k0 is a multiple of BK, itself a multiple of 8
+      fill_keep_bits<BMC, BK>(keep_tile, mb, k0, dropout, tid);
+      __syncthreads();
+    }
     for (int e = tid; e < BMC * RP; e += kThreads) {
       const int j = e % RP;
       const int mm = e / RP;
@@ -373,7 +403,8 @@ __global__ void __launch_bounds__(kThreads)
       const int mm = e / BK;
       const int64_t m = mb + mm;
       const int64_t k = k0 + kk;
-      x_tile[mm][kk] = load_dropped(x, x_stride_m, x_stride_k, m, k, m < m_end && k < K, dropout);
+      const bool keep = !dropout.enabled || keep_bit(keep_tile[mm], kk);
+      x_tile[mm][kk] = load_or_zero(x, x_stride_m, x_stride_k, m, k, m < m_end && k < K && keep);
     }
     __syncthreads();
 #pragma unroll 4
@@ -434,6 +465,7 @@ __global__ void __launch_bounds__(kThreads)
   static_assert(TY * TM == BM && TX * TK == BK, "tile does not match the thread grid");
   __shared__ float g_tile[RC][BM + 1];  // transposed
   __shared__ float a_tile[RC][BK];
+  __shared__ uint8_t keep_tile[BM][BK / kDropoutElementsPerCall];
 
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % TX;
@@ -442,6 +474,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * BK;
 
   float acc[TM][TK] = {};
+  // The tile's mask, read by the epilogue: the barriers of the loop below (r >= 1) publish it.
+  fill_keep_bits<BM, BK>(keep_tile, m0, k0, dropout, tid);
 
   for (int64_t c0 = 0; c0 < r; c0 += RC) {
     for (int e = tid; e < BM * RC; e += kThreads) {
@@ -475,7 +509,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int q = 0; q < TK; ++q) {
       const int64_t k = k0 + tx + q * TX;
-      if (k < K && dropout_keep(dropout, m, k)) {
+      if (k < K && keep_bit(keep_tile[ty + i * TY], tx + q * TX)) {
         scalar_t* out = grad_x + m * K + k;
         *out = static_cast<scalar_t>(static_cast<float>(*out) + acc[i][q] * scale);
       }

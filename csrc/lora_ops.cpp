@@ -23,6 +23,7 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <sstream>
 
 #include "philox.h"
@@ -207,8 +208,13 @@ at::Tensor dropout_mask_cpu(int64_t rows, int64_t cols, double dropout_p, int64_
   float* out = mask.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      for (int64_t col = 0; col < cols; ++col) {
-        out[row * cols + col] = dropout_keep(params, row, col) ? scale : 0.0f;
+      // One Philox call per 8 columns (the last group of a row may reach past `cols`).
+      for (int64_t col0 = 0; col0 < cols; col0 += kDropoutElementsPerCall) {
+        const uint32_t bits = dropout_keep_bits(params, row, col0 / kDropoutElementsPerCall);
+        const int64_t n = std::min<int64_t>(kDropoutElementsPerCall, cols - col0);
+        for (int64_t j = 0; j < n; ++j) {
+          out[row * cols + col0 + j] = ((bits >> j) & 1u) ? scale : 0.0f;
+        }
       }
     }
   });

@@ -237,9 +237,10 @@ def test_dropout_mask_op_is_a_factory(device):
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("seed", [0, 1234, 2**40 + 7, 2**63 - 1])
-@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 2.5 / 2**24, 3.5 / 2**24])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 2.5 / 2**16, 3.5 / 2**16, 0.4 / 2**16, 1 - 0.4 / 2**16])
 def test_dropout_mask_bit_exact(device, seed, p):
-    """The C++ / device Philox gives exactly lora_kernels.dropout.dropout_mask (incl. round-half-even)."""
+    """The C++ / device Philox gives exactly lora_kernels.dropout.dropout_mask (incl. round-half-even, and
+    p rounding to 0 or to 1 at 2**-16). 301 columns: the last group of 8 of each row is partial."""
     got = ops.lora_dropout_mask((67, 301), p, seed, device=device)
     expected = dropout_mask_torch(seed, (67, 301), p, device=device, dtype=torch.float32)
     assert torch.equal(got, expected)
@@ -373,6 +374,21 @@ def _check_backend(M, K, N, r, dtype, rtol, device, p, bias=True, adapter_dtype=
 @pytest.mark.parametrize("M,K,N,r", [(37, 70, 45, 5), (8, 16, 12, 1), (6, 20, 11, 256), (0, 16, 12, 4)])
 def test_backend_forward_backward(M, K, N, r, device, dtype, rtol, p):
     _check_backend(M, K, N, r, dtype, rtol, device, p)
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_backend_without_dropout_leaves_the_projections_to_torch(device, monkeypatch):
+    """Dropout 0: t = x·Aᵀ, s·dY·B and dB are torch matmuls (cuBLAS on a GPU), not the hand-written ops,
+    which only run where they fuse the dropout mask."""
+    called = []
+    for name in ("lora_project", "lora_grad_t_and_B"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _name=name, _op=op: called.append(_name) or _op(*args))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    _check_backend(37, 70, 45, 5, dtype, TOLERANCE[dtype], device, 0.0, adapter_dtype=torch.float32)
+    assert called == []
+    _check_backend(37, 70, 45, 5, dtype, TOLERANCE[dtype], device, 0.2)
+    assert called == ["lora_project", "lora_grad_t_and_B"]
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])

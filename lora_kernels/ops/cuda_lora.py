@@ -5,6 +5,12 @@ take CPU tensors (an ATen composite with the same Philox mask) and CUDA tensors 
 ``csrc/lora_fwd.cu`` / ``csrc/lora_bwd.cu``). This module only sequences them. Importing it never fails:
 without the extension, :func:`has_extension` and :func:`is_available` are False.
 
+The hand-written kernels are used only where they fuse the dropout mask. With dropout 0 there is nothing to
+fuse: the skinny products ``t = x·Aᵀ``, ``s·dY·B`` and ``dB = s·dYᵀ·t`` are plain torch matmuls (cuBLAS on
+CUDA tensors, tensor cores included) in the input dtype with fp32 accumulation, their results widened to
+float32 and ``s`` applied in float32, as the torch backend and the extension's CPU ops compute them; ``dA``
+and ``dX`` already go to cuBLAS inside ``lora_grad_A`` / ``lora_grad_x`` when ``p`` is 0.
+
 Layouts: ``x`` and ``grad_y`` may have any strides (the kernels index them logically); the small operands
 (``t``, adapters cast to the compute dtype) are made contiguous inside the ops; ``bias`` may have any stride,
 0 included (it goes to ``at::addmm``, which broadcasts it); ``y`` and ``grad_x`` come out contiguous.
@@ -58,7 +64,10 @@ def lora_forward(
     ops = _ops()
     dropout_p, seed = float(params.dropout_p), int(params.seed)
     with device_guard(x.device):
-        t = ops.lora_project(x, lora_A, 1.0, dropout_p, seed)
+        if dropout_p == 0.0:  # no mask to fuse: cuBLAS (t unscaled: s goes to lora_linear_fwd's alpha)
+            t = torch.mm(x, lora_A.to(x.dtype).t()).float()
+        else:
+            t = ops.lora_project(x, lora_A, 1.0, dropout_p, seed)
         y = ops.lora_linear_fwd(x, weight, bias, t, lora_B, float(params.scaling))
     return as_output(y, out_shape), t
 
@@ -67,8 +76,9 @@ def lora_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor, params: LoRAParams,
     needs_grad: NeedsGrad,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # fmt: skip
-    """``(dX, dA, dB, None)`` for :func:`lora_forward` from the ops ``lora_grad_t_and_B``, ``lora_grad_x``
-    and ``lora_grad_A``; the bias gradient is left to ``run_backward``."""
+    """``(dX, dA, dB, None)`` for :func:`lora_forward` from the ops ``lora_grad_t_and_B`` (torch matmuls
+    instead with dropout 0), ``lora_grad_x`` and ``lora_grad_A``; the bias gradient is left to
+    ``run_backward``."""
     need_x, _, _, need_A, need_B = needs_grad
     ops = _ops()
     scaling, dropout_p, seed = float(params.scaling), float(params.dropout_p), int(params.seed)
@@ -76,10 +86,17 @@ def lora_backward(
     if not (need_x or need_A or need_B):
         return grad_x, grad_A, grad_B, None
     with device_guard(grad_y.device):
-        # One read of dY gives both s·(dY·B) (for dX and dA) and dB = dYᵀ·t.
-        grad_t, grad_B_f32 = ops.lora_grad_t_and_B(grad_y, lora_B, t, scaling)
-        if need_B:  # the op gives dYᵀ·t; t carries no s (see lora_forward)
-            grad_B = grad_B_f32.mul_(scaling).to(lora_B.dtype)
+        if dropout_p == 0.0:  # no mask anywhere: the skinny products are cuBLAS GEMMs (module docstring)
+            dtype = grad_y.dtype
+            if need_x or need_A:  # s·(dY·B), s applied in float32, then in dY's dtype as the op gives it
+                grad_t = torch.mm(grad_y, lora_B.to(dtype)).float().mul_(scaling).to(dtype)
+            if need_B:  # t carries no s (see lora_forward)
+                grad_B = torch.mm(grad_y.t(), t.to(dtype)).float().mul_(scaling).to(lora_B.dtype)
+        else:
+            # One read of dY gives both s·(dY·B) (for dX and dA) and dB = dYᵀ·t.
+            grad_t, grad_B_f32 = ops.lora_grad_t_and_B(grad_y, lora_B, t, scaling)
+            if need_B:  # the op gives dYᵀ·t; t carries no s (see lora_forward)
+                grad_B = grad_B_f32.mul_(scaling).to(lora_B.dtype)
         if need_x:
             grad_x = ops.lora_grad_x(grad_y, weight, grad_t, lora_A, dropout_p, seed)
         if need_A:

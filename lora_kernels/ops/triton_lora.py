@@ -46,15 +46,15 @@ _PHILOX_KEY_BUMP_1 = tl.constexpr(dropout.PHILOX_KEY_BUMP_1)
 
 
 @triton.jit
-def _dropout_keep(rows, cols, seed_lo, seed_hi, threshold):
-    """Boolean keep-mask of the shared Philox scheme (see lora_kernels/dropout.py) at ``(rows, cols)``.
+def _philox_words(rows, groups, seed_lo, seed_hi):
+    """The four Philox-4x32-10 output words for counters ``(groups, rows_lo, rows_hi, 0)`` (broadcast).
 
     The seed words arrive as int32 holding the key's bits (see :func:`_int32_word`); ``.to(tl.uint32)``
     reinterprets them, so the key is the same as :func:`lora_kernels.dropout.split_seed`'s.
     """
-    c0 = (cols + rows * 0).to(tl.uint32)
-    c1 = (rows + cols * 0).to(tl.uint32)
-    c2 = ((rows + cols * 0) >> 32).to(tl.uint32)
+    c0 = (groups + rows * 0).to(tl.uint32)
+    c1 = (rows + groups * 0).to(tl.uint32)
+    c2 = ((rows + groups * 0) >> 32).to(tl.uint32)
     c3 = c0 * 0
     k0 = seed_lo.to(tl.uint32)
     k1 = seed_hi.to(tl.uint32)
@@ -69,7 +69,36 @@ def _dropout_keep(rows, cols, seed_lo, seed_hi, threshold):
         c3 = lo0
         k0 = k0 + _PHILOX_KEY_BUMP_0
         k1 = k1 + _PHILOX_KEY_BUMP_1
-    return (c0 >> 8).to(tl.int32) >= threshold
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dropout_keep_tile(row_offs, col_start, BLOCK_COLS: tl.constexpr, seed_lo, seed_hi, threshold):
+    """Boolean ``(rows, BLOCK_COLS)`` keep-mask of the shared scheme (lora_kernels/dropout.py) for the rows
+    ``row_offs`` and the columns ``col_start + [0, BLOCK_COLS)``, from one Philox call per 8 columns.
+
+    Philox runs on the ``(rows, BLOCK_COLS // 8)`` counters ``(col_start // 8 + g, row)``; its four words
+    give eight 16-bit values, element ``j = col % 8`` taking word ``j // 2``, low half for even ``j``. The
+    caller's tiles start at multiples of their width (a power of two >= 16), so a group of 8 columns never
+    straddles two tiles and ``col_start // 8 + g`` is the group of columns ``col_start + 8g ..``.
+    """
+    tl.static_assert(BLOCK_COLS >= 8, "a dropout tile holds whole groups of 8 columns")
+    tl.static_assert(BLOCK_COLS % 8 == 0, "a dropout tile holds whole groups of 8 columns")
+    groups = col_start // 8 + tl.arange(0, BLOCK_COLS // 8)
+    w0, w1, w2, w3 = _philox_words(row_offs[:, None], groups[None, :], seed_lo, seed_hi)
+    # tl.join appends a last axis of 2, so the last join is the fastest index of the flattened group: join
+    # word w with word w + 2 (q), then word 0 with word 1 (w), then the low half with the high one (h), and
+    # (rows, G, q, w, h) read row-major is j = 4q + 2w + h = 2·word + half, the order of the spec.
+    lo = tl.join(tl.join(w0 & 0xFFFF, w2 & 0xFFFF), tl.join(w1 & 0xFFFF, w3 & 0xFFFF))
+    hi = tl.join(tl.join(w0 >> 16, w2 >> 16), tl.join(w1 >> 16, w3 >> 16))
+    values = tl.reshape(tl.join(lo, hi), (row_offs.shape[0], BLOCK_COLS))
+    return values.to(tl.int32) >= threshold
+
+
+@triton.jit
+def _dropout_keep_tile_t(row_offs, col_start, BLOCK_COLS: tl.constexpr, seed_lo, seed_hi, threshold):
+    """:func:`_dropout_keep_tile` transposed: the ``(BLOCK_COLS, rows)`` mask, for a tile read as xᵀ."""
+    return tl.trans(_dropout_keep_tile(row_offs, col_start, BLOCK_COLS, seed_lo, seed_hi, threshold))
 
 
 @triton.jit
@@ -205,7 +234,9 @@ def _lora_linear_kernel(
             lora = tl.dot(t_op, u_op, acc2, input_precision=INPUT_PRECISION)
         else:
             lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
-        keep = _dropout_keep(offs_m[:, None], offs_n[None, :], seed_lo, seed_hi, dropout_threshold)
+        keep = _dropout_keep_tile(
+            offs_m, pid_n.to(tl.int64) * BLOCK_N, BLOCK_N, seed_lo, seed_hi, dropout_threshold
+        )
         acc += lora * (keep.to(tl.float32) * dropout_scale)  # a product, not a select: NaN·0 stays NaN
     else:
         acc = tl.dot(t_op, u_op, acc, input_precision=INPUT_PRECISION)
@@ -249,7 +280,7 @@ def _lora_project_kernel(
             other=0.0,
         )
         if HAS_DROPOUT:
-            keep = _dropout_keep(offs_m[:, None], offs_k[None, :], seed_lo, seed_hi, dropout_threshold)
+            keep = _dropout_keep_tile(offs_m, k * BLOCK_K, BLOCK_K, seed_lo, seed_hi, dropout_threshold)
             a = a * keep.to(a.dtype)  # multiply as x·mask does, so a dropped NaN still propagates
         if STORE_DROPPED:
             tl.store(
@@ -313,7 +344,9 @@ def _lora_reduce_rows_kernel(
             )
             prodsum += tl.sum(a_t.to(tl.float32) * z_t.to(tl.float32), axis=1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(offs_m[None, :], offs_p[:, None], seed_lo, seed_hi, dropout_threshold)
+            keep = _dropout_keep_tile_t(
+                offs_m, pid_p.to(tl.int64) * BLOCK_P, BLOCK_P, seed_lo, seed_hi, dropout_threshold
+            )
             a_t = a_t * keep.to(a_t.dtype)
         c = tl.load(
             c_ptr + offs_m[:, None] * stride_cm + offs_r[None, :] * stride_cr,
@@ -591,7 +624,7 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
         _int32_word(seed_hi),
         dropout_threshold(dropout_p),
         scale,
-    )  # threshold < 2**25
+    )  # threshold <= 2**16
 
 
 # --------------------------------------------------------------------------------------------------
