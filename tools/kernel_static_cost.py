@@ -1,6 +1,6 @@
 """Static cost of the Triton kernels as the backend really launches them, compiled for a GPU without one.
 
-    python tools/kernel_static_cost.py --shape 8192 4096 4096 16 --dropout 0.1 --arch 90
+    python tools/kernel_static_cost.py --shape 8192 4096 4096 16 --dropout 0.1 --arch 90 [--dora]
 
 Runs the Triton backend's forward and backward on CPU tensors with the launcher patched to record each
 launch instead of running it (tile configs as on a GPU: ``_*_config`` outside the interpreter), rebuilds
@@ -32,8 +32,11 @@ from lora_kernels.ops import LoRAParams, triton_lora
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def record_launches(M: int, K: int, N: int, r: int, dropout_p: float, dtype: torch.dtype) -> list[tuple]:
-    """``(kernel, args, kwargs)`` of every launch of one forward + backward, nothing run."""
+def record_launches(
+    M: int, K: int, N: int, r: int, dropout_p: float, dtype: torch.dtype, dora: bool = False
+) -> list[tuple]:
+    """``(kernel, args, kwargs)`` of every launch of one forward + backward (LoRA, or DoRA with its norm),
+    nothing run."""
     calls = []
 
     def record(kernel, grid_of, configs, args, constexprs):
@@ -45,8 +48,14 @@ def record_launches(M: int, K: int, N: int, r: int, dropout_p: float, dtype: tor
         x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
         A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
         params = LoRAParams(2.0, dropout_p, 12345)
-        y, t = triton_lora.lora_forward(x, w, b, A, B, params)
-        triton_lora.lora_backward(torch.randn_like(y), x, w, A, B, t, params, (True,) * 5)
+        if dora:
+            triton_lora.dora_weight_norm(w, A, B, 2.0)
+            scale = torch.ones(N)
+            y, t, z = triton_lora.dora_forward(x, w, b, A, B, scale, params)
+            triton_lora.dora_backward(torch.randn_like(y), x, w, A, B, t, z, scale, params, (True,) * 6)
+        else:
+            y, t = triton_lora.lora_forward(x, w, b, A, B, params)
+            triton_lora.lora_backward(torch.randn_like(y), x, w, A, B, t, params, (True,) * 5)
     finally:
         triton_lora._launch = launch
     return calls
@@ -86,6 +95,7 @@ def main() -> int:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--dora", action="store_true", help="DoRA's launches (norm, forward, backward)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
@@ -93,11 +103,12 @@ def main() -> int:
     M, K, N, r = args.shape
     print(
         f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, M={M} K={K} N={N} r={r} p={args.dropout}"
+        + (" DoRA" if args.dora else "")
     )
-    for kernel, call_args, kwargs in record_launches(M, K, N, r, args.dropout, dtype):
+    for kernel, call_args, kwargs in record_launches(M, K, N, r, args.dropout, dtype, args.dora):
         cost = static_cost(kernel, call_args, kwargs, args.arch)
         tiles = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "num_"))}
-        print(f"{kernel.__name__:26s} dropout={kwargs['HAS_DROPOUT']!s:5s} "
+        print(f"{kernel.__name__:26s} dropout={kwargs.get('HAS_DROPOUT', False)!s:5s} "
               + " ".join(f"{k}={v}" for k, v in cost.items()) + f" {tiles}")  # fmt: skip
     return 0
 

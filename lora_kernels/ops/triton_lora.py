@@ -444,9 +444,9 @@ def _num_sms(device_index: int) -> int:
 # Triton-tutorial defaults they had before.
 
 
-def _linear_config(M: int, N: int, K: int, element_size: int, dora: bool = False) -> dict:
-    """Preferred tile config for :func:`_lora_linear_kernel` (GEMM + LoRA epilogue); ``dora``: one of DoRA's
-    variants (a second accumulator, a second store or scaled operands), which hold more in registers."""
+def _linear_config(M: int, N: int, K: int, element_size: int, two_acc: bool = False) -> dict:
+    """Preferred tile config for :func:`_lora_linear_kernel` (GEMM + LoRA epilogue); ``two_acc``: DoRA's
+    variants with dropout, whose second accumulator (``SECOND``) doubles the fp32 tile in registers."""
     if interpreting():
         return dict(
             BLOCK_M=_pow2_clamp(M, 16, 128),
@@ -465,8 +465,8 @@ def _linear_config(M: int, N: int, K: int, element_size: int, dora: bool = False
         return dict(
             BLOCK_M=_pow2_clamp(M, 16, 64), BLOCK_N=128, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=4
         )
-    if half and dora:  # not timed yet; ptxas (sm_90, triton 3.6): 128x256 spills 0.8-4.7 KB a thread, 128x128
-        # 0.16-0.94 KB (benchmarks/NOTES.md, "DoRA")
+    if half and two_acc:  # not timed yet; ptxas (sm_90, triton 3.6, tools/kernel_static_cost.py): at 128x256
+        # these spill 2.3-4.2 KB a thread, at 128x128 at most 16 bytes (benchmarks/NOTES.md, "DoRA")
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if half:  # H200, 4096x4096, M = 8192: 0.415 ms against 0.499 for 128x128x64 (F.linear: 0.349)
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
@@ -633,13 +633,13 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _linear_plan(M: int, N: int, K: int, element_size: int, dora: bool) -> tuple:
-    def make():  # (the LoRA call keeps 4 arguments: tests and the sweep replace _linear_config)
-        cfg = _linear_config(M, N, K, element_size, dora) if dora else _linear_config(M, N, K, element_size)
+def _linear_plan(M: int, N: int, K: int, element_size: int, two_acc: bool) -> tuple:
+    def make():  # (the one-accumulator call keeps 4 arguments: tests and the sweep replace _linear_config)
+        cfg = _linear_config(M, N, K, element_size, True) if two_acc else _linear_config(M, N, K, element_size)
         configs = _Configs(_smaller_configs(cfg, ("BLOCK_N", "BLOCK_M", "BLOCK_K")))
         return configs, lambda cfg: (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
 
-    return _plan(("linear", M, N, K, element_size, dora, interpreting(), _linear_config), make)
+    return _plan(("linear", M, N, K, element_size, two_acc, interpreting(), _linear_config), make)
 
 
 def _linear_with_lora(
@@ -682,8 +682,7 @@ def _linear_with_lora(
     seed_lo, seed_hi, threshold, scale = _dropout_args(dropout_p, seed)
     p = project if project is not None else t
     a2_arg = a2 if a2 is not None else a
-    dora = a_scale is not None or second != 0 or z is not None
-    configs, grid_of = _linear_plan(M, N, K, a.element_size(), dora)
+    configs, grid_of = _linear_plan(M, N, K, a.element_size(), second != 0)
     _launch(
         _lora_linear_kernel,
         grid_of,
