@@ -635,7 +635,9 @@ def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
 
 def _linear_plan(M: int, N: int, K: int, element_size: int, two_acc: bool) -> tuple:
     def make():  # (the one-accumulator call keeps 4 arguments: tests and the sweep replace _linear_config)
-        cfg = _linear_config(M, N, K, element_size, True) if two_acc else _linear_config(M, N, K, element_size)
+        cfg = (
+            _linear_config(M, N, K, element_size, True) if two_acc else _linear_config(M, N, K, element_size)
+        )
         configs = _Configs(_smaller_configs(cfg, ("BLOCK_N", "BLOCK_M", "BLOCK_K")))
         return configs, lambda cfg: (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
 
