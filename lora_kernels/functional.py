@@ -219,7 +219,7 @@ def dora_linear(
     dropout_p, scaling = float(dropout_p if training else 0.0), float(scaling)
     seed = 0
     if dropout_p > 0.0:
-        seed = new_seed() if dropout_seed is None else dropout_seed
+        seed = _eager_seed() if dropout_seed is None else dropout_seed
     if torch.compiler.is_compiling() or _composite_needed(x, weight, bias, lora_A, lora_B, magnitude):
         params = LoRAParams(scaling, dropout_p, seed)
         return dora_linear_composite(x, weight, bias, lora_A, lora_B, magnitude, params)
@@ -236,6 +236,14 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
     # meta tensors (meta-device init) hold shapes only: no kernel can run on them
     backend = "torch" if weight.is_meta else _backend_for(weight.device, weight.dtype, lora_A.shape[0])
     return ops.dora_weight_norm(backend, weight, lora_A, lora_B, float(scaling))
+
+
+@torch.compiler.disable
+def _eager_seed() -> int:
+    """:func:`new_seed` outside any compiled graph: ``torch.compile`` breaks the graph here and the composite
+    gets a plain int (a traced draw would be a data-dependent symbol its dropout mask cannot take).
+    ``fullgraph=True`` with DoRA dropout therefore needs ``dropout_seed``."""
+    return new_seed()
 
 
 def _check_magnitude(magnitude: Tensor, weight: Tensor, lora_A: Tensor) -> None:

@@ -417,3 +417,23 @@ def test_module_drop_in_behaviours():
     meta.to_empty(device="cpu")
     meta.reset_parameters()
     torch.testing.assert_close(meta.lora_magnitude.detach(), torch.linalg.vector_norm(meta.weight, dim=1))
+
+
+def test_compiled_dora_with_dropout():
+    """Under ``torch.compile``: a given ``dropout_seed`` traces in one graph and applies that seed's mask;
+    without one the seed is drawn eagerly (a graph break), a new mask per call."""
+    problem = dora_problem((6,), 16, 10, 3, torch.float64)
+    p = problem
+    magnitude = _magnitude(problem, "cpu", torch.float64)
+
+    def layer(x, seed=None):
+        return dora_linear(
+            x, p.weight, p.bias, p.lora_A, p.lora_B, magnitude, p.scaling, 0.2, True, dropout_seed=seed
+        )
+
+    seeded = torch.compile(lambda x: layer(x, 7), backend="aot_eager", fullgraph=True)
+    mask = dropout_mask(7, p.x.shape, 0.2, dtype=torch.float64)
+    expected = dora_linear_reference(p.x, p.weight, p.bias, p.lora_A, p.lora_B, magnitude, p.scaling, mask)
+    assert_close(seeded(p.x), expected, torch.float64, "y (compiled, seeded)")
+    unseeded = torch.compile(layer, backend="aot_eager")
+    assert not torch.equal(unseeded(p.x), unseeded(p.x))
