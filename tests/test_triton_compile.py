@@ -30,3 +30,18 @@ def test_kernels_compile_for_sm80_and_sm90():
     # 2 archs × 3 dtypes × (dropout on/off × 10 kernel variants: linear ± fused projection and its four DoRA
     # variants, project ± DoRA's stored x̃, reduce ± DoRA's Σ dY ⊙ z; + DoRA's norm kernel, no dropout)
     assert result.stdout.count("ok ") == 2 * 3 * (2 * 10 + 1)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_static_cost_tool_reports_every_launch():
+    """``tools/kernel_static_cost.py`` (the register/spill figures of benchmarks/NOTES.md) still runs, here on a
+    small DoRA problem with dropout: the norm, forward and backward launches, each with its resources."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = SCRIPT.parent / "kernel_static_cost.py"
+    args = ["--shape", "64", "64", "64", "8", "--dropout", "0.1", "--dora"]
+    result = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if "registers=" in line]
+    assert rows[0].startswith("_dora_norm_kernel") and len(rows) >= 6, result.stdout
