@@ -373,6 +373,15 @@ def phase_sweep(work: Path) -> None:
             with _patched(tl_ops, _reduce_config=lambda *a, cfg=cfg: dict(cfg), _row_splits=splits):
                 fn = lambda: tl_ops._reduce_rows(grad_y, t, 0.0, 0, with_colsum=True)[0]
                 record("reduce_rows/dB", (M, N, r), dict(cfg, waves=waves), fn, ref, base_ms)
+        # 3b. what the backward takes from dY besides dX (s·dY·B, dB, db): one pass (PROJECT) against two, the
+        # baseline; checked on s·dY·B, the output the single pass adds
+        ref = 2.0 * grad_y.float() @ p["B"].float()
+        fn = lambda: tl_ops._grad_y_pass(grad_y, p["B"], t, 2.0, True, True)[0]
+        with _patched(tl_ops, _single_pass_over_dy=lambda r: False):
+            base_ms = _time_ms(fn)
+        for single in (False, True):
+            with _patched(tl_ops, _single_pass_over_dy=lambda r, single=single: single):
+                record("grad_y_pass", (M, N, r), {"single_pass": single}, fn, ref, base_ms)
     # 4. the projection computed in the GEMM's main loop (FUSE_PROJECT) against the separate kernel; the
     # fused dX runs last (it faulted once on an H200 in fp16: a fault ends this process, not what came before)
     problems = {}

@@ -175,8 +175,10 @@ def test_bf16_base_with_fp32_adapters(backend):
 
 
 @TRITON_ONLY
-def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, backend):
-    """Forward and backward launch all three kernels, over several tiles, K-steps and row splits."""
+@pytest.mark.parametrize("r", [12, 40])
+def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, backend, r):
+    """Forward and backward launch all three kernels, over several tiles, K-steps and row splits; r = 12
+    takes the backward's single pass over dY (``s·dY·B`` beside dB, over two column blocks), r = 40 two."""
     from lora_kernels.ops import triton_lora
 
     launches = {}
@@ -193,11 +195,91 @@ def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, backend):
 
         monkeypatch.setattr(triton_lora, name, Counting(kernel, name))
     monkeypatch.setattr(triton_lora, "_row_splits", lambda M, num_blocks, block_m, device: 3)
-    problem = make_problem((300,), 260, 200, 12, device=backend.device)
+    problem = make_problem((300,), 260, 200, r, device=backend.device)
     check_parity(problem, backend.name, torch.float32, dropout_p=0.2)
-    # forward: project + linear; backward: project (s·dY·B) + linear (dX) + reduce (dA) + reduce (dB, dbias)
-    assert launches == {"_lora_project_kernel": 2, "_lora_linear_kernel": 2, "_lora_reduce_rows_kernel": 2}
+    # forward: project (t) + linear; backward: linear (dX) + reduce (dA) + reduce (dB, dbias and, r = 12,
+    # s·dY·B) or, r = 40, project (s·dY·B)
+    projects = 1 if r <= 16 else 2
+    assert launches == {
+        "_lora_project_kernel": projects,
+        "_lora_linear_kernel": 2,
+        "_lora_reduce_rows_kernel": 2,
+    }
     print("Triton kernel launches:", launches, "interpreter:", triton_lora.interpreting())
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_backward_reads_grad_y_once_besides_dx(monkeypatch, backend, dora):
+    """``s·dY·B``, dB, db (and DoRA's ``Σ dY ⊙ z``) come from one launch that reads dY, the dX GEMM from the
+    only other one (before: three), here over 2 column blocks × 3 row splits; the result is bitwise the
+    same from run to run (partial sums added in a fixed order, no atomics) and matches the two passes'."""
+    from lora_kernels.ops import LoRAParams, triton_lora
+
+    M, K, N, r = 300, 40, 200, 12
+    x, w, b = (torch.randn(*shape, device=backend.device) for shape in ((M, K), (N, K), (N,)))
+    A, B = torch.randn(r, K, device=backend.device) / 4, torch.randn(N, r, device=backend.device) / 4
+    grad_y = torch.randn(M, N, device=backend.device)
+    params, col_scale = LoRAParams(2.0), torch.rand(N, device=backend.device) + 0.5
+    if dora:
+        _, t, z = triton_lora.dora_forward(x, w, b, A, B, col_scale, params)
+    else:
+        _, t = triton_lora.lora_forward(x, w, b, A, B, params)
+    monkeypatch.setattr(triton_lora, "_row_splits", lambda M, num_blocks, block_m, device: 3)
+    launch, reads = triton_lora._launch, []
+
+    def recording_launch(kernel, grid_of, configs, args, constexprs):
+        if any(arg is grad_y for arg in args):
+            reads.append(kernel.__name__)
+        return launch(kernel, grid_of, configs, args, constexprs)
+
+    monkeypatch.setattr(triton_lora, "_launch", recording_launch)
+
+    def backward():
+        reads.clear()
+        if dora:
+            return triton_lora.dora_backward(grad_y, x, w, A, B, t, z, col_scale, params, (True,) * 6), reads[
+                :
+            ]
+        return triton_lora.lora_backward(grad_y, x, w, A, B, t, params, (True,) * 5), reads[:]
+
+    (first, launches), (second, _) = backward(), backward()
+    assert sorted(launches) == ["_lora_linear_kernel", "_lora_reduce_rows_kernel"]
+    for one, two in zip(first, second, strict=True):
+        assert torch.equal(one, two)
+    monkeypatch.setattr(triton_lora, "_single_pass_over_dy", lambda r: False)
+    two_passes, launches = backward()
+    assert sorted(launches) == ["_lora_linear_kernel", "_lora_project_kernel", "_lora_reduce_rows_kernel"]
+    for name, one, two in zip(("dx", "dA", "dB", "db", "dm")[: len(first)], first, two_passes, strict=True):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6 * float(two.abs().max()), msg=name)
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("M", [16, 100])
+def test_single_pass_over_grad_y_with_the_gpu_tiles(monkeypatch, backend, M):
+    """The single pass's GPU tile configs (decode: 16×64, else 64×256: several column blocks of N = 300)
+    give the two passes' gradients, through the interpreter too."""
+    from lora_kernels.ops import LoRAParams, triton_lora
+
+    reduce_config = triton_lora._reduce_config
+
+    def gpu_config(*args):
+        with monkeypatch.context() as patch:
+            patch.setattr(triton_lora, "interpreting", lambda: False)
+            return reduce_config(*args)
+
+    monkeypatch.setattr(triton_lora, "_reduce_config", gpu_config)
+    K, N, r = 24, 300, 16
+    x, w = torch.randn(M, K, device=backend.device), torch.randn(N, K, device=backend.device)
+    A, B = torch.randn(r, K, device=backend.device) / 4, torch.randn(N, r, device=backend.device) / 4
+    grad_y, params = torch.randn(M, N, device=backend.device), LoRAParams(2.0)
+    _, t = triton_lora.lora_forward(x, w, None, A, B, params)
+    one_pass = triton_lora.lora_backward(grad_y, x, w, A, B, t, params, (True,) * 5)
+    assert gpu_config(M, N, r, True)["BLOCK_P"] == (64 if M <= 64 else 256)
+    monkeypatch.setattr(triton_lora, "_single_pass_over_dy", lambda r: False)
+    two_passes = triton_lora.lora_backward(grad_y, x, w, A, B, t, params, (True,) * 5)
+    for name, one, two in zip(("dx", "dA", "dB", "db"), one_pass, two_passes, strict=True):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6 * float(two.abs().max()), msg=name)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

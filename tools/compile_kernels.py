@@ -76,11 +76,26 @@ KERNELS = {
             "colsum_ptr": "fp32",
             "z_ptr": "in",
             "prodsum_ptr": "fp32",
+            "b_ptr": "fp32",
+            "proj_ptr": "fp32",
         },
         {"scale"},
-        {"HAS_COLSUM": True, "HAS_PRODSUM": False, "BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_R": 32},
+        {
+            "HAS_COLSUM": True,
+            "HAS_PRODSUM": False,
+            "PROJECT": False,
+            "BLOCK_M": 64,
+            "BLOCK_P": 64,
+            "BLOCK_R": 32,
+        },
         {"num_warps": 4, "num_stages": 3},
-        ({}, {"HAS_PRODSUM": True}),  # DoRA: Σ_rows dY ⊙ z on dB's loads
+        # DoRA: Σ_rows dY ⊙ z on dB's loads; the backward's single pass over dY (s·dY·B too, never dropout)
+        (
+            {},
+            {"HAS_PRODSUM": True},
+            {"PROJECT": True, "HAS_DROPOUT": False},
+            {"PROJECT": True, "HAS_DROPOUT": False, "HAS_PRODSUM": True},
+        ),
     ),
     "_dora_norm_kernel": (  # DoRA's ‖W + s·B·A‖ (no dropout, no input precision: one variant per dtype)
         {"w_ptr": "in", "a_ptr": "fp32", "b_ptr": "fp32", "out_ptr": "fp32"},
@@ -125,7 +140,9 @@ def main() -> int:
             for variant in spec[-1]:
                 for dtype in ("fp16", "bf16", "fp32"):
                     kernel = getattr(triton_lora, name)
-                    for dropout in (False, True) if "HAS_DROPOUT" in kernel.arg_names else (False,):
+                    # with and without dropout, unless the variant is launched with one only
+                    dropouts = (False, True) if "HAS_DROPOUT" in kernel.arg_names else (False,)
+                    for dropout in (variant["HAS_DROPOUT"],) if "HAS_DROPOUT" in variant else dropouts:
                         what = f"sm_{arch} {name} {dtype} dropout={dropout} {variant or ''}"
                         try:
                             compile_kernel(name, dtype, dropout, variant, arch)

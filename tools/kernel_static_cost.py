@@ -7,9 +7,9 @@ launch instead of running it (tile configs as on a GPU: ``_*_config`` outside th
 the specialisation Triton's JIT would give those arguments (divisibility by 16, integers equal to 1),
 compiles each launch for ``--arch`` and prints, per kernel: the Philox multiplies (``mul.hi.u32`` in the
 PTX), the SASS instruction count, registers and spill bytes (``ptxas -v`` and ``nvdisasm`` from triton's
-own bundle). Static counts, not time: a loop body counts once. Run it without ``TRITON_INTERPRET``; it
-uses Triton internals (``create_function_from_signature``, ``JITFunction._pack_args``) that triton 3.6
-and 3.8 share.
+own bundle) and the shared memory Triton allocates. Static counts, not time: a loop body counts once. Run
+it without ``TRITON_INTERPRET``; it uses Triton internals (``create_function_from_signature``,
+``JITFunction._pack_args``) that triton 3.6 and 3.8 share.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def static_cost(kernel, args: tuple, kwargs: dict, arch: int) -> dict:
         "sass": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/\s+\S", line)),
         "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
+        "shared_bytes": compiled.metadata.shared,
     }
 
 

@@ -11,9 +11,11 @@ kernel                      computes                                         use
                             (GEMM; the LoRA term added to the fp32
                             accumulator in the epilogue, one store)
 ``_lora_project_kernel``    ``out = s·dropout(a)·b`` with ``b`` r columns    ``t`` (forward), ``s·dY·B``
-``_lora_reduce_rows_kernel````out = dropout(a)ᵀ·c``, ``colsum = Σ_rows a``     ``dB`` + ``dbias``, ``dA``
-                            (reduction over the M rows, split in fixed
-                            chunks and summed in a fixed order)
+                                                                             when dB is not needed or r > 16
+``_lora_reduce_rows_kernel````out = dropout(a)ᵀ·c``, ``colsum = Σ_rows a``     ``dB`` + ``dbias`` (+ ``s·dY·B``:
+                            (reduction over the M rows, split in fixed       one pass over dY), ``dA``
+                            chunks and summed in a fixed order); optionally
+                            ``s·a·b`` from the same tiles
 ==========================  ===============================================  ==============================
 
 No M×N temporary is written: the LoRA term lives only in registers. The dropout mask is regenerated from
@@ -301,11 +303,11 @@ def _lora_project_kernel(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
 def _lora_reduce_rows_kernel(
-    a_ptr, c_ptr, out_ptr, colsum_ptr, z_ptr, prodsum_ptr,
+    a_ptr, c_ptr, out_ptr, colsum_ptr, z_ptr, prodsum_ptr, b_ptr, proj_ptr,
     M, P, R, rows_per_split,
-    stride_am, stride_ap, stride_cm, stride_cr, stride_zm, stride_zp,
+    stride_am, stride_ap, stride_cm, stride_cr, stride_zm, stride_zp, stride_bp, stride_br,
     scale, seed_lo, seed_hi, dropout_threshold,
-    HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, HAS_PRODSUM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, HAS_PRODSUM: tl.constexpr, PROJECT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
@@ -315,6 +317,11 @@ def _lora_reduce_rows_kernel(
     order, so the result is deterministic (no atomics).
     dB + dbias: ``a = dY``, ``c = t``. dA (transposed): ``a = x`` with its dropout, ``c = s·dY·B``.
     DoRA's ``dm`` rides along too: ``HAS_PRODSUM`` stores ``prodsum[split, P] = Σ_rows a ⊙ z`` (``z`` (M, P)).
+
+    ``PROJECT`` (the backward's single pass over dY, no dropout): ``s·dY·B`` rides along as well. Each tile
+    of ``a`` also gives ``scale · a[rows, cols]·b[cols, R]``, this program's columns' share of the
+    projection, stored to ``proj[pid_p, rows, R]`` (``b`` (P, R); ``proj`` contiguous (column blocks, M,
+    R)); the host sums the column blocks in a fixed order.
     """
     pid_p = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -323,6 +330,13 @@ def _lora_reduce_rows_kernel(
     in_dtype = a_ptr.dtype.element_ty
     row_start = pid_split.to(tl.int64) * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
+    if PROJECT:  # this program's rows of b, read once
+        b = tl.load(
+            b_ptr + offs_p[:, None] * stride_bp + offs_r[None, :] * stride_br,
+            mask=mask_p[:, None] & mask_r[None, :],
+            other=0.0,
+        ).to(in_dtype)
+        proj_ptr += pid_p.to(tl.int64) * M * R
 
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -343,6 +357,13 @@ def _lora_reduce_rows_kernel(
                 other=0.0,
             )
             prodsum += tl.sum(a_t.to(tl.float32) * z_t.to(tl.float32), axis=1)
+        if PROJECT:
+            proj = tl.dot(tl.trans(a_t), b, input_precision=INPUT_PRECISION)
+            tl.store(
+                proj_ptr + offs_m[:, None] * R + offs_r[None, :],
+                proj * scale,
+                mask=mask_m[:, None] & mask_r[None, :],
+            )
         if HAS_DROPOUT:
             keep = _dropout_keep_tile_t(
                 offs_m, pid_p.to(tl.int64) * BLOCK_P, BLOCK_P, seed_lo, seed_hi, dropout_threshold
@@ -484,12 +505,18 @@ def _skinny_config(rows: int, inner: int, r: int) -> dict:
     return dict(BLOCK_M=32, BLOCK_K=64, BLOCK_R=block_r, num_warps=4, num_stages=3)
 
 
-def _reduce_config(rows: int, cols: int, r: int) -> dict:
-    """Preferred tile config for the row reduction :func:`_lora_reduce_rows_kernel` (``cols`` = P)."""
+def _reduce_config(rows: int, cols: int, r: int, project: bool = False) -> dict:
+    """Preferred tile config for the row reduction :func:`_lora_reduce_rows_kernel` (``cols`` = P); ``project``:
+    its ``PROJECT`` variant, the backward's single pass over dY (r <= 16, :func:`_single_pass_over_dy`)."""
     block_r = _block_r(r)
     if interpreting():
         return dict(BLOCK_M=_pow2_clamp(rows, 16, 128), BLOCK_P=_pow2_clamp(cols, 16, 128),
                     BLOCK_R=block_r, num_warps=4, num_stages=1)  # fmt: skip
+    if project and rows <= 64:  # decode-sized: the bytes are few, narrow column blocks give more programs
+        return dict(BLOCK_M=_pow2_clamp(rows, 16, 64), BLOCK_P=64, BLOCK_R=block_r, num_warps=4, num_stages=3)
+    if project:  # not timed yet. Wide column blocks: the projection's workspace has one (M, r) fp32 slice
+        # per block of BLOCK_P columns (8192x4096, r = 16: 16 blocks, 8 MiB; see _reduce_rows)
+        return dict(BLOCK_M=64, BLOCK_P=256, BLOCK_R=block_r, num_warps=8, num_stages=3)
     if block_r <= 64:  # H200, dB of dY 8192x4096, r = 16: 0.043 ms against 0.058 for 64x64
         return dict(BLOCK_M=128, BLOCK_P=64, BLOCK_R=block_r, num_warps=4, num_stages=3)
     return dict(BLOCK_M=32, BLOCK_P=64, BLOCK_R=block_r, num_warps=4, num_stages=3)
@@ -580,6 +607,17 @@ def _fuse_projection(M: int, N: int, K: int, r: int) -> bool:
     (``s·dY·B`` in the dX GEMM) was slower, 0.661 ms against 0.509, so the backward never fuses.
     """
     return True
+
+
+def _single_pass_over_dy(r: int) -> bool:
+    """Whether the backward takes ``s·dY·B`` from the pass over dY that gives dB and db (``PROJECT``)
+    instead of a pass of its own. Not timed yet; predicted from the bytes (benchmarks/NOTES.md).
+
+    The single pass saves one read of dY (64 MiB at 8192x4096 bf16) and writes its partial sums instead,
+    read back once: 12.3 MiB at r = 16 (:func:`_reduce_rows`), twice that at r = 32 (48 MiB of traffic
+    against 64), so only ranks up to 16 (BLOCK_R = 16) take it. With wider ranks, each pass reads dY once.
+    """
+    return r <= 16
 
 
 def _tf32_allowed() -> bool:
@@ -753,26 +791,41 @@ def _reduce_rows(
     with_colsum: bool,
     scale: float = 1.0,
     z: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``scale·dropout(a)ᵀ·c`` (P, R), optionally ``a.sum(0)`` (P,) and, given ``z`` (M, P), ``(a ⊙ z).sum(0)``
-    (P,), all fp32, ``a`` (M, P), ``c`` (M, R)."""
+    project: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``scale·dropout(a)ᵀ·c`` (P, R), optionally ``a.sum(0)`` (P,), given ``z`` (M, P) ``(a ⊙ z).sum(0)``
+    (P,) and, given ``project`` (P, R; no dropout), ``scale·a·project`` (M, R), all fp32, ``a`` (M, P),
+    ``c`` (M, R); the ones not asked for are None.
+
+    The kernel writes partial sums, which are summed here over their first axis (``torch.sum``, a fixed
+    order: the result does not change from run to run): per row split, ``(splits, P, R)`` and ``(splits,
+    P)``; per block of ``BLOCK_P`` columns, the projection's ``(P / BLOCK_P, M, R)``. At 8192x4096, r = 16
+    (bf16 backward, ``project``: 16 splits of 512 rows × 16 blocks of 256 columns, 256 programs) that is
+    4 MiB + 256 KiB (+ 256 KiB with ``z``) and 8 MiB, written once and read once by the sums.
+    """
     M, P = a.shape
     R = c.shape[1]
+    assert project is None or dropout_p == 0.0, "the projection reads a undropped"
 
     def make():
-        cfg = _reduce_config(M, P, R)
+        cfg = _reduce_config(M, P, R, project is not None)
         splits = _row_splits(M, _cdiv(P, cfg["BLOCK_P"]), cfg["BLOCK_M"], a.device)
         rows_per_split = _cdiv(max(M, 1), splits * cfg["BLOCK_M"]) * cfg["BLOCK_M"]
         splits = _cdiv(max(M, 1), rows_per_split)
-        # a smaller BLOCK_M only adds loop trips: the row splits stay as computed here
-        configs = _Configs(_smaller_configs(cfg, ("BLOCK_P", "BLOCK_M")))
+        # a smaller BLOCK_M only adds loop trips: the row splits stay as computed here; with project, BLOCK_P
+        # stays too (the projection's workspace has a slice per column block)
+        shrinkable = ("BLOCK_M",) if project is not None else ("BLOCK_P", "BLOCK_M")
+        configs = _Configs(_smaller_configs(cfg, shrinkable))
         return configs, lambda cfg: (_cdiv(P, cfg["BLOCK_P"]), splits), splits, rows_per_split
 
-    key = ("reduce", M, P, R, a.device, interpreting(), _reduce_config, _row_splits)
+    key = ("reduce", M, P, R, project is not None, a.device, interpreting(), _reduce_config, _row_splits)
     configs, grid_of, splits, rows_per_split = _plan(key, make)
     partial = torch.empty((splits, P, R), device=a.device, dtype=torch.float32)
     colsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if with_colsum else None
     prodsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if z is not None else None
+    projected = None
+    if project is not None:
+        projected = torch.empty((_cdiv(P, configs[0]["BLOCK_P"]), M, R), device=a.device, dtype=torch.float32)
     seed_lo, seed_hi, threshold, dropout_scale = _dropout_args(dropout_p, seed)
     if dropout_p > 0.0:
         scale = scale * dropout_scale
@@ -783,18 +836,45 @@ def _reduce_rows(
             configs,
             (
                 a, c, partial, colsum if colsum is not None else partial, z if z is not None else a,
-                prodsum if prodsum is not None else partial,
+                prodsum if prodsum is not None else partial, project if project is not None else c,
+                projected if projected is not None else partial,
                 M, P, R, rows_per_split,
                 a.stride(0), a.stride(1), c.stride(0), c.stride(1),
                 *(z.stride() if z is not None else (0, 0)),
+                *(project.stride() if project is not None else (0, 0)),
                 scale, seed_lo, seed_hi, threshold,
             ),
             dict(HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=with_colsum, HAS_PRODSUM=z is not None,
-                 INPUT_PRECISION=_input_precision(a.dtype)),
+                 PROJECT=project is not None, INPUT_PRECISION=_input_precision(a.dtype)),
         )  # fmt: skip
-    if splits == 1:
-        return tuple(None if x is None else x[0] for x in (partial, colsum, prodsum))
-    return tuple(None if x is None else x.sum(0) for x in (partial, colsum, prodsum))
+    return tuple(_sum_parts(x) for x in (partial, colsum, prodsum, projected))
+
+
+def _sum_parts(parts: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of a kernel's partial sums over their first axis, in a fixed order (None stays None)."""
+    if parts is None:
+        return None
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
+
+
+def _grad_y_pass(
+    grad_y: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor, scale: float, reduce: bool,
+    with_colsum: bool, z: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """What the backward takes from dY besides dX: ``(s·dY·b, s·dYᵀ·t, Σ_rows dY, Σ_rows dY ⊙ z)``, fp32,
+    (M, r), (N, r), (N,), (N,). The first is skipped when ``b`` is None, the others unless ``reduce``
+    (the third unless ``with_colsum``, the last without ``z``).
+
+    Both at once come from one pass over dY where :func:`_single_pass_over_dy` says so, else from two.
+    """
+    if b is not None and reduce and _single_pass_over_dy(b.shape[1]):
+        grad_B, colsum, prodsum, grad_t = _reduce_rows(grad_y, t, 0.0, 0, with_colsum, scale, z, project=b)
+        return grad_t, grad_B, colsum, prodsum
+    grad_t = _project(grad_y, b, scale, 0.0, 0) if b is not None else None
+    grad_B = colsum = prodsum = None
+    if reduce:
+        grad_B, colsum, prodsum, _ = _reduce_rows(grad_y, t, 0.0, 0, with_colsum, scale, z)
+    return grad_t, grad_B, colsum, prodsum
 
 
 # --------------------------------------------------------------------------------------------------
@@ -826,23 +906,23 @@ def lora_backward(
     lora_B: torch.Tensor, t: torch.Tensor, params: LoRAParams, needs_grad: NeedsGrad,
 ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
     """``(dX, dA, dB, db)`` for :func:`lora_forward`: ``db``, the column sums of dY, rides along the pass
-    that gives dB."""
+    that gives dB and ``s·dY·B``."""
     need_x, _, need_bias, need_A, need_B = needs_grad
     scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
-    grad_x = grad_bias = grad_A = grad_B = None
+    grad_x = grad_A = None
     with _launch_guard(), device_guard(grad_y.device):
-        # s·dY·B, (M, r) fp32, by its own pass over dY (fusing it into the dX GEMM measured slower)
-        if need_x or need_A:
-            grad_t = _project(grad_y, lora_B, scaling, 0.0, seed)
+        # s·dY·B, (M, r) fp32, and dB = s·dYᵀ·t (t carries no s) with db: one pass over dY for both, apart
+        # from the dX GEMM (fusing s·dY·B into the GEMM's main loop measured slower)
+        grad_t, grad_B, grad_bias, _ = _grad_y_pass(
+            grad_y, lora_B if need_x or need_A else None, t, scaling, need_B or need_bias, need_bias
+        )
         if need_x:
             grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, dropout_p, seed)
         if need_A:
-            grad_A_t, _, _ = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)
+            grad_A_t = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)[0]
             grad_A = grad_A_t.t().to(lora_A.dtype)
-        if need_B or need_bias:  # dB = s·dYᵀ·t (t carries no s)
-            grad_B, grad_bias, _ = _reduce_rows(grad_y, t, 0.0, seed, with_colsum=need_bias, scale=scaling)
-            grad_B = grad_B.to(lora_B.dtype) if need_B else None
-            grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
+        grad_B = grad_B.to(lora_B.dtype) if need_B else None
+        grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias
 
 
@@ -917,13 +997,15 @@ def dora_backward(
 ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
     """``(dX, dA, dB, db, Σ_rows dY ⊙ z)``. ``dY ⊙ c`` is never formed: ``s·(dY ⊙ c)·B = s·dY·(c ⊙ B)``
     (``c ⊙ B`` is N×r), the dX GEMM scales its dY tiles in registers, and dB is ``c ⊙ (s·dYᵀ·t)``. One
-    pass over dY gives dB, db and ``Σ dY ⊙ z``."""
+    pass over dY gives ``s·dY·(c ⊙ B)``, dB, db and ``Σ dY ⊙ z``."""
     need_x, _, need_bias, need_A, need_B, need_m = needs_grad
     scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
-    grad_x = grad_bias = grad_A = grad_B = grad_z_colsum = None
+    grad_x = grad_A = None
     with _launch_guard(), device_guard(grad_y.device):
-        if need_x or need_A:
-            grad_t = _project(grad_y, lora_B * col_scale[:, None], scaling, 0.0, seed)
+        grad_t, grad_B, grad_bias, grad_z_colsum = _grad_y_pass(
+            grad_y, lora_B * col_scale[:, None] if need_x or need_A else None, t, scaling,
+            need_B or need_bias or need_m, need_bias, z if need_m else None,
+        )  # fmt: skip
         if need_x:
             if dropout_p == 0.0:  # (dY ⊙ c)·W + s·(dY ⊙ c)·B·A
                 grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, 0.0, seed, a_scale=col_scale)
@@ -932,12 +1014,8 @@ def dora_backward(
                     grad_y, weight, grad_t, lora_A, None, dropout_p, seed, a_scale=col_scale - 1.0, second=2
                 )
         if need_A:
-            grad_A_t, _, _ = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)
+            grad_A_t = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)[0]
             grad_A = grad_A_t.t().to(lora_A.dtype)
-        if need_B or need_bias or need_m:
-            grad_B, grad_bias, grad_z_colsum = _reduce_rows(
-                grad_y, t, 0.0, seed, with_colsum=need_bias, scale=scaling, z=z if need_m else None
-            )
-            grad_B = (grad_B * col_scale[:, None]).to(lora_B.dtype) if need_B else None
-            grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
+        grad_B = (grad_B * col_scale[:, None]).to(lora_B.dtype) if need_B else None
+        grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias, grad_z_colsum
