@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import LoRAParams, NeedsGrad, as_output, device_guard
+from .torch_lora import project_t, scaled_grad_B, scaled_grad_t
 
 try:
     _C = importlib.import_module("lora_kernels._C")
@@ -64,10 +65,8 @@ def lora_forward(
     ops = _ops()
     dropout_p, seed = float(params.dropout_p), int(params.seed)
     with device_guard(x.device):
-        if dropout_p == 0.0:  # no mask to fuse: cuBLAS (t unscaled: s goes to lora_linear_fwd's alpha)
-            t = torch.mm(x, lora_A.to(x.dtype).t()).float()
-        else:
-            t = ops.lora_project(x, lora_A, 1.0, dropout_p, seed)
+        # no mask to fuse without dropout: cuBLAS (t unscaled: s goes to lora_linear_fwd's alpha)
+        t = project_t(x, lora_A) if dropout_p == 0.0 else ops.lora_project(x, lora_A, 1.0, dropout_p, seed)
         y = ops.lora_linear_fwd(x, weight, bias, t, lora_B, float(params.scaling))
     return as_output(y, out_shape), t
 
@@ -87,11 +86,10 @@ def lora_backward(
         return grad_x, grad_A, grad_B, None
     with device_guard(grad_y.device):
         if dropout_p == 0.0:  # no mask anywhere: the skinny products are cuBLAS GEMMs (module docstring)
-            dtype = grad_y.dtype
-            if need_x or need_A:  # s·(dY·B), s applied in float32, then in dY's dtype as the op gives it
-                grad_t = torch.mm(grad_y, lora_B.to(dtype)).float().mul_(scaling).to(dtype)
-            if need_B:  # t carries no s (see lora_forward)
-                grad_B = torch.mm(grad_y.t(), t.to(dtype)).float().mul_(scaling).to(lora_B.dtype)
+            if need_x or need_A:  # in dY's dtype, as the op gives it
+                grad_t = scaled_grad_t(grad_y, lora_B, scaling)
+            if need_B:
+                grad_B = scaled_grad_B(grad_y, t, scaling, lora_B.dtype)
         else:
             # One read of dY gives both s·(dY·B) (for dX and dA) and dB = dYᵀ·t.
             grad_t, grad_B_f32 = ops.lora_grad_t_and_B(grad_y, lora_B, t, scaling)

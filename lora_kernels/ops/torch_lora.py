@@ -23,7 +23,33 @@ def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 def _dropped(x: Tensor, params: LoRAParams) -> Tensor:
     if params.dropout_p == 0.0:
         return x
-    return x * dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=x.dtype)
+    return x * _mask(x, params)
+
+
+def project_t(x_dropped: Tensor, lora_A: Tensor) -> Tensor:
+    """``t = dropout(x)·Aᵀ`` in float32 (float64 for float64 inputs), the product in ``x``'s dtype."""
+    return _as(torch.mm(x_dropped, _as(lora_A, x_dropped.dtype).t()), t_dtype(x_dropped.dtype))
+
+
+def scaled_grad_t(grad_out: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``s·(dY·B)``, the gradient reaching ``t``, in ``dY``'s dtype; ``s`` applied in float32."""
+    dtype = grad_out.dtype
+    return _as(_as(torch.mm(grad_out, _as(lora_B, dtype)), t_dtype(dtype)).mul_(scaling), dtype)
+
+
+def scaled_grad_B(grad_out: Tensor, t: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+    """``dB = s·dYᵀ·t`` in ``dtype`` (``t`` carries no ``s``); ``s`` applied in float32."""
+    product = torch.mm(grad_out.t(), _as(t, grad_out.dtype))
+    return _as(_as(product, t_dtype(grad_out.dtype)).mul_(scaling), dtype)
+
+
+def _mask(x: Tensor, params: LoRAParams) -> Tensor:
+    return dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=x.dtype)
+
+
+def _grad_A(grad_t: Tensor, x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``dA = (s·dY·B)ᵀ·dropout(x)`` in ``dtype``."""
+    return _as(torch.mm(grad_t.t(), x if mask is None else x * mask), dtype)
 
 
 def lora_forward(
@@ -32,7 +58,7 @@ def lora_forward(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     dtype = x.dtype
-    t = _as(torch.mm(_dropped(x, params), _as(lora_A, dtype).t()), t_dtype(dtype))
+    t = project_t(_dropped(x, params), lora_A)
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     # s as the GEMM's alpha: applied to the float32 accumulator, after t's cast (no fp16 overflow of s·t)
     y.addmm_(_as(t, dtype), _as(lora_B, dtype).t(), alpha=params.scaling)
@@ -45,14 +71,13 @@ def lora_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # fmt: skip
     """``(dX, dA, dB, None)`` for :func:`lora_forward` (the bias gradient is left to ``run_backward``)."""
     need_x, _, _, need_A, need_B = needs_grad
-    dtype, scaling = grad_y.dtype, params.scaling
+    dtype = grad_y.dtype
     grad_x = grad_A = grad_B = None
-    if need_x or need_A:
-        # s·(dY·B): the gradient reaching t, scaled once here for both dX and dA.
-        grad_t = _as(_as(torch.mm(grad_y, _as(lora_B, dtype)), t_dtype(dtype)).mul_(scaling), dtype)
+    if need_x or need_A:  # the gradient reaching t, scaled once here for both dX and dA
+        grad_t = scaled_grad_t(grad_y, lora_B, params.scaling)
     mask = None
     if params.dropout_p > 0.0 and (need_x or need_A):  # regenerated once, shared by dX and dA
-        mask = dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=dtype)
+        mask = _mask(x, params)
     if need_x:
         grad_x = torch.mm(grad_y, weight)
         if mask is None:
@@ -60,9 +85,9 @@ def lora_backward(
         else:
             grad_x += torch.mm(grad_t, _as(lora_A, dtype)).mul_(mask)
     if need_A:
-        grad_A = _as(torch.mm(grad_t.t(), x if mask is None else x * mask), lora_A.dtype)
+        grad_A = _grad_A(grad_t, x, mask, lora_A.dtype)
     if need_B:
-        grad_B = _as(_as(torch.mm(grad_y.t(), _as(t, dtype)), t_dtype(dtype)).mul_(scaling), lora_B.dtype)
+        grad_B = scaled_grad_B(grad_y, t, params.scaling, lora_B.dtype)
     return grad_x, grad_A, grad_B, None
 
 
@@ -114,7 +139,7 @@ def dora_forward(
     dropout), the column scale applied in float32."""
     dtype = x.dtype
     x_dropped = _dropped(x, params)
-    t = _as(torch.mm(x_dropped, _as(lora_A, dtype).t()), t_dtype(dtype))
+    t = project_t(x_dropped, lora_A)
     z = torch.mm(x_dropped, weight.t())
     base_minus_dropped = None
     if params.dropout_p > 0.0:  # x·Wᵀ − x̃·Wᵀ: the undropped base product stays unscaled
@@ -138,18 +163,25 @@ def dora_backward(
     s·(dY ⊙ c)·B·A)``, without it ``(dY ⊙ c)·W + s·(dY ⊙ c)·B·A``.
     """
     need_x, _, _, need_A, need_B, need_m = needs_grad
-    dtype, scaling = grad_y.dtype, params.scaling
+    dtype = grad_y.dtype
     grad_z = _as(grad_y * col_scale, dtype)  # the product in float32
-    grad_x, grad_A, grad_B = lora_backward(
-        grad_z, x, weight, lora_A, lora_B, t, params, (need_x and params.dropout_p == 0.0, False, False,
-                                                       need_A, need_B),
-    )[:3]  # fmt: skip
-    if need_x and params.dropout_p > 0.0:
-        mask = dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=dtype)
-        grad_t = _as(_as(torch.mm(grad_z, _as(lora_B, dtype)), t_dtype(dtype)).mul_(scaling), dtype)
-        grad_x_base = torch.mm(grad_y, weight)
-        lora_part = torch.mm(_as(grad_y * (col_scale - 1), dtype), weight).addmm_(grad_t, _as(lora_A, dtype))
-        grad_x = grad_x_base.addcmul_(lora_part, mask)
+    grad_x = grad_A = grad_B = None
+    if need_x or need_A:
+        grad_t = scaled_grad_t(grad_z, lora_B, params.scaling)
+    mask = None
+    if params.dropout_p > 0.0 and (need_x or need_A):  # regenerated once, shared by dX and dA
+        mask = _mask(x, params)
+    if need_x:
+        lora_A_ = _as(lora_A, dtype)
+        if mask is None:
+            grad_x = torch.mm(grad_z, weight).addmm_(grad_t, lora_A_)
+        else:
+            lora_part = torch.mm(_as(grad_y * (col_scale - 1), dtype), weight).addmm_(grad_t, lora_A_)
+            grad_x = torch.mm(grad_y, weight).addcmul_(lora_part, mask)
+    if need_A:
+        grad_A = _grad_A(grad_t, x, mask, lora_A.dtype)
+    if need_B:
+        grad_B = scaled_grad_B(grad_z, t, params.scaling, lora_B.dtype)
     grad_z_colsum = (grad_y * z).sum(0, dtype=t_dtype(dtype)) if need_m else None
     return grad_x, grad_A, grad_B, None, grad_z_colsum
 
