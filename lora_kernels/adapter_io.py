@@ -275,8 +275,9 @@ def _residual_weight(weight: torch.Tensor, init: str, r: int, scaling: float) ->
 
 
 def _check_target(name: str, module: nn.Module | None, tensors: dict[str, torch.Tensor], init: str) -> None:
-    """A ValueError unless ``module`` can take these adapter tensors: an ``nn.Linear`` (or an unmerged-able
-    :class:`FusedLoRALinear`) whose sizes match every tensor's shape."""
+    """A ValueError unless ``module`` can take these adapter tensors: an ``nn.Linear`` or
+    :class:`FusedLoRALinear` whose sizes fit every tensor's shape (the message names both shapes), plain for a
+    PiSSA/OLoRA adapter, able to unmerge if it is merged."""
     if not isinstance(module, (nn.Linear, FusedLoRALinear)):
         what = (
             "which the model does not have"
