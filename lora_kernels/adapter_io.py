@@ -320,8 +320,8 @@ def _check_target(name: str, module: nn.Module | None, tensors: dict[str, torch.
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT LoRA adapter directory into ``model``, injecting :class:`FusedLoRALinear` where needed.
 
-    ``model`` is the plain base model (or one already injected: its layers take the adapter's alpha and
-    ``use_rslora``; merged layers are unmerged, loaded and merged again, as ``load_state_dict`` does). Every
+    ``model`` is the plain base model (or one already injected: its layers take the adapter's alpha,
+    ``use_rslora`` and ``lora_dropout``; merged layers are unmerged, loaded and merged again, as ``load_state_dict`` does). Every
     parameter but the adapters is frozen, as after :func:`lora_kernels.inject_lora` (with MiCA's
     ``init_lora_weights="mica"``, ``lora_B`` stays frozen too, as in PEFT). The result is the model
     ``PeftModel.from_pretrained`` builds: for ``init_lora_weights="pissa"`` / ``"olora"`` that means, as in PEFT,
@@ -377,6 +377,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             if name in residuals:
                 layer.weight.copy_(residuals[name])
             layer.lora_alpha, layer.use_rslora = options[name]["lora_alpha"], use_rslora
+            layer.lora_dropout = options[name]["lora_dropout"]
             layer.lora_A.copy_(per_module[name]["lora_A"])
             layer.lora_B.copy_(per_module[name]["lora_B"])
             if use_dora:
