@@ -12,6 +12,7 @@ plain or injected model. Needs only ``safetensors`` (without it, ``adapter_model
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -141,21 +142,90 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
+#: ``LoraConfig`` options that change the model and that fused ``nn.Linear`` layers do not implement, each
+#: with what it does: an adapter that sets one is refused by name (``peft.LoraConfig``, peft 0.21).
+_REFUSED_OPTIONS = {
+    "fan_in_fan_out": "Conv1D-style transposed base weights",
+    "bias": "trained biases of the base layers",
+    "lora_bias": "a bias on lora_B",
+    "modules_to_save": "fully trained copies of other modules",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "replicated decoder layers",
+    "target_parameters": "LoRA on nn.Parameter targets (e.g. MoE experts)",
+    "megatron_config": "Megatron's parallel linear layers",
+    "alora_invocation_tokens": "aLoRA: the adapter acts only from the invocation tokens on",
+    "velora_config": "VeLoRA: a compressed backward for lora_A",
+    "use_qalora": "QALoRA: a pooled input to lora_A",
+    "monteclora_config": "MonteCLoRA: sampled adapters",
+    "use_bdlora": "BD-LoRA: block-diagonal lora_A or lora_B",
+    "arrow_config": "Arrow: routing between adapters",
+    "kasa_config": "KaSA: a singular-value diagonal and truncated base weights",
+}
+#: Options :func:`load_adapter` applies (``init_lora_weights``: see :func:`_initialisation`).
+_APPLIED_OPTIONS = {
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora",
+    "init_lora_weights",
+}  # fmt: skip
+#: Options that do not change the loaded model: bookkeeping; the module selection (the file's tensors say which
+#: modules have adapters); settings of initialisations that loading does not run or that are refused anyway.
+_INERT_OPTIONS = {
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "runtime_config", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "ensure_weight_tying",
+}  # fmt: skip
+
+
+def _is_set(value: Any) -> bool:
+    return value not in (None, False, "none", "", [], {})
+
+
+def _initialisation(init: Any) -> str:
+    """What ``PeftModel.from_pretrained`` does to load an adapter saved with ``init_lora_weights=init``:
+    ``"plain"``, the base weights stay as they are (after ``"eva"``, ``"orthogonal"`` and, without LoRA-GA's
+    gradients, ``"lora_ga"``, too); ``"mica"``, the same with lora_B frozen; ``"pissa"`` / ``"olora"``, each
+    base weight becomes the residual of PEFT's SVD / QR initialisation. A ValueError for the others."""
+    name = init.lower() if isinstance(init, str) else init
+    if name in ("olora", "mica") or init == "pissa":
+        return name
+    if isinstance(init, bool) or name == "gaussian" or init in ("eva", "orthogonal", "lora_ga"):
+        return "plain"
+    why = {
+        "pissa_niter": "PEFT recomputes the residual base weights with a randomised SVD on every load, so the "
+        "loaded model is not reproducible",
+        "corda": "PEFT needs preprocess_corda's covariances to rebuild the residual base weights",
+        "loftq": "PEFT quantizes the base weights again on load",
+    }
+    key = next((k for k in why if isinstance(init, str) and init.startswith(k)), None)
+    reason = why[key] if key else "lora_kernels does not know this initialisation"
+    raise ValueError(
+        f"lora_kernels cannot load an adapter with init_lora_weights={init!r}: {reason}. Convert it to a plain "
+        "LoRA adapter first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+    )
+
+
 def _read_config(directory: str) -> dict[str, Any]:
-    """``adapter_config.json``, checked to describe LoRA (or DoRA) on linear layers."""
+    """``adapter_config.json``, checked to describe LoRA (or DoRA) on linear layers that the fused layers
+    reproduce: every option that changes the model is either applied or refused by name."""
     with open(os.path.join(directory, _CONFIG)) as f:
         config = json.load(f)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory} is a {config.get('peft_type')} adapter, not LoRA")
-    unsupported = {
-        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
-        "bias": config.get("bias", "none") != "none",
-        "lora_bias": bool(config.get("lora_bias")),
-        "modules_to_save": bool(config.get("modules_to_save")),
-    }
-    if any(unsupported.values()):
-        bad = ", ".join(f"{k}={config.get(k)!r}" for k, v in unsupported.items() if v)
-        raise ValueError(f"lora_kernels cannot load this adapter as fused LoRA layers: {bad}")
+    refused = [
+        f"{key}={value!r} ({_REFUSED_OPTIONS[key]})"
+        for key, value in config.items()
+        if key in _REFUSED_OPTIONS and _is_set(value)
+    ]
+    unknown = [
+        f"{key}={value!r} (an option lora_kernels does not know, from a newer PEFT?)"
+        for key, value in config.items()
+        if key not in {*_REFUSED_OPTIONS, *_APPLIED_OPTIONS, *_INERT_OPTIONS} and _is_set(value)
+    ]
+    if refused or unknown:
+        raise ValueError(
+            f"lora_kernels cannot load this adapter as fused LoRA layers: {'; '.join(refused + unknown)}"
+        )
+    _initialisation(config.get("init_lora_weights", True))
     return config
 
 
@@ -189,35 +259,96 @@ def _read_weights(directory: str, use_dora: bool) -> dict[str, dict[str, torch.T
     return per_module
 
 
+def _residual_weight(weight: torch.Tensor, init: str, r: int, scaling: float) -> torch.Tensor:
+    """The base weight as PEFT's ``pissa_init`` / ``olora_init`` leave it when ``PeftModel.from_pretrained``
+    builds the layer: ``W - s·B₀·A₀`` from the SVD (PiSSA) or QR (OLoRA) of ``W`` in float32, by the same ops in
+    the same order, so the same bits."""
+    w = weight.detach().to(torch.float32)
+    if init == "pissa":
+        V, S, Uh = torch.linalg.svd(w, full_matrices=False)
+        Sr = S[:r] / scaling
+        lora_A, lora_B = torch.diag(torch.sqrt(Sr)) @ Uh[:r], V[:, :r] @ torch.diag(torch.sqrt(Sr))
+    else:
+        Q, R = torch.linalg.qr(w)
+        lora_A, lora_B = R[:r].contiguous(), Q[:, :r].contiguous()
+    return (w - scaling * lora_B @ lora_A).to(weight.dtype)
+
+
+def _check_target(name: str, module: nn.Module | None, tensors: dict[str, torch.Tensor], init: str) -> None:
+    """A ValueError unless ``module`` can take these adapter tensors: an ``nn.Linear`` or
+    :class:`FusedLoRALinear` whose sizes fit every tensor's shape (the message names both shapes), plain for a
+    PiSSA/OLoRA adapter, able to unmerge if it is merged."""
+    if not isinstance(module, (nn.Linear, FusedLoRALinear)):
+        what = (
+            "which the model does not have"
+            if module is None
+            else f"a {type(module).__name__}, not an nn.Linear"
+        )
+        raise ValueError(f"the adapter targets {name!r}, {what}")
+    lora_A = tensors["lora_A"]
+    r = lora_A.shape[0] if lora_A.dim() == 2 else "r"
+    expected = {
+        "lora_A": (r, module.in_features),
+        "lora_B": (module.out_features, r),
+        "lora_magnitude": (module.out_features,),
+    }
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(
+                f"{name}: the adapter's {key} has shape {tuple(tensor.shape)}, but the module "
+                f"({type(module).__name__}, in_features={module.in_features}, out_features={module.out_features}) "
+                f"needs {expected[key]}"
+            )
+    if init in ("pissa", "olora"):
+        if isinstance(module, FusedLoRALinear):
+            raise ValueError(
+                f"{name} already has a fused LoRA adapter; an init_lora_weights={init!r} adapter changes the base "
+                "weights as it loads (as PEFT does), so load it into the plain base model"
+            )
+        if module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"{name}: PEFT builds init_lora_weights={init!r} layers only on float32, float16 or bfloat16 "
+                f"weights, not {module.weight.dtype}"
+            )
+    merged_dora = isinstance(module, FusedLoRALinear) and module.merged and module.use_dora
+    if merged_dora and module._dora_merged_norm is None:
+        raise ValueError(
+            f"{name} is a merged DoRA layer that does not know its merge norm; it cannot unmerge"
+        )
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT LoRA adapter directory into ``model``, injecting :class:`FusedLoRALinear` where needed.
 
-    ``model`` is the plain base model (or one already injected: its layers take the adapter's alpha and
-    ``use_rslora``). Every parameter but the adapters is frozen, as after :func:`lora_kernels.inject_lora`.
-    Returns ``model``.
+    ``model`` is the plain base model (or one already injected: its layers take the adapter's alpha,
+    ``use_rslora`` and ``lora_dropout``; merged layers are unmerged, loaded and merged again, as ``load_state_dict`` does). Every
+    parameter but the adapters is frozen, as after :func:`lora_kernels.inject_lora` (with MiCA's
+    ``init_lora_weights="mica"``, ``lora_B`` stays frozen too, as in PEFT). The result is the model
+    ``PeftModel.from_pretrained`` builds: for ``init_lora_weights="pissa"`` / ``"olora"`` that means, as in PEFT,
+    that each targeted base weight is replaced by the residual of PiSSA's SVD / OLoRA's QR of it (so load such
+    an adapter into the original base model, not a residual one). Returns ``model``.
 
     Raises:
-        ValueError: the adapter is not LoRA or DoRA on linear layers (``fan_in_fan_out``, biases,
-            ``modules_to_save``, embeddings...), names a module the model does not have, or does not
-            match the config or the model's layers in rank. Checked before the model changes.
+        ValueError: the adapter uses a ``LoraConfig`` option the fused layers do not implement (named in the
+            message: ``fan_in_fan_out``, biases, ``modules_to_save``, aLoRA, BD-LoRA, other LoRA variants,
+            ``init_lora_weights`` ``"pissa_niter_*"`` / ``"corda"`` / ``"loftq"``...), names a module the model
+            does not have or that is not ``nn.Linear``, has a tensor whose shape does not fit its module (the
+            message names both shapes), or does not match the config or the model's layers in rank. All checked
+            before the model changes.
     """
     directory = os.fspath(directory)
     config = _read_config(directory)
     use_dora = bool(config.get("use_dora", False))
+    init = _initialisation(config.get("init_lora_weights", True))
     per_module = _read_weights(directory, use_dora)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
     modules = dict(model.named_modules())
-    options = {}
+    options, residuals = {}, {}
     for name, pair in sorted(per_module.items()):
-        module, r = modules.get(name), pair["lora_A"].shape[0]
-        if not isinstance(module, (nn.Linear, FusedLoRALinear)):
-            what = (
-                "which the model does not have"
-                if module is None
-                else f"a {type(module).__name__}, not an nn.Linear"
-            )
-            raise ValueError(f"the adapter targets {name!r}, {what}")
+        module = modules.get(name)
+        _check_target(name, module, pair, init)
+        r = pair["lora_A"].shape[0]
         expected_r = int(_pattern_value(rank_pattern, name, config.get("r", 8)))
         if r != expected_r:
             raise ValueError(f"{name}: lora_A has rank {r} but the config says r={expected_r}")
@@ -232,12 +363,27 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             lora_dropout=float(config.get("lora_dropout", 0.0)), use_rslora=use_rslora,
             adapter_dtype=pair["lora_A"].dtype, use_dora=use_dora,
         )  # fmt: skip
+        if init in ("pissa", "olora"):
+            alpha = options[name]["lora_alpha"]
+            residuals[name] = _residual_weight(
+                module.weight, init, r, alpha / (math.sqrt(r) if use_rslora else r)
+            )
     layers = attach_lora(model, options, stacklevel=3)
     with torch.no_grad():
         for name, layer in layers.items():
+            remerge = layer.merged
+            if remerge:  # take the old adapter out of the weight first (with its own alpha)
+                layer.unmerge()
+            if name in residuals:
+                layer.weight.copy_(residuals[name])
             layer.lora_alpha, layer.use_rslora = options[name]["lora_alpha"], use_rslora
+            layer.lora_dropout = options[name]["lora_dropout"]
             layer.lora_A.copy_(per_module[name]["lora_A"])
             layer.lora_B.copy_(per_module[name]["lora_B"])
             if use_dora:
                 layer.lora_magnitude.copy_(per_module[name]["lora_magnitude"])
+            if init == "mica":
+                layer.lora_B.requires_grad_(False)
+            if remerge:
+                layer.merge()
     return model

@@ -54,12 +54,13 @@ def test_save_refuses_layers_with_different_dropouts(tmp_path):
     assert not (tmp_path / "adapter_config.json").exists()
 
 
-def test_load_into_an_injected_model_takes_the_adapters_alpha(tmp_path):
-    source = _randomized(inject_lora(_model(), ["2"], r=4, lora_alpha=16))
+def test_load_into_an_injected_model_takes_the_adapters_alpha_and_dropout(tmp_path):
+    source = _randomized(inject_lora(_model(), ["2"], r=4, lora_alpha=16, lora_dropout=0.25))
     adapter_io.save_adapter(source, tmp_path)
     target = inject_lora(_model(), ["2"], r=4, lora_alpha=4)
     adapter_io.load_adapter(target, tmp_path)
     assert target[2].lora_alpha == 16 and target[2].scaling == 4.0
+    assert target[2].lora_dropout == 0.25  # as PeftModel.from_pretrained, the adapter's dropout
     torch.testing.assert_close(target[2].lora_B, source[2].lora_B)
 
 
