@@ -40,6 +40,7 @@ from harness import (
     format_markdown,
     format_text_table,
     measure,
+    path_providers,
     peft_import_error,
     providers,
     quick_cases,
@@ -157,7 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     wanted = None
     if args.providers:
         wanted = {p.strip() for p in args.providers.split(",") if p.strip()}
-        known = {*BASELINES, PEFT_DORA, MERGED_OURS, *BACKEND_NAMES}
+        known = {
+            *BASELINES,
+            PEFT_DORA,
+            MERGED_OURS,
+            "auto",
+            *BACKEND_NAMES,
+            *path_providers(BACKEND_NAMES, None),
+        }
         if unknown := sorted(wanted - known):
             parser.error(
                 f"unknown provider(s) {', '.join(map(repr, unknown))}; choose from {', '.join(sorted(known))}"
