@@ -273,11 +273,11 @@ def default_path(backend: str, device: torch.device) -> str:
     return DEFAULT_PATH if DEFAULT_PATH in offered else offered[0]
 
 
-DEFAULT_REASON = (
-    "the default: the split path runs the same cuBLAS GEMMs as the plain composite with no M×N temporary, "
-    "so it is predicted never to lose to it (on the H200 the torch composite beat the fused Triton GEMM in "
-    "every measured case, M = 16 to 8192)"
-)
+#: Why :data:`DEFAULT_PATH`: it runs the plain composite's cuBLAS GEMMs with no M×N temporary, so it is
+#: predicted never to lose to the composite; on the H200 the composite beat the fused Triton GEMM in every
+#: measured case, M = 16 to 8192 (benchmarks/results/h200/). Small M included: the fused GEMM's one launch
+#: did not make up for its slower main loop there either (M = 16 forward: 0.119 ms against 0.095).
+DEFAULT_REASON = "the default (predicted never to lose to the composite)"
 
 
 def explain_path(
@@ -308,10 +308,10 @@ def explain_path(
     times = {c: ms for c, ms in table.cases.get(key, {}).items() if c in offered}
     if not times:
         why = "not in" if key not in table.cases else "no path of this backend in"
-        return default, f"case {key} {why} {FilePath(table.source).name}: {DEFAULT_REASON}"
+        return default, f"{key} {why} {FilePath(table.source).name}: {DEFAULT_REASON}"
     best = min(times, key=times.__getitem__)
     shown = ", ".join(f"{c} {ms:.3f} ms" for c, ms in sorted(times.items(), key=lambda item: item[1]))
-    return best, f"{FilePath(table.source).name}, case {key}: {shown}"
+    return best, f"{FilePath(table.source).name} {key}: {shown}"
 
 
 # The answers of select_path per call signature; bounded (dynamic shapes), cleared when full.
