@@ -139,8 +139,8 @@ def table_cases() -> list[Case]:
 def table_providers(case: Case) -> list[str]:
     names = harness.providers(case.mode, DEVICE, case.dora)
     if DRY and "triton" in available_backends(DEVICE) and case.dtype != "bf16":
-        # the interpreter: runs the code (and the routing table's writer), measures nothing
-        names += ["triton", *([] if case.dora else harness.path_providers(["triton"], DEVICE))]
+        # the interpreter: runs the code (and, through the paths, the routing table's writer), measures nothing
+        names += ["triton"] if case.dora else harness.path_providers(["triton"], DEVICE)
     if harness.peft_import_error():
         names.remove(harness.PEFT_DORA if case.dora else "peft")
     return names

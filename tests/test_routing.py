@@ -239,3 +239,20 @@ def test_committed_tables_are_valid():
         for key, times in table.cases.items():
             assert key.count("|") == 7, key
             assert set(times) <= known, (file.name, key, times)
+
+
+@pytest.mark.parametrize("runs_here", [True, False])
+def test_a_new_path_is_one_registry_entry(triton_backend, monkeypatch, tmp_path, runs_here):
+    """A path added to the registry competes in the table where its ``available`` check passes, and is
+    never taken (nor can be forced) where it fails."""
+    extra = routing.Path("tma", "triton", "triton_lora", available=lambda device: runs_here)
+    monkeypatch.setattr(routing, "PATHS", (*routing.PATHS, extra))
+    _table(tmp_path, monkeypatch, {_key(): {"tma": 0.5, "fused": 1.0, "split": 2.0}})
+    assert ("tma" in offered_paths("triton", "cpu")) == runs_here
+    assert _choose()[0] == ("tma" if runs_here else "fused")
+    with use_path("tma"):
+        if runs_here:
+            assert _choose()[0] == "tma"
+        else:
+            with pytest.raises(RuntimeError, match=r"path 'tma' .* available\(\) check is false"):
+                _choose()

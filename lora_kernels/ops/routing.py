@@ -5,9 +5,10 @@ A *path* is one way a backend computes the op (:mod:`lora_kernels.dispatch` stil
 
 ``fused``  the Triton GEMM with the LoRA term in its epilogue (:func:`~lora_kernels.ops.triton_lora.lora_forward`).
 ``split``  the LoRA term ``bias + s·t·Bᵀ`` written into ``y``'s storage, then the base GEMM accumulated into it
-           by cuBLAS (``addmm_`` with beta = 1); ``dX`` the same way. Never slower than the plain composite
-           by construction: the same library GEMMs, no M×N temporary beyond the output. The torch and cuda
-           backends are this path.
+           by cuBLAS (``addmm_`` with beta = 1); ``dX`` the same way. The plain composite's base GEMMs and
+           no M×N temporary beyond the output: predicted never slower than the composite. The torch and
+           cuda backends offer only this path; the Triton backend computes its skinny products with its
+           own kernels.
 
 Adding a path is one :class:`Path` line in :data:`PATHS`. ``auto`` takes, for each call signature, the path
 that the device's table (``lora_kernels/tuning/<device>.json``, written by ``benchmarks/gpu_run.sh`` from its
@@ -51,22 +52,22 @@ TABLE_DIR = FilePath(__file__).resolve().parent.parent / "tuning"
 DEFAULT_PATH = "split"
 
 
-def _always(device: torch.device) -> str | None:
-    return None
+def _always(device: torch.device) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
 class Path:
     """One path: ``backend``'s ``module`` (in :mod:`lora_kernels.ops`) provides ``forward`` and ``backward``
-    with the signatures of the backend interface (:mod:`lora_kernels.ops`); ``unavailable(device)`` says why
-    it cannot run on ``device``, or ``None``."""
+    with the signatures of the backend interface (:mod:`lora_kernels.ops`); ``available(device)`` says
+    whether it can run on ``device`` (where the backend itself can), e.g. only on Hopper."""
 
     name: str
     backend: str
     module: str
     forward: str = "lora_forward"
     backward: str = "lora_backward"
-    unavailable: Callable[[torch.device], str | None] = _always
+    available: Callable[[torch.device], bool] = _always
 
 
 #: Every path of every backend; the first of a backend is what it runs when nothing else decides and
@@ -97,7 +98,7 @@ def _why_not(path: Path, device: torch.device) -> str | None:
     found = _functions(path)
     if isinstance(found, str):
         return found
-    return path.unavailable(device)
+    return None if path.available(device) else f"its available() check is false on {device}"
 
 
 def offered_paths(backend: str, device: torch.device | str | None = None) -> list[str]:
