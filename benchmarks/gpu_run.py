@@ -732,17 +732,25 @@ def routing_lines(rows: list[dict], out: Path, device: str) -> list[str]:
         write_routing_table(table, out / f"tuning-{routing.device_slug(device)}.json"),
         "",
     ]
-    by_case = collections.defaultdict(dict)
+    by_case, labels = collections.defaultdict(dict), {}
     for row in rows:
-        if isinstance(row.get("median_ms"), int | float) and not row.get("error"):
+        if (
+            isinstance(row.get("median_ms"), int | float)
+            and not row.get("error")
+            and row["provider"] != "base"
+        ):
             by_case[harness.case_key(row)][row["provider"]] = row["median_ms"]
-    lines += ["| case | auto ms | fastest | its ms | auto / fastest |", "|---|---|---|---|---|"]
-    for key, times in by_case.items():
-        ours = {p: ms for p, ms in times.items() if p not in (*harness.BASELINES, harness.PEFT_DORA)}
-        if "auto" in times and ours:
-            best = min(ours, key=ours.__getitem__)
-            cells = [" ".join(map(str, key)), f"{times['auto']:.3f}", best, f"{ours[best]:.3f}",
-                     f"{times['auto'] / ours[best]:.3f}"]  # fmt: skip
+            labels[harness.case_key(row)] = (
+                f"{row['mode']}{'+dora' if row.get('dora') else ''} {row['dtype']}"
+                f"{'/' + row['adapter_dtype'] if row.get('adapter_dtype') not in (None, row['dtype']) else ''}"
+                f" {row['shape']} M={row['M']} r={row['r']} p={row['dropout']:g}"
+            )
+    lines += ["| case | auto ms | fastest provider | its ms | auto / fastest |", "|---|---|---|---|---|"]
+    for key, times in by_case.items():  # the fastest of every provider but F.linear, PEFT included
+        if "auto" in times:
+            best = min(times, key=times.__getitem__)
+            cells = [labels[key], f"{times['auto']:.3f}", best, f"{times[best]:.3f}",
+                     f"{times['auto'] / times[best]:.3f}"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 

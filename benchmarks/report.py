@@ -189,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append(load_note)
     if device.type != "cuda":
         notes.append(
-            "CPU run: ours is the torch backend only (Triton on the CPU is the interpreter, not a speed "
-            "measurement); peak memory is CUDA-only."
+            "CPU run: ours is the torch backend only (`auto` is the torch backend here; Triton on the CPU "
+            "is the interpreter, not a speed measurement); peak memory is CUDA-only."
         )
     jobs = []
     for case in cases:
