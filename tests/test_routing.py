@@ -256,3 +256,35 @@ def test_a_new_path_is_one_registry_entry(triton_backend, monkeypatch, tmp_path,
         else:
             with pytest.raises(RuntimeError, match=r"path 'tma' .* available\(\) check is false"):
                 _choose()
+
+
+def test_gpu_run_writes_the_table_it_measured(triton_backend, monkeypatch, tmp_path):
+    """``gpu_run.py``'s table: per LoRA case, each path's time from the ``backend:path`` providers of the
+    backend ``auto`` selects; failed rows and DoRA rows left out; it loads, and ``auto`` then takes its
+    winner. The benchmarks list an ``auto`` provider and one per path."""
+    from helpers import benchmarks_module
+
+    harness, gpu_run = benchmarks_module("harness"), benchmarks_module("gpu_run")
+    monkeypatch.setattr(gpu_run, "DEVICE", torch.device("cpu"))
+    assert harness.path_providers(["triton", "torch"], "cpu") == ["triton:split", "triton:fused"]
+    assert "auto" in harness.providers("fwd_bwd", "cpu")
+    assert harness.split_provider("triton:fused") == ("triton", "fused")
+    assert harness.split_provider("auto") == ("auto", "auto")
+    case = dict(mode="fwd_bwd", dtype="fp32", adapter_dtype=None, dropout=0.0, M=M, out_features=N,
+                in_features=K, r=R)  # fmt: skip
+    rows = [
+        dict(case, provider="triton:fused", median_ms=1.0),
+        dict(case, provider="triton:split", median_ms=2.0),
+        dict(case, provider="torch", median_ms=0.5),  # a backend, not a path: not in the table
+        dict(case, provider="cuda:split", median_ms=0.1),  # not the backend auto selects here
+        dict(case, M=1000, provider="triton:fused", median_ms=1.0, error="AssertionError: wrong"),
+        dict(case, M=1000, provider="triton:split", median_ms=3.0),
+        dict(case, provider="triton:fused", median_ms=0.1, dora=True),
+    ]
+    name = routing.device_name(torch.device("cpu"))
+    table = gpu_run.routing_table(rows, name, note="test")
+    assert table["cases"] == {_key(): {"fused": 1.0, "split": 2.0}, _key(m=1000): {"split": 3.0}}
+    file = tmp_path / "table.json"
+    assert "2 cases" in gpu_run.write_routing_table(table, file)
+    monkeypatch.setenv(TABLE_ENV_VAR, str(file))
+    assert _choose()[0] == "fused" and _choose(m=1000)[0] == "split"
