@@ -67,7 +67,12 @@ def parity(
 def print_routing(device: torch.device, shape: tuple[int, int] = (4096, 4096), r: int = 16) -> None:
     """The path ``auto`` takes for a ``shape`` (in, out) layer at a few batch sizes, and why."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backend = select_backend(device, dtype, r)
+    try:  # a backend or path forced by the environment that cannot run here: say so, go on
+        backend = select_backend(device, dtype, r)
+        explain_path(backend, device, dtype, dtype, False, 16, 16, 16, r, False)
+    except (RuntimeError, ValueError) as err:
+        print(f"routing: {err}")
+        return
     K, N = shape
     if len(offered_paths(backend, device)) == 1:
         print(f"routing: path {offered_paths(backend, device)[0]}, the only one of the {backend} backend")
