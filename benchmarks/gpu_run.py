@@ -1,6 +1,10 @@
 """The measurements of one GPU visit, one phase per sub-command; ``benchmarks/gpu_run.sh`` runs them.
 
     python benchmarks/gpu_run.py PHASE --work DIR      # PHASE: env, table, overhead, sweep, sanitize, e2e, summary
+    python benchmarks/gpu_run.py tuning --from RESULTS_JSON --out FILE [--stand-in provider=path,...]
+
+The summary also writes the routing table the table phase measured, ``tuning-<device>.json`` (to commit as
+``lora_kernels/tuning/<device>.json``), and compares ``auto`` with the fastest provider of every case.
 
 Every phase appends its rows to ``DIR/<phase>.jsonl`` as it measures them (a phase killed by its timeout
 keeps what it had), and an error goes into its row instead of stopping the phase. ``summary`` reads them all
@@ -30,6 +34,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels import dora_linear, lora_linear, use_backend
-from lora_kernels.dispatch import available_backends
+from lora_kernels.dispatch import available_backends, select_backend
+from lora_kernels.ops import routing
 from lora_kernels.testing import LLAMA_PROJECTIONS, assert_close, relative_error, tiny_llama
 
 import harness
@@ -133,7 +139,8 @@ def table_cases() -> list[Case]:
 def table_providers(case: Case) -> list[str]:
     names = harness.providers(case.mode, DEVICE, case.dora)
     if DRY and "triton" in available_backends(DEVICE) and case.dtype != "bf16":
-        names.append("triton")  # the interpreter: runs the code, measures nothing
+        # the interpreter: runs the code (and, through the paths, the routing table's writer), measures nothing
+        names += ["triton"] if case.dora else harness.path_providers(["triton"], DEVICE)
     if harness.peft_import_error():
         names.remove(harness.PEFT_DORA if case.dora else "peft")
     return names
@@ -615,6 +622,8 @@ def phase_summary(work: Path, out: Path) -> int:
 
     rows = _read(work / "table.jsonl")
     harness.add_ratios(rows)
+    if rows:
+        lines += routing_lines(rows, out, env.get("device") or harness.device_name(DEVICE))
     environment = {"device": env.get("device"), "versions": env.get("versions") or {}, "notes": []}
     if DRY:
         environment["notes"].append(
@@ -661,6 +670,105 @@ def phase_summary(work: Path, out: Path) -> int:
     return len(errors)
 
 
+# ----------------------------------------------------------------------------------------------- routing
+
+
+def routing_table(rows: list[dict], device: str, stand_ins: dict[str, str] | None = None, **notes) -> dict:
+    """The routing table of ``device`` (``lora_kernels/tuning/<device>.json``, read by
+    :mod:`lora_kernels.ops.routing`) from timing rows: for each LoRA case (DoRA is not routed), the median
+    ms of every path, from the providers ``backend:path`` of the backend ``auto`` selects for the case's
+    dtype and rank. Rows with an error, a failed check included, are left out: the fastest *correct*
+    path wins. ``stand_ins`` instead maps provider names to the path whose time they stand in for (a run
+    that measured backends, not paths); ``notes`` are written into the file as they are."""
+    cases: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row.get("dora") or row.get("mode") not in ("fwd", "fwd_bwd") or row.get("error"):
+            continue
+        if not isinstance(row.get("median_ms"), int | float):
+            continue
+        dtype = harness._DTYPES_BY_NAME[row["dtype"]]
+        if stand_ins is not None:
+            path = stand_ins.get(row["provider"])
+        else:
+            backend, _, path = row["provider"].partition(":")
+            with use_backend("auto"):
+                wanted = select_backend(torch.device(DEVICE.type), dtype, row["r"])
+            path = path if backend == wanted else ""
+        if not path:
+            continue
+        key = routing.case_key(
+            row["mode"], row["dtype"], row.get("adapter_dtype") or row["dtype"], row["dropout"] > 0,
+            row["M"], row["out_features"], row["in_features"], row["r"],
+        )  # fmt: skip
+        cases.setdefault(key, {})[path] = round(float(row["median_ms"]), 4)
+    return {"format": routing.TABLE_FORMAT, "device": device, **notes, "cases": dict(sorted(cases.items()))}
+
+
+def write_routing_table(table: dict, file: Path) -> str:
+    """Write ``table`` to ``file`` and read it back through the routing's own loader; a line that says
+    what it holds (or why the loader refused it)."""
+    file.write_text(json.dumps(table, indent=1) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = routing._load_table.__wrapped__(str(file), table["device"])
+    if caught or loaded is None:
+        return f"{file.name}: refused by the loader: {[str(w.message) for w in caught]}"
+    winners = collections.Counter(min(times, key=times.__getitem__) for times in loaded.cases.values())
+    return f"{file.name}: {len(loaded.cases)} cases, winners {dict(winners)}"
+
+
+def routing_lines(rows: list[dict], out: Path, device: str) -> list[str]:
+    """The summary's routing section: the table this run measured (``out/tuning-<device>.json``, to commit
+    as ``lora_kernels/tuning/<device>.json``) and, per case, ``auto`` against the fastest provider."""
+    table = routing_table(
+        rows, device, written_by="benchmarks/gpu_run.sh (the table phase's backend:path providers)",
+        versions=next((r.get("versions") for r in rows if r.get("versions")), None),
+    )  # fmt: skip
+    if DRY:
+        table["note"] = "dry run: CPU, Triton interpreter, tiny shapes; the times measure nothing"
+    lines = [
+        "## Routing",
+        "",
+        write_routing_table(table, out / f"tuning-{routing.device_slug(device)}.json"),
+        "",
+    ]
+    by_case, labels = collections.defaultdict(dict), {}
+    for row in rows:
+        if (
+            isinstance(row.get("median_ms"), int | float)
+            and not row.get("error")
+            and row["provider"] != "base"
+        ):
+            by_case[harness.case_key(row)][row["provider"]] = row["median_ms"]
+            labels[harness.case_key(row)] = (
+                f"{row['mode']}{'+dora' if row.get('dora') else ''} {row['dtype']}"
+                f"{'/' + row['adapter_dtype'] if row.get('adapter_dtype') not in (None, row['dtype']) else ''}"
+                f" {row['shape']} M={row['M']} r={row['r']} p={row['dropout']:g}"
+            )
+    lines += ["| case | auto ms | fastest provider | its ms | auto / fastest |", "|---|---|---|---|---|"]
+    for key, times in by_case.items():  # the fastest of every provider but F.linear, PEFT included
+        if "auto" in times:
+            best = min(times, key=times.__getitem__)
+            cells = [labels[key], f"{times['auto']:.3f}", best, f"{times[best]:.3f}",
+                     f"{times['auto'] / times[best]:.3f}"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def tuning_from_results(results: Path, out: Path, stand_ins: str | None, note: str | None) -> int:
+    """``tuning``: a routing table from a committed ``results.json`` (see :func:`routing_table`)."""
+    data = json.loads(results.read_text())
+    mapping = dict(item.split("=", 1) for item in stand_ins.split(",")) if stand_ins else None
+    device = data["environment"]["device"]
+    notes = {"written_by": f"python benchmarks/gpu_run.py tuning --from {results}"
+                           + (f" --stand-in {stand_ins}" if stand_ins else "")}  # fmt: skip
+    if note:
+        notes["note"] = note
+    notes["versions"] = data["environment"].get("versions")
+    print(write_routing_table(routing_table(data["results"], device, mapping, **notes), out))
+    return 0
+
+
 PHASES = {
     "env": phase_env,
     "table": phase_table,
@@ -673,10 +781,25 @@ PHASES = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=[*PHASES, "summary"])
-    parser.add_argument("--work", type=Path, required=True, help="folder of the raw per-phase files")
-    parser.add_argument("--out", type=Path, help="where summary writes SUMMARY.md and the results")
+    parser.add_argument("phase", choices=[*PHASES, "summary", "tuning"])
+    parser.add_argument(
+        "--work", type=Path, help="folder of the raw per-phase files (every phase but tuning)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where summary writes SUMMARY.md and the results; tuning: the file"
+    )
+    parser.add_argument("--from", dest="results", type=Path, help="tuning: the results.json to read")
+    parser.add_argument(
+        "--stand-in", help="tuning: provider=path,... (a run that measured backends, not paths)"
+    )
+    parser.add_argument("--note", help="tuning: a note written into the table")
     args = parser.parse_args(argv)
+    if args.phase == "tuning":
+        if not (args.results and args.out):
+            parser.error("tuning needs --from RESULTS_JSON and --out FILE")
+        return tuning_from_results(args.results, args.out, args.stand_in, args.note)
+    if args.work is None:
+        parser.error("--work is required")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@
 # (a Llama-style training step, PEFT vs PEFT + fuse), sweep (tile configs), cuda-ext (the cuda backend's
 # tests, if the build finished), sanitize (compute-sanitizer memcheck), then the summary.
 # Nothing is installed: the package is imported from this checkout through PYTHONPATH. Results go to $OUT
-# (at most 8 files: SUMMARY.md, results.json, results.md, junit*.xml, raw-logs.tar.gz), refreshed after every
+# (at most 8 files: SUMMARY.md, results.json, results.md, junit*.xml, tuning-<device>.json (the routing table
+# the timings imply, to commit as lora_kernels/tuning/<device>.json), raw-logs.tar.gz), refreshed after every
 # phase, so a phase that dies loses nothing that came before it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,8 @@ done
 OUT=${OUT:-$ROOT/build/gpu_run}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_run.XXXXXX")
 mkdir -p "$OUT"
-rm -f "$OUT"/SUMMARY.md "$OUT"/results.json "$OUT"/results.md "$OUT"/junit*.xml "$OUT"/raw-logs.tar.gz
+rm -f "$OUT"/SUMMARY.md "$OUT"/results.json "$OUT"/results.md "$OUT"/junit*.xml "$OUT"/raw-logs.tar.gz \
+  "$OUT"/tuning-*.json
 PY=${PYTHON:-python3}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 BUDGET_S=${GPU_RUN_BUDGET_S:-450}  # the whole run; phases that would overrun it are cut short or skipped

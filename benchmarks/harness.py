@@ -16,7 +16,12 @@ Providers, all computing ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` from 
 ``peft``       ``peft.tuners.lora.Linear`` around an ``nn.Linear`` (what users run today).
 ``composite``  the best unfused PyTorch: ``out = x·Wᵀ; out.addmm_(x·Aᵀ, Bᵀ, alpha=s)`` with a hand-written
                backward (as Unsloth does) and a boolean dropout mask saved for backward.
-``triton``, ``cuda``, ``torch``  ours: :func:`lora_kernels.lora_linear` on that backend.
+``auto``       ours as a user gets it: :func:`lora_kernels.lora_linear` with nothing forced (the backend
+               of :mod:`lora_kernels.dispatch`, the path of :mod:`lora_kernels.ops.routing`).
+``triton``, ``cuda``, ``torch``  ours on that backend (its path chosen by the routing).
+``triton:fused``, ``triton:split``, …  ours on that backend and path, one provider per path of a backend
+               that has more than one (LoRA cases only: DoRA is not routed). ``gpu_run.py`` turns their
+               times into the routing table (``lora_kernels/tuning/<device>.json``).
 ``ours``       (merged mode only) :class:`~lora_kernels.FusedLoRALinear` after ``merge()``.
 
 DoRA cases (``Case.dora``) compute PEFT's DoRA (:func:`lora_kernels.dora_linear`) instead, with the same
@@ -62,6 +67,7 @@ from lora_kernels import (
     use_backend,
 )
 from lora_kernels.ops import LoRAParams
+from lora_kernels.ops.routing import offered_paths, use_path
 from lora_kernels.ops.torch_lora import dora_linear_composite
 from lora_kernels.reference import dora_weight_norm_reference
 from lora_kernels.testing import SavedTensorCounter, assert_close, relative_error
@@ -283,7 +289,23 @@ def providers(mode: str, device: torch.device | str, dora: bool = False) -> list
     if mode == "merged":
         return ["base", peft, MERGED_OURS]
     ours = available_backends(device) if device.type == "cuda" else ["torch"]
-    return ["base", peft, "composite", *ours]
+    return ["base", peft, "composite", "auto", *ours, *([] if dora else path_providers(ours, device))]
+
+
+def path_providers(backends: Iterable[str], device: torch.device | str) -> list[str]:
+    """``backend:path`` for every path of each of ``backends`` that offers more than one on ``device``."""
+    names = []
+    for backend in backends:
+        paths = offered_paths(backend, device)
+        if len(paths) > 1:
+            names += [f"{backend}:{path}" for path in paths]
+    return names
+
+
+def split_provider(provider: str) -> tuple[str, str]:
+    """``(backend, path)`` a provider of ours forces: ``auto`` and ``triton`` leave the path to the routing."""
+    backend, _, path = provider.partition(":")
+    return backend, path or "auto"
 
 
 @functools.cache
@@ -376,9 +398,11 @@ def _forward_fn(
         layer.eval()
         return layer, []
 
-    # ours on one backend; the backend is fixed at forward time and recorded for backward.
+    # ours on one backend (and path); both are fixed at forward time and recorded for backward.
+    backend, path = split_provider(provider)
+
     def ours(x: torch.Tensor) -> torch.Tensor:
-        with use_backend(provider):
+        with use_backend(backend), use_path(path):
             if case.dora:
                 return dora_linear(x, w, b, A, B, m, s, p, training=training)
             return lora_linear(x, w, b, A, B, s, p, training=training)

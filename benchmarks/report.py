@@ -40,6 +40,7 @@ from harness import (
     format_markdown,
     format_text_table,
     measure,
+    path_providers,
     peft_import_error,
     providers,
     quick_cases,
@@ -157,7 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     wanted = None
     if args.providers:
         wanted = {p.strip() for p in args.providers.split(",") if p.strip()}
-        known = {*BASELINES, PEFT_DORA, MERGED_OURS, *BACKEND_NAMES}
+        known = {
+            *BASELINES,
+            PEFT_DORA,
+            MERGED_OURS,
+            "auto",
+            *BACKEND_NAMES,
+            *path_providers(BACKEND_NAMES, None),
+        }
         if unknown := sorted(wanted - known):
             parser.error(
                 f"unknown provider(s) {', '.join(map(repr, unknown))}; choose from {', '.join(sorted(known))}"
@@ -181,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append(load_note)
     if device.type != "cuda":
         notes.append(
-            "CPU run: ours is the torch backend only (Triton on the CPU is the interpreter, not a speed "
-            "measurement); peak memory is CUDA-only."
+            "CPU run: ours is the torch backend only (`auto` is the torch backend here; Triton on the CPU "
+            "is the interpreter, not a speed measurement); peak memory is CUDA-only."
         )
     jobs = []
     for case in cases:

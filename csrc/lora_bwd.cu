@@ -1,5 +1,5 @@
 // CUDA backward: grad_t = s·(dY·B) and dB = dYᵀ·t from one read of dY, dA = grad_tᵀ·dropout(x), and
-// dX = dY·W + dropout'(grad_t·A). grad_t is the gradient reaching t, already scaled by s, in dY's dtype.
+// dX = dropout'(grad_t·A) + dY·W (the LoRA term written first, dY·W accumulated into it by cuBLAS). grad_t is the gradient reaching t, already scaled by s, in dY's dtype.
 // The kernels, and why each exists, are in lora_kernels.cuh; this file plans and launches them (they are
 // registered in lora_ops.cpp).
 
@@ -94,21 +94,18 @@ at::Tensor lora_grad_x_cuda(const at::Tensor& grad_y, const at::Tensor& weight, 
   check_grad_x_args(grad_y, weight, grad_t, lora_A, dropout_p, seed);
   const c10::cuda::CUDAGuard device_guard(grad_y.device());
   const auto dtype = grad_y.scalar_type();
-  at::Tensor grad_x = at::mm(grad_y, weight);
-  const int64_t M = grad_x.size(0);
-  const int64_t K = grad_x.size(1);
+  const int64_t M = grad_y.size(0);
+  const int64_t K = weight.size(1);
   const int64_t r = grad_t.size(1);
-  if (M == 0 || K == 0) {
-    return grad_x;
-  }
   const at::Tensor A = lora_A.to(dtype).contiguous();
-  if (dropout_p == 0.0) {
-    grad_x.addmm_(grad_t, A);
+  // The split path: the LoRA term is written into dX's storage first, then cuBLAS accumulates dY·W into it
+  // (beta = 1), so dX is written once by the LoRA term and read once inside cuBLAS' epilogue.
+  if (dropout_p == 0.0 || M == 0 || K == 0) {
+    at::Tensor grad_x = at::mm(grad_t, A);  // no mask: one more cuBLAS GEMM
+    grad_x.addmm_(grad_y, weight);
     return grad_x;
   }
-  if (!grad_x.is_contiguous()) {
-    grad_x = grad_x.contiguous();
-  }
+  at::Tensor grad_x = at::empty({M, K}, grad_y.options());
   const at::Tensor g = grad_t.contiguous();
   const int64_t m_tiles = ceil_div(M, kGradXBM);
   const int64_t k_tiles = ceil_div(K, kGradXBK);
@@ -117,11 +114,14 @@ at::Tensor lora_grad_x_cuda(const at::Tensor& grad_y, const at::Tensor& weight, 
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(k_tiles));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   LORA_DISPATCH_FLOATING_TYPES(dtype, "lora_grad_x_cuda", [&] {
-    lora_grad_x_dropout_kernel<scalar_t, kGradXBM, kGradXBK, kGradXRC, kGradXTX><<<grid, kThreads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), M, K, r,
-        static_cast<float>(1.0 / (1.0 - dropout_p)), make_dropout_params(dropout_p, seed));
+    lora_grad_x_dropout_kernel<scalar_t, kGradXBM, kGradXBK, kGradXRC, kGradXTX>
+        <<<grid, kThreads, 0, stream>>>(g.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(),
+                                        grad_x.mutable_data_ptr<scalar_t>(), M, K, r,
+                                        static_cast<float>(1.0 / (1.0 - dropout_p)),
+                                        make_dropout_params(dropout_p, seed));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  grad_x.addmm_(grad_y, weight);
   return grad_x;
 }
 

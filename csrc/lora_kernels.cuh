@@ -449,10 +449,11 @@ inline GradAPlan plan_grad_A(int64_t M, int64_t K, int64_t r, int64_t target) {
 // dX = dY·W + dropout'(grad_t·A), dropout' being the same mask times 1 / (1 - p).
 //
 // Why this split: dY·W is a full-size GEMM, left to cuBLAS. Without dropout the LoRA term is one more cuBLAS
-// GEMM with beta = 1 into dX (one pass over dX). With dropout the mask has to be applied to grad_t·A
-// elementwise, which cuBLAS cannot do: this kernel computes a (BM, BK) tile of grad_t·A in registers
-// (reducing r in RC-wide chunks through shared memory) and adds mask ⊙ tile into dX in place, reading and
-// writing dX once and never materialising the mask or the (M, K) LoRA term.
+// GEMM. With dropout the mask has to be applied to grad_t·A elementwise, which cuBLAS cannot do: this kernel
+// computes a (BM, BK) tile of grad_t·A in registers (reducing r in RC-wide chunks through shared memory) and
+// never materialises the mask. It writes mask ⊙ tile into a fresh dX (a product, so a NaN in a dropped
+// element stays NaN, as x·mask does), and cuBLAS then accumulates dY·W into it with beta = 1 (the split
+// path, lora_bwd.cu): one write of dX and one read inside cuBLAS' epilogue.
 // ---------------------------------------------------------------------------------------------------------
 template <typename scalar_t, int BM, int BK, int RC, int TX>
 __global__ void __launch_bounds__(kThreads)
@@ -509,9 +510,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int q = 0; q < TK; ++q) {
       const int64_t k = k0 + tx + q * TX;
-      if (k < K && keep_bit(keep_tile[ty + i * TY], tx + q * TX)) {
-        scalar_t* out = grad_x + m * K + k;
-        *out = static_cast<scalar_t>(static_cast<float>(*out) + acc[i][q] * scale);
+      if (k < K) {
+        const float keep = keep_bit(keep_tile[ty + i * TY], tx + q * TX) ? scale : 0.0f;
+        grad_x[m * K + k] = static_cast<scalar_t>(acc[i][q] * keep);
       }
     }
   }

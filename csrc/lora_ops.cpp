@@ -8,6 +8,9 @@
 //   lora_grad_t_and_B  gt = s·(dY·B), dB = dYᵀ·t                 (M, r) dY.dtype, (N, r) float32
 //   lora_grad_A        dA = gtᵀ·dropout(x)                       (r, K) float32
 //   lora_grad_x        dX = dY·W + dropout'(gt·A)                (M, K) dY.dtype
+//
+// lora_linear_fwd and lora_grad_x run the split path (lora_kernels/ops/routing.py): the LoRA term is written
+// into the output's storage and the base GEMM (cuBLAS on CUDA) accumulated into it with beta = 1.
 //   lora_dropout_mask  the float32 mask of an input of a given size (tests, debugging; never stored by the ops)
 //
 // The CPU implementation below is an ATen composite that follows lora_kernels/ops/torch_lora.py op for op,
@@ -186,11 +189,17 @@ at::Tensor lora_linear_fwd_aten(const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& lora_B, double scaling) {
   check_linear_fwd_args(x, weight, bias, t, lora_B);
   const auto dtype = x.scalar_type();
-  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  // beta = 1: the LoRA term is accumulated into the base output, no second (M, N) tensor. t is cast to
-  // x.dtype (an (M, r) copy) so the GEMM runs in the compute dtype, as in every backend; s is the GEMM's
-  // alpha, applied to the float32 accumulator, so a large s cannot overflow a float16 t.
-  y.addmm_(t.to(dtype), lora_B.to(dtype).t(), /*beta=*/1, /*alpha=*/scaling);
+  // The split path: the LoRA term b + s·(t·Bᵀ) is written into y's storage, then the base GEMM accumulates
+  // into it (beta = 1): no second (M, N) tensor, y written once by the LoRA term and read once inside the
+  // base GEMM's epilogue. t is cast to x.dtype (an (M, r) copy) so the GEMM runs in the compute dtype, as in
+  // every backend; s is the GEMM's alpha, applied to the float32 accumulator, so a large s cannot overflow a
+  // float16 t. Without a bias, beta = 0: the uninitialised storage is not read.
+  const at::Tensor t_c = t.to(dtype);
+  const at::Tensor B_t = lora_B.to(dtype).t();
+  at::Tensor y = (bias.has_value() && bias->defined())
+                     ? at::addmm(*bias, t_c, B_t, /*beta=*/1, /*alpha=*/scaling)
+                     : at::empty({x.size(0), weight.size(0)}, x.options()).addmm_(t_c, B_t, /*beta=*/0, scaling);
+  y.addmm_(x, weight.t());
   return y;
 }
 
@@ -260,12 +269,9 @@ at::Tensor lora_grad_x_cpu(const at::Tensor& grad_y, const at::Tensor& weight, c
                            const at::Tensor& lora_A, double dropout_p, int64_t seed) {
   check_grad_x_args(grad_y, weight, grad_t, lora_A, dropout_p, seed);
   const auto dtype = grad_y.scalar_type();
-  at::Tensor grad_x = at::mm(grad_y, weight);
-  if (dropout_p == 0.0) {
-    grad_x.addmm_(grad_t, lora_A.to(dtype));
-  } else {
-    grad_x.add_(dropped_cpu(at::mm(grad_t, lora_A.to(dtype)), dropout_p, seed));
-  }
+  // The split path: the (masked) LoRA term first, dY·W accumulated into it (beta = 1).
+  at::Tensor grad_x = dropped_cpu(at::mm(grad_t, lora_A.to(dtype)), dropout_p, seed);
+  grad_x.addmm_(grad_y, weight);
   return grad_x;
 }
 

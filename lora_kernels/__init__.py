@@ -5,6 +5,7 @@ from .dropout import dropout_mask
 from .functional import LoRALinearFunction, dora_linear, dora_weight_norm, lora_linear
 from .inject import inject_lora, lora_state_dict, merge_lora, unmerge_lora
 from .modules import FusedLoRALinear
+from .ops.routing import use_path
 from .reference import dora_linear_reference, lora_linear_reference
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "use_backend",
+    "use_path",
 ]
 
 

@@ -1,4 +1,5 @@
-"""``python -m lora_kernels check``: the environment, the backends, and a parity self-test of each."""
+"""``python -m lora_kernels check``: the environment, the backends, the path ``auto`` takes for typical
+calls and why, and a parity self-test of each backend."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import platform
 
 import torch
 
-from .dispatch import BACKENDS, available_backends, use_backend
+from .dispatch import BACKENDS, available_backends, select_backend, use_backend
 from .dropout import dropout_mask
 from .functional import dora_linear, lora_linear
+from .ops.routing import explain_path, offered_paths, use_path
 from .reference import dora_linear_reference, dora_weight_norm_reference, lora_linear_reference
 from .testing import assert_close, relative_error
 
@@ -62,6 +64,28 @@ def parity(
     return results
 
 
+def print_routing(device: torch.device, shape: tuple[int, int] = (4096, 4096), r: int = 16) -> None:
+    """The path ``auto`` takes for a ``shape`` (in, out) layer at a few batch sizes, and why."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:  # a backend or path forced by the environment that cannot run here: say so, go on
+        backend = select_backend(device, dtype, r)
+        explain_path(backend, device, dtype, dtype, False, 16, 16, 16, r, False)
+    except (RuntimeError, ValueError) as err:
+        print(f"routing: {err}")
+        return
+    K, N = shape
+    if len(offered_paths(backend, device)) == 1:
+        print(f"routing: path {offered_paths(backend, device)[0]}, the only one of the {backend} backend")
+        return
+    print(f"routing ({dtype}, {K}x{N}, r = {r}; backend {backend}):")
+    for training in (False, True):
+        for dropout in (False, True):
+            for M in (16, 512, 8192):
+                path, why = explain_path(backend, device, dtype, dtype, dropout, M, N, K, r, training)
+                case = f"{'fwd+bwd' if training else 'fwd'} p{'>0' if dropout else '=0'} M={M}"
+                print(f"  {case:20s} {path:6s} {why}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_kernels check", description=__doc__)
     parser.parse_args(argv)
@@ -76,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     usable = available_backends(device)
     print(f"backends: {', '.join(usable)} (of {', '.join(BACKENDS)})")
+    print_routing(device)
     failed = False
     for backend in usable:
-        for dora in (False, True):
+        paths = offered_paths(backend, device)
+        for path, dora in [*((p, False) for p in paths), ("auto", True)]:  # DoRA is not routed
             for dtype in (torch.float32, torch.float16):
-                results = parity(backend, device, dtype, dora)
+                with use_path(path):
+                    results = parity(backend, device, dtype, dora)
                 ok = all(within for _, within in results.values())
                 failed |= not ok
                 shown = ", ".join(f"{k} {err:.1e}" for k, (err, _) in results.items())
-                what = f"{backend} {'DoRA' if dora else 'LoRA'}"
-                print(f"  {what:11s} {dtype!s:14s} {'ok  ' if ok else 'FAIL'} max rel. error: {shown}")
+                what = f"{backend} {'DoRA' if dora else 'LoRA'}" + (
+                    f" {path}" if len(paths) > 1 and not dora else ""
+                )
+                print(f"  {what:17s} {dtype!s:14s} {'ok  ' if ok else 'FAIL'} max rel. error: {shown}")
     return 1 if failed else 0

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .ops import LoRAParams, run_backward, run_dora_backward, run_dora_forward, run_forward, t_dtype
+from .ops.routing import select_path
 
 __all__ = [
     "DoRALinearFunction",
@@ -62,12 +63,13 @@ __all__ = [
 
 def _save(
     ctx, x, weight, lora_A, lora_B, t, params: LoRAParams, backend: str, *, op_seed: Tensor | None = None,
-    through_op: bool = False,
+    through_op: bool = False, path: str | None = None,
 ) -> None:  # fmt: skip
     """Keep what :func:`_backward` needs. The op passes ``through_op`` and its seed tensor ``op_seed`` (its
-    ``params.seed`` is unused: the seed stays a tensor in a compiled graph); the Function, its ``params``."""
+    ``params.seed`` is unused: the seed stays a tensor in a compiled graph); the Function, its ``params`` and
+    the ``path`` its forward ran (the backward runs the same; the op's backward chooses its own)."""
     ctx.save_for_backward(x, weight, lora_A, lora_B, t, op_seed)
-    ctx.params, ctx.backend, ctx.through_op = params, backend, through_op
+    ctx.params, ctx.backend, ctx.through_op, ctx.path = params, backend, through_op, path
 
 
 def _backward(ctx, grad_y: Tensor, *_):
@@ -83,7 +85,9 @@ def _backward(ctx, grad_y: Tensor, *_):
         grads = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
     else:
         with torch.no_grad():
-            grads = run_backward(ctx.backend, grad_y, x, weight, lora_A, lora_B, t, ctx.params, needs)
+            grads = run_backward(
+                ctx.backend, grad_y, x, weight, lora_A, lora_B, t, ctx.params, needs, ctx.path
+            )
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # backward(create_graph=True)
         grads = once_differentiable_grads((grad_y, x, weight, lora_A, lora_B), grads)
     return (*grads, None, None, None, None)
@@ -129,8 +133,10 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, backend: str
     ):
         params = LoRAParams(scaling, dropout_p, seed)
-        y, t = run_forward(backend, x, weight, bias, lora_A, lora_B, params)
-        _save(ctx, x, weight, lora_A, lora_B, t, params, backend)
+        # training: an input takes a gradient (under no_grad too: the Function cannot see the caller's mode)
+        path = select_path(backend, x, weight, lora_A, dropout_p, any(ctx.needs_input_grad[:5]))
+        y, t = run_forward(backend, x, weight, bias, lora_A, lora_B, params, path)
+        _save(ctx, x, weight, lora_A, lora_B, t, params, backend, path=path)
         return y
 
     backward = staticmethod(_backward)

@@ -2,7 +2,8 @@
 
 The ``backend`` fixture (conftest.py) gives each backend its device: on a GPU machine ``triton``, ``cuda``
 and ``torch`` all get CUDA tensors; on a CPU machine ``triton`` runs through Triton's interpreter and
-``cuda`` is skipped.
+``cuda`` is skipped. The ``path`` fixture runs every test on each path its backend offers
+(:mod:`lora_kernels.ops.routing`: the Triton backend's ``split`` and ``fused``; the others are ``split``).
 """
 
 import pytest
@@ -19,8 +20,30 @@ from helpers import (
 
 import lora_kernels
 from lora_kernels import dropout_mask, use_backend
+from lora_kernels.ops.routing import offered_paths, use_path
 
 TRITON_ONLY = pytest.mark.parametrize("backend", ["triton"], indirect=True)
+#: A test of the fused GEMM's own kernels and launches: run on the ``fused`` path only.
+FUSED_ONLY = pytest.mark.fused_path
+
+
+@pytest.fixture(autouse=True, params=["split", "fused"])
+def path(request):
+    """Run the test on path ``split`` or ``fused`` of its backend (skipped where the backend has no such
+    path); tests without a backend run once, on ``auto``."""
+    name = request.param
+    if "backend" not in request.fixturenames:
+        if name != "split":
+            pytest.skip("no backend: runs once")
+        yield "auto"
+        return
+    backend = request.getfixturevalue("backend")
+    if request.node.get_closest_marker("fused_path") and name != "fused":
+        pytest.skip("a test of the fused path's kernels")
+    if name not in offered_paths(backend.name, backend.device):
+        pytest.skip(f"the {backend.name} backend has no {name!r} path")
+    with use_path(name):
+        yield name
 
 
 def check_parity(problem, backend: str, dtype, *, dropout_p=0.0, seed=1234, slack=1.0, grad_slack=2.0):
@@ -63,6 +86,7 @@ def test_dropout_matches_reference_exactly(backend, dtype):
 
 
 @TRITON_ONLY
+@FUSED_ONLY
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("shape", [((3, 50), 70, 45, 5), ((130,), 150, 140, 20), ((9,), 33, 1, 2)])
@@ -125,7 +149,7 @@ def test_backends_agree(backend):
     """Same seed, same dropout mask, same numbers on every backend (against torch on the same tensors)."""
     problem = make_problem((17,), 40, 24, 4, device=backend.device)
     grad_y = torch.randn(17, 24, device=backend.device)
-    with use_backend("torch"):
+    with use_backend("torch"), use_path("auto"):
         expected = run_op(problem, grad_y, dropout_p=0.25, training=True, dropout_seed=99)
     with use_backend(backend.name):
         actual = run_op(problem, grad_y, dropout_p=0.25, training=True, dropout_seed=99)
@@ -175,6 +199,7 @@ def test_bf16_base_with_fp32_adapters(backend):
 
 
 @TRITON_ONLY
+@FUSED_ONLY
 @pytest.mark.parametrize("r", [12, 40])
 def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, backend, r):
     """Forward and backward launch all three kernels, over several tiles, K-steps and row splits; r = 12

@@ -34,6 +34,11 @@ grad_B, grad_bias, grad_z_colsum)``
 
 A backend without them (the CUDA extension) runs DoRA on the torch backend's (:func:`dora_backend_module`).
 
+Paths (:mod:`lora_kernels.ops.routing`): a backend may offer more than one implementation of
+``lora_forward``/``lora_backward`` with the signatures above, e.g. the Triton backend's ``fused`` GEMM and
+its ``split`` path; :func:`run_forward` and :func:`run_backward` run the one the routing chooses. DoRA is not
+routed: it runs the backend's DoRA functions.
+
 Precision contract (the same in every backend): the matmuls run in the input's dtype (adapters are cast
 tile by tile, never x), accumulate in float32, and ``t`` stays float32; ``y`` and ``grad_x`` come out in
 ``x.dtype``, ``grad_A``/``grad_B`` in the adapters' dtype, as under ``torch.autocast``. The scaling ``s`` is
@@ -54,6 +59,7 @@ from torch import Tensor
 
 from ..dispatch import backend_module
 from ..dropout import dropout_mask
+from .routing import path_functions, select_path
 
 #: Autograd's ``needs_input_grad`` for ``(x, weight, bias, lora_A, lora_B)``.
 NeedsGrad = tuple[bool, bool, bool, bool, bool]
@@ -150,29 +156,37 @@ def _flat_grad(x: Tensor, grad_y: Tensor, out_features: int) -> tuple[Tensor, Te
 
 def run_forward(
     backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-    params: LoRAParams,
+    params: LoRAParams, path: str | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``backend``'s ``lora_forward`` on an ``(..., in_features)`` input: ``(y (..., out), t (M, r))``.
+    """``backend``'s forward on path ``path`` (None: :func:`~lora_kernels.ops.routing.select_path` chooses)
+    on an ``(..., in_features)`` input: ``(y (..., out), t (M, r))``.
 
     ``y`` is not a view (the backend allocates it in the ``(..., out)`` shape), so the caller may modify
     it in place as it may nn.Linear's output.
     """
+    if path is None:
+        training = any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+        path = select_path(backend, x, weight, lora_A, params.dropout_p, training)
+    forward, _ = path_functions(backend, path)
     x2d, out_shape = _flat_input(x, weight.shape[0])
     with _no_autocast(x.device.type):  # the caller applied autocast's casts already
-        return backend_module(backend).lora_forward(x2d, weight, bias, lora_A, lora_B, params, out_shape)
+        return forward(x2d, weight, bias, lora_A, lora_B, params, out_shape)
 
 
 def run_backward(
     backend: str, grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor,
-    params: LoRAParams, needs_grad: NeedsGrad,
+    params: LoRAParams, needs_grad: NeedsGrad, path: str | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """Gradients for ``(x, weight, bias, lora_A, lora_B)`` of an ``(..., in_features)`` input (``grad_x`` in
-    x's shape): the backend's ``lora_backward``, plus ``dW = dYᵀ·x`` and, where the backend leaves it,
-    ``db = Σ_rows dY``."""
+    x's shape): the backward of ``backend``'s path ``path`` (None: chosen as for a training forward), plus
+    ``dW = dYᵀ·x`` and, where the backend leaves it, ``db = Σ_rows dY``."""
+    if path is None:
+        path = select_path(backend, x, weight, lora_A, params.dropout_p, True)
+    _, backward = path_functions(backend, path)
     x2d, grad_y = _flat_grad(x, grad_y, weight.shape[0])
     _, need_weight, need_bias, _, _ = needs_grad
     with _no_autocast(x.device.type):
-        grad_x, grad_A, grad_B, grad_bias = backend_module(backend).lora_backward(
+        grad_x, grad_A, grad_B, grad_bias = backward(
             grad_y, x2d, weight, lora_A, lora_B, t, params, needs_grad
         )
         if need_bias and grad_bias is None:

@@ -5,7 +5,11 @@ take CPU tensors (an ATen composite with the same Philox mask) and CUDA tensors 
 ``csrc/lora_fwd.cu`` / ``csrc/lora_bwd.cu``). This module only sequences them. Importing it never fails:
 without the extension, :func:`has_extension` and :func:`is_available` are False.
 
-The hand-written kernels are used only where they fuse the dropout mask. With dropout 0 there is nothing to
+This backend is the split path (:mod:`lora_kernels.ops.routing`): ``lora_linear_fwd`` writes the LoRA term
+``b + s·t·Bᵀ`` into y's storage and accumulates ``x·Wᵀ`` into it with cuBLAS (``at::addmm_``, beta = 1);
+``lora_grad_x`` writes ``mask ⊙ (s·dY·B)·A`` into dX's storage (a cuBLAS GEMM without dropout) and
+accumulates ``dY·W`` into it the same way. The hand-written kernels are used only where they fuse the
+dropout mask. With dropout 0 there is nothing to
 fuse: the skinny products ``t = x·Aᵀ``, ``s·dY·B`` and ``dB = s·dYᵀ·t`` are plain torch matmuls (cuBLAS on
 CUDA tensors, tensor cores included) in the input dtype with fp32 accumulation, their results widened to
 float32 and ``s`` applied in float32, as the torch backend and the extension's CPU ops compute them; ``dA``

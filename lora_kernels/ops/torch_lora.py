@@ -1,8 +1,9 @@
 """The torch composite backend: the CPU path and the fallback wherever Triton cannot run.
 
-Built from ``addmm``-style calls so that the only M×N tensor is the output itself (the LoRA term is
-accumulated into it in place). Dropout uses the shared Philox mask of :mod:`lora_kernels.dropout`,
-regenerated in backward rather than saved.
+It is the split path (:mod:`lora_kernels.ops.routing`) in torch ops: the LoRA term ``bias + s·t·Bᵀ`` is
+written into the output's storage and the base GEMM accumulated into it (``addmm_``, beta = 1), so the only
+M×N tensor is the output itself; ``dX`` the same way (``mask ⊙ s·(dY·B)·A``, then ``dX += dY·W``). Dropout
+uses the shared Philox mask of :mod:`lora_kernels.dropout`, regenerated in backward rather than saved.
 """
 
 from __future__ import annotations
@@ -59,9 +60,14 @@ def lora_forward(
     """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     dtype = x.dtype
     t = project_t(_dropped(x, params), lora_A)
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     # s as the GEMM's alpha: applied to the float32 accumulator, after t's cast (no fp16 overflow of s·t)
-    y.addmm_(_as(t, dtype), _as(lora_B, dtype).t(), alpha=params.scaling)
+    t_, B_t = _as(t, dtype), _as(lora_B, dtype).t()
+    if bias is None:  # beta = 0: the uninitialised storage is not read
+        y = torch.empty((x.shape[0], lora_B.shape[0]), device=x.device, dtype=dtype)
+        y.addmm_(t_, B_t, beta=0, alpha=params.scaling)
+    else:
+        y = torch.addmm(bias, t_, B_t, alpha=params.scaling)
+    y.addmm_(x, weight.t())  # the base GEMM accumulates into the LoRA term (beta = 1)
     return as_output(y, out_shape), t
 
 
@@ -78,12 +84,11 @@ def lora_backward(
     mask = None
     if params.dropout_p > 0.0 and (need_x or need_A):  # regenerated once, shared by dX and dA
         mask = _mask(x, params)
-    if need_x:
-        grad_x = torch.mm(grad_y, weight)
-        if mask is None:
-            grad_x.addmm_(grad_t, _as(lora_A, dtype))
-        else:
-            grad_x += torch.mm(grad_t, _as(lora_A, dtype)).mul_(mask)
+    if need_x:  # the LoRA term into dX's storage, then dY·W accumulated into it
+        grad_x = torch.mm(grad_t, _as(lora_A, dtype))
+        if mask is not None:
+            grad_x.mul_(mask)
+        grad_x.addmm_(grad_y, weight)
     if need_A:
         grad_A = _grad_A(grad_t, x, mask, lora_A.dtype)
     if need_B:

@@ -903,10 +903,10 @@ def lora_forward(
 
 def lora_backward(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-    lora_B: torch.Tensor, t: torch.Tensor, params: LoRAParams, needs_grad: NeedsGrad,
+    lora_B: torch.Tensor, t: torch.Tensor, params: LoRAParams, needs_grad: NeedsGrad, *, split: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
     """``(dX, dA, dB, db)`` for :func:`lora_forward`: ``db``, the column sums of dY, rides along the pass
-    that gives dB and ``s·dY·B``."""
+    that gives dB and ``s·dY·B``. ``split``: dX as :func:`split_backward` computes it."""
     need_x, _, need_bias, need_A, need_B = needs_grad
     scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
     grad_x = grad_A = None
@@ -916,7 +916,10 @@ def lora_backward(
         grad_t, grad_B, grad_bias, _ = _grad_y_pass(
             grad_y, lora_B if need_x or need_A else None, t, scaling, need_B or need_bias, need_bias
         )
-        if need_x:
+        if need_x and split:  # mask ⊙ (s·dY·B)·A into dX's storage, then dX += dY·W by cuBLAS
+            grad_x = _lora_term(grad_y, grad_t, lora_A, None, 1.0, dropout_p, seed)
+            grad_x.addmm_(grad_y, weight)
+        elif need_x:
             grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, dropout_p, seed)
         if need_A:
             grad_A_t = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)[0]
@@ -924,6 +927,53 @@ def lora_backward(
         grad_B = grad_B.to(lora_B.dtype) if need_B else None
         grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias
+
+
+# --------------------------------------------------------------------------------------------------
+# The split path (lora_kernels/ops/routing.py): the skinny kernels above for t and the gradients, the
+# LoRA term written into the output's storage, and the base GEMM accumulated into it by cuBLAS
+# (torch's addmm_ with beta = 1; on CPU tensors, under the interpreter, torch's CPU GEMM).
+# --------------------------------------------------------------------------------------------------
+
+
+def _lora_term(
+    like: torch.Tensor, t: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, scale: float,
+    dropout_p: float, seed: int, out_shape: tuple[int, ...] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``bias + [mask ⊙] scale·t·u`` (M, N) in ``like.dtype``, ``t`` (M, R) fp32 or ``like.dtype``, ``u`` (R, N).
+
+    :func:`_lora_linear_kernel` with an empty main product (K = 0: its loop runs no iteration), so the
+    epilogue alone runs, with its precision (``scale`` applied to ``t`` in fp32; fp16 keeps both operands
+    fp32) and its dropout mask (that of an (M, N) input: dX's). One write of the output, nothing read but
+    ``t``, ``u`` and the bias.
+    """
+    return _linear_with_lora(
+        like[:, :0], u[:0], t, u, bias, dropout_p, seed, None, 1.0, scale, out_shape
+    )  # fmt: skip
+
+
+def split_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, params: LoRAParams, out_shape: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The split path's ``(y, t)``: ``t = dropout(x)·Aᵀ`` by the skinny kernel, ``y = bias + s·t·Bᵀ``
+    written into y's storage, then ``y += x·Wᵀ`` by cuBLAS (``addmm_``, beta = 1): no M×N temporary."""
+    M, N = x.shape[0], weight.shape[0]
+    scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
+    with _launch_guard(), device_guard(x.device):
+        t = _project(x, lora_A.t(), 1.0, dropout_p, seed)
+        y = _lora_term(x, t, lora_B.t(), bias, scaling, 0.0, seed, out_shape)
+    y.view(M, N).addmm_(x, weight.t())
+    return y, t
+
+
+def split_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, t: torch.Tensor, params: LoRAParams, needs_grad: NeedsGrad,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """``(dX, dA, dB, db)`` for :func:`split_forward`: dA, dB and db as :func:`lora_backward` (one pass over
+    dY), ``dX = mask ⊙ s·(dY·B)·A`` written into dX's storage, then ``dX += dY·W`` by cuBLAS."""
+    return lora_backward(grad_y, x, weight, lora_A, lora_B, t, params, needs_grad, split=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,352 @@
+"""Which path of a backend runs a fused LoRA linear call: the registry of paths, the per-device tables and
+the choice, cached per call signature.
+
+A *path* is one way a backend computes the op (:mod:`lora_kernels.dispatch` still chooses the backend):
+
+``fused``  the Triton GEMM with the LoRA term in its epilogue (:func:`~lora_kernels.ops.triton_lora.lora_forward`).
+``split``  the LoRA term ``bias + s·t·Bᵀ`` written into ``y``'s storage, then the base GEMM accumulated into it
+           by cuBLAS (``addmm_`` with beta = 1); ``dX`` the same way. The plain composite's base GEMMs and
+           no M×N temporary beyond the output: predicted never slower than the composite. The torch and
+           cuda backends offer only this path; the Triton backend computes its skinny products with its
+           own kernels.
+
+Adding a path is one :class:`Path` line in :data:`PATHS`. ``auto`` takes, for each call signature, the path
+that the device's table (``lora_kernels/tuning/<device>.json``, written by ``benchmarks/gpu_run.sh`` from its
+own timings) measured fastest, among the paths the backend offers that can run here; a device without a
+table, or a case the table lacks, takes :data:`DEFAULT_PATH`. ``LORA_KERNELS_PATH`` or :func:`use_path`
+force a path (benchmarks); a forced path the backend does not offer is a clear error. A table that does not
+parse, is of another format or of another device is ignored with one warning, never an error.
+
+The table (format :data:`TABLE_FORMAT`)::
+
+    {"format": "lora_kernels.tuning/1", "device": "NVIDIA H200",
+     "cases": {"fwd_bwd|bf16|bf16|p0|M8192|N4096|K4096|r16": {"fused": 1.09, "split": 0.93}, ...}}
+
+a case key (:func:`case_key`: mode, dtype, adapter dtype, dropout on or off and the power-of-two buckets of
+M, N, K and r) to ``{path: median ms}``; candidates that are not a path of the backend are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path as FilePath
+
+import torch
+
+ENV_VAR = "LORA_KERNELS_PATH"
+#: A table file to use instead of the package's (``benchmarks/gpu_run.py`` checks the table it wrote).
+TABLE_ENV_VAR = "LORA_KERNELS_TUNING"
+TABLE_FORMAT = "lora_kernels.tuning/1"
+TABLE_DIR = FilePath(__file__).resolve().parent.parent / "tuning"
+#: The path taken where no measurement decides (see :func:`default_path`).
+DEFAULT_PATH = "split"
+
+
+def _always(device: torch.device) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Path:
+    """One path: ``backend``'s ``module`` (in :mod:`lora_kernels.ops`) provides ``forward`` and ``backward``
+    with the signatures of the backend interface (:mod:`lora_kernels.ops`); ``available(device)`` says
+    whether it can run on ``device`` (where the backend itself can), e.g. only on Hopper."""
+
+    name: str
+    backend: str
+    module: str
+    forward: str = "lora_forward"
+    backward: str = "lora_backward"
+    available: Callable[[torch.device], bool] = _always
+
+
+#: Every path of every backend; the first of a backend is what it runs when nothing else decides and
+#: :data:`DEFAULT_PATH` is not among its paths.
+PATHS: tuple[Path, ...] = (
+    Path("split", "triton", "triton_lora", "split_forward", "split_backward"),
+    Path("fused", "triton", "triton_lora"),
+    Path("split", "cuda", "cuda_lora"),
+    Path("split", "torch", "torch_lora"),
+)
+
+
+@functools.cache
+def _functions(path: Path) -> tuple[Callable, Callable] | str:
+    """``(forward, backward)`` of ``path``, or why its module does not import."""
+    try:
+        module = importlib.import_module(f"lora_kernels.ops.{path.module}")
+        return getattr(module, path.forward), getattr(module, path.backward)
+    except (ImportError, AttributeError) as err:
+        return f"{path.module} does not provide it ({err})"
+
+
+def _find(backend: str, name: str) -> Path | None:
+    return next((p for p in PATHS if p.backend == backend and p.name == name), None)
+
+
+def _why_not(path: Path, device: torch.device) -> str | None:
+    found = _functions(path)
+    if isinstance(found, str):
+        return found
+    return None if path.available(device) else f"its available() check is false on {device}"
+
+
+def offered_paths(backend: str, device: torch.device | str | None = None) -> list[str]:
+    """Names of the paths ``backend`` offers that can run on ``device`` (all of its paths when None)."""
+    paths = [p for p in PATHS if p.backend == backend]
+    if device is not None:
+        device = torch.device(device)
+        paths = [p for p in paths if _why_not(p, device) is None]
+    return [p.name for p in paths]
+
+
+@functools.cache
+def path_functions(backend: str, name: str) -> tuple[Callable, Callable]:
+    """``(forward, backward)`` of ``backend``'s path ``name``."""
+    path = _find(backend, name)
+    found = _functions(path) if path is not None else f"backend {backend!r} has no path {name!r}"
+    if isinstance(found, str):
+        raise RuntimeError(f"lora_kernels path {name!r} of backend {backend!r} is not available: {found}")
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------
+# The override
+# --------------------------------------------------------------------------------------------------------
+
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("lora_kernels_path", default=None)
+
+
+def _all_names() -> list[str]:
+    return sorted({p.name for p in PATHS})
+
+
+def _check_name(name: str, source: str) -> str:
+    name = (name or "auto").strip().lower() or "auto"
+    if name != "auto" and name not in _all_names():
+        raise ValueError(f"{source}{name!r} is not a path; choose one of auto, {', '.join(_all_names())}")
+    return name
+
+
+def requested_path() -> tuple[str, str]:
+    """``(path asked for, where from)``: :func:`use_path` first, then ``LORA_KERNELS_PATH``, else ``auto``."""
+    name = _requested.get()
+    if name is not None:
+        return name, f"use_path({name!r})"
+    value = os.environ.get(ENV_VAR)
+    name = _parse_env(value)
+    return name, f"{ENV_VAR}={value}" if name != "auto" else "auto"
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env(value: str | None) -> str:
+    return _check_name(value, f"{ENV_VAR}=")
+
+
+@contextlib.contextmanager
+def use_path(name: str) -> Iterator[None]:
+    """Run the fused LoRA linear on path ``name`` (``auto``, ``fused``, ``split``, …) of whatever backend is
+    selected, inside. For benchmarks and tests: ``auto`` is the measured-fastest path."""
+    token = _requested.set(_check_name(name, "unknown path "))
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above ``n`` (0 stays 0): shapes within a factor of two share a table entry."""
+    return 1 << (n - 1).bit_length() if n > 1 else max(n, 0)
+
+
+def case_key(
+    mode: str, dtype: str, adapter_dtype: str, dropout: bool, M: int, N: int, K: int, r: int
+) -> str:  # fmt: skip
+    """The table key of a case: ``mode`` is ``fwd`` (no gradient) or ``fwd_bwd``, dtypes as ``bf16``."""
+    return (
+        f"{mode}|{dtype}|{adapter_dtype}|p{int(bool(dropout))}"
+        f"|M{bucket(M)}|N{bucket(N)}|K{bucket(K)}|r{bucket(r)}"
+    )
+
+
+def device_slug(name: str) -> str:
+    """A table's file stem for a device name: ``NVIDIA H200`` -> ``nvidia_h200``."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+@dataclass(frozen=True)
+class Table:
+    """A loaded table: ``cases`` maps a case key to ``{candidate: ms}``; ``source`` names the file."""
+
+    source: str
+    cases: dict[str, dict[str, float]]
+
+
+def table_file(name: str) -> FilePath:
+    """Where the table of the device called ``name`` lives (``LORA_KERNELS_TUNING`` overrides)."""
+    override = os.environ.get(TABLE_ENV_VAR)
+    return FilePath(override) if override else TABLE_DIR / f"{device_slug(name)}.json"
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"lora_kernels routing: {message}; using the default path {DEFAULT_PATH!r}", stacklevel=3)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_table(file: str, name: str) -> Table | None:
+    """The table in ``file`` for the device called ``name``; None (with one warning) when it is missing for a
+    reason other than not existing, does not parse, is of another format or of another device."""
+    path = FilePath(file)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        _warn(f"the table {path} cannot be read ({type(err).__name__}: {err})")
+        return None
+    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        _warn(f"the table {path} is not a {TABLE_FORMAT} table (format {found!r})")
+        return None
+    if data.get("device") != name:
+        _warn(f"the table {path} is for device {data.get('device')!r}, not {name!r}")
+        return None
+    cases, bad = {}, 0
+    raw = data.get("cases")
+    for key, times in (raw if isinstance(raw, dict) else {}).items():
+        clean = {
+            str(c): float(ms)
+            for c, ms in (times.items() if isinstance(times, dict) else ())
+            if isinstance(ms, int | float) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0
+        }
+        if clean:
+            cases[str(key)] = clean
+        else:
+            bad += 1
+    if not isinstance(raw, dict) or bad:
+        _warn(f"the table {path} has {bad or 'no'} case(s) without a valid time, skipped")
+    return Table(str(path), cases)
+
+
+def load_table(device: torch.device) -> Table | None:
+    """The routing table of ``device`` (None where it has none that can be used); read once per file."""
+    name = device_name(device)
+    return _load_table(str(table_file(name)), name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The choice
+# --------------------------------------------------------------------------------------------------------
+
+
+def default_path(backend: str, device: torch.device) -> str:
+    """:data:`DEFAULT_PATH` where ``backend`` offers it here, else its first path that can run."""
+    offered = offered_paths(backend, device)
+    if not offered:
+        raise RuntimeError(f"lora_kernels backend {backend!r} offers no path that can run on {device}")
+    return DEFAULT_PATH if DEFAULT_PATH in offered else offered[0]
+
+
+#: Why :data:`DEFAULT_PATH`: it runs the plain composite's cuBLAS GEMMs with no M×N temporary, so it is
+#: predicted never to lose to the composite; on the H200 the composite beat the fused Triton GEMM in every
+#: measured case, M = 16 to 8192 (benchmarks/results/h200/). Small M included: the fused GEMM's one launch
+#: did not make up for its slower main loop there either (M = 16 forward: 0.119 ms against 0.095).
+DEFAULT_REASON = "the default (predicted never to lose to the composite)"
+
+
+def explain_path(
+    backend: str, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype, dropout: bool,
+    M: int, N: int, K: int, r: int, training: bool,
+) -> tuple[str, str]:  # fmt: skip
+    """``(path, why)`` for a call with these properties on ``backend`` (not cached; see :func:`select_path`)."""
+    name, source = requested_path()
+    offered = offered_paths(backend, device)
+    if name != "auto":
+        if name not in offered:
+            path = _find(backend, name)
+            why = _why_not(path, device) if path is not None else f"it offers {', '.join(offered) or 'none'}"
+            raise RuntimeError(
+                f"lora_kernels path {name!r} was requested ({source}) but backend {backend!r} cannot run it "
+                f"on {device}: {why}"
+            )
+        return name, f"requested ({source})"
+    default = default_path(backend, device)
+    if len(offered) == 1:
+        return default, f"the only path of the {backend} backend"
+    table = load_table(device)
+    if table is None:
+        return default, f"no routing table for {device_name(device)}: {DEFAULT_REASON}"
+    key = case_key(
+        "fwd_bwd" if training else "fwd", dtype_name(dtype), dtype_name(adapter_dtype), dropout, M, N, K, r
+    )
+    times = {c: ms for c, ms in table.cases.get(key, {}).items() if c in offered}
+    if not times:
+        why = "not in" if key not in table.cases else "no path of this backend in"
+        return default, f"{key} {why} {FilePath(table.source).name}: {DEFAULT_REASON}"
+    best = min(times, key=times.__getitem__)
+    shown = ", ".join(f"{c} {ms:.3f} ms" for c, ms in sorted(times.items(), key=lambda item: item[1]))
+    return best, f"{FilePath(table.source).name} {key}: {shown}"
+
+
+# The answers of select_path per call signature; bounded (dynamic shapes), cleared when full.
+_SELECTED: dict[tuple, str] = {}
+_MAX_SELECTED = 4096
+
+
+def select_path(
+    backend: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, dropout_p: float,
+    training: bool,
+) -> str:  # fmt: skip
+    """The path ``backend`` runs for an ``(..., K)`` input ``x`` with these operands: one dict lookup per
+    call after the first of a signature. ``training``: a backward will follow (the table's ``fwd_bwd``)."""
+    key = (
+        backend, _requested.get(), os.environ.get(ENV_VAR), os.environ.get(TABLE_ENV_VAR), x.device,
+        x.dtype, lora_A.dtype, dropout_p > 0.0, x.shape, weight.shape[0], lora_A.shape[0], training,
+    )  # fmt: skip
+    name = _SELECTED.get(key)
+    if name is None:
+        name, _ = explain_path(
+            backend, x.device, x.dtype, lora_A.dtype, dropout_p > 0.0, math.prod(x.shape[:-1]),
+            weight.shape[0], x.shape[-1], lora_A.shape[0], training,
+        )  # fmt: skip
+        if not (x.device.type == "cuda" and x.device.index is None):  # the current device can change
+            if len(_SELECTED) >= _MAX_SELECTED:
+                _SELECTED.clear()
+            _SELECTED[key] = name
+    return name
+
+
+def clear_caches() -> None:
+    """Forget the tables read and the choices made (tests; a table file rewritten while running)."""
+    _SELECTED.clear()
+    _load_table.cache_clear()
+    _functions.cache_clear()
+    path_functions.cache_clear()
+    _parse_env.cache_clear()
