@@ -126,8 +126,12 @@ def main() -> None:
     )
     ratios = {}
     for name, _ in rows:
-        reference = f"composite (torch ops), dropout {DROPOUT}" if "dropout" in name else "composite (torch ops)"
-        ratios[name] = statistics.median(s / r for s, r in zip(samples[name], samples[reference], strict=True))
+        reference = (
+            f"composite (torch ops), dropout {DROPOUT}" if "dropout" in name else "composite (torch ops)"
+        )
+        ratios[name] = statistics.median(
+            s / r for s, r in zip(samples[name], samples[reference], strict=True)
+        )
         print(f"  {name:62s} {statistics.median(samples[name]):8.1f}  {ratios[name]:5.2f}x")
     for name, target in TARGETS.items():
         verdict = "met" if ratios[name] <= target else "NOT met"
