@@ -15,7 +15,9 @@ On a tiny problem on the CPU (4×64 input, 32 outputs, r = 8, one thread) it tim
   allocations, the per-launch bookkeeping. Triton's own launcher (argument binding, the driver call) comes
   on top on a GPU and is measured there (``benchmarks/gpu_run.sh``, phase ``overhead``).
 
-The rows are timed in interleaved rounds (every row once per round, in a rotating order), so a load that
+Times are this thread's CPU time (``time.thread_time``), not wall time: on a machine shared with other
+jobs, the time the thread waits for a core is left out (the caches and the core's other hyperthread are
+still shared, so a loaded machine still reads somewhat slower). The rows are timed in interleaved rounds (every row once per round, in a rotating order), so a load that
 comes and goes on a shared machine hits them alike; each row's figure is its median over the rounds, each
 ratio the median of the per-round ratios to the composite of the same round. The last lines check issue
 19's targets for the torch backend: within 1.15× of the composite, 1.30× with dropout.
@@ -41,10 +43,10 @@ DROPOUT = 0.1
 
 
 def _time(step, calls: int) -> float:
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time of this thread: the time it waited for a core is not counted
     for _ in range(calls):
         step()
-    return (time.perf_counter() - start) / calls * 1e6
+    return (time.thread_time() - start) / calls * 1e6
 
 
 def measure(rows: list[tuple[str, object]], calls: int, rounds: int) -> dict[str, list[float]]:
@@ -122,7 +124,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"torch {torch.__version__}, {args.rounds} interleaved rounds x {args.calls} calls, one thread, "
-        f"load average {load:.1f}; µs per fwd+bwd call (median), ratio to the composite (median of rounds):"
+        f"load average {load:.1f}; µs of CPU time per fwd+bwd call (median), ratio to the composite (median of rounds):"
     )
     ratios = {}
     for name, _ in rows:
