@@ -34,7 +34,7 @@ from . import ops
 from .dispatch import MAX_KERNEL_RANK, interpreting, requested_backend, select_backend
 from .dropout import new_seed
 from .library import DoRALinearFunction, LoRALinearFunction, lora_linear_op
-from .ops import LoRAParams, autocast_available
+from .ops import LoRAParams, any_autocast_enabled, autocast_available
 from .ops.torch_lora import dora_linear_composite, lora_linear_composite
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -156,8 +156,8 @@ class CallPlan:
 # need no lock. Eager calls only: under torch.compile the inputs are checked while tracing, never here.
 _CALL_PLANS: dict[tuple, CallPlan] = {}
 _MAX_CALL_PLANS = 1024
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-_PLAIN_NUMBERS = (float, int)
+_PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+_PLAIN_NUMBERS = frozenset((float, int))
 
 
 def call_plan(
@@ -169,18 +169,25 @@ def call_plan(
     Raises exactly what :func:`check_inputs` / :func:`~lora_kernels.dispatch.select_backend` raise. Tensor
     subclasses and scalars other than Python floats and ints are checked on every call, uncached.
     """
-    tensors = (x, weight, lora_A, lora_B) if bias is None else (x, weight, lora_A, lora_B, bias)
-    if type(scaling) not in _PLAIN_NUMBERS or type(dropout_p) not in _PLAIN_NUMBERS:
-        return _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
-    if any(type(t) not in _PLAIN_TENSORS for t in tensors):
+    plain = (
+        type(x) in _PLAIN_TENSORS and type(weight) in _PLAIN_TENSORS and type(lora_A) in _PLAIN_TENSORS
+        and type(lora_B) in _PLAIN_TENSORS and (bias is None or type(bias) in _PLAIN_TENSORS)
+        and type(scaling) in _PLAIN_NUMBERS and type(dropout_p) in _PLAIN_NUMBERS
+    )  # fmt: skip
+    if not plain:
         return _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     try:
         requested = requested_backend()
     except ValueError:  # a bad LORA_KERNELS_BACKEND: raised by _backend_for where a backend is needed
         return _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    # one flat tuple, written out: a comprehension over the tensors costs twice as much
     key = (
         requested, interpreting(), dropout_p, bool(training),
-        *[(t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors],
+        x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+        weight.shape, weight.stride(), weight.dtype, weight.device, weight.requires_grad,
+        lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.device, lora_A.requires_grad,
+        lora_B.shape, lora_B.stride(), lora_B.dtype, lora_B.device, lora_B.requires_grad,
+        None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device, bias.requires_grad),
     )  # fmt: skip
     plan = _CALL_PLANS.get(key)
     if plan is None:
@@ -224,8 +231,11 @@ def lora_linear(
     Returns:
         ``(..., out_features)`` in ``x.dtype``: a new tensor (not a view), which may be modified in place.
     """
-    x, weight, bias = _autocast_inputs(x, weight, bias)
     if not torch.compiler.is_compiling():
+        if (
+            any_autocast_enabled is None or any_autocast_enabled()
+        ):  # one C call when autocast is off (eager only)
+            x, weight, bias = _autocast_inputs(x, weight, bias)
         plan = call_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
         dropout_seed = check_dropout_seed(dropout_seed)
         scaling = float(scaling)
@@ -239,6 +249,7 @@ def lora_linear(
             )
         backend = plan.backend or _backend_for(x.device, x.dtype, lora_A.shape[0])
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+    x, weight, bias = _autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)  # traced once: no cache, no guard
     dropout_seed = check_dropout_seed(dropout_seed)
     dropout_p = dropout_p if training else 0.0

@@ -105,6 +105,10 @@ def autocast_available(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
+# One C call that says whether autocast is on for any device type (torch >= 2.4); None where torch lacks it.
+any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off inside; entering ``torch.autocast`` costs several µs, so only when it is on."""
     if autocast_available(device_type) and torch.is_autocast_enabled(device_type):
@@ -112,9 +116,22 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return _NO_GUARD
 
 
+def _no_autocast_for(tensor: Tensor) -> contextlib.AbstractContextManager:
+    """:func:`_no_autocast` for ``tensor``'s device, after one cheap query whether autocast is on at all
+    (eager code and op bodies only: torch.compile does not trace the query)."""
+    if any_autocast_enabled is not None and not any_autocast_enabled():
+        return _NO_GUARD
+    return _no_autocast(tensor.device.type)
+
+
+_T_DTYPES = {dtype: torch.promote_types(dtype, torch.float32) for dtype in (torch.float16, torch.bfloat16)}
+_T_DTYPES.update({torch.float32: torch.float32, torch.float64: torch.float64})
+
+
 def t_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the intermediate ``t`` for inputs of ``dtype``: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
+    t = _T_DTYPES.get(dtype)
+    return torch.promote_types(dtype, torch.float32) if t is None else t
 
 
 def _no_view_reshape(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -158,7 +175,7 @@ def run_forward(
     it in place as it may nn.Linear's output.
     """
     x2d, out_shape = _flat_input(x, weight.shape[0])
-    with _no_autocast(x.device.type):  # the caller applied autocast's casts already
+    with _no_autocast_for(x):  # the caller applied autocast's casts already
         return backend_module(backend).lora_forward(x2d, weight, bias, lora_A, lora_B, params, out_shape)
 
 
@@ -171,7 +188,7 @@ def run_backward(
     ``db = Σ_rows dY``."""
     x2d, grad_y = _flat_grad(x, grad_y, weight.shape[0])
     _, need_weight, need_bias, _, _ = needs_grad
-    with _no_autocast(x.device.type):
+    with _no_autocast_for(x):
         grad_x, grad_A, grad_B, grad_bias = backend_module(backend).lora_backward(
             grad_y, x2d, weight, lora_A, lora_B, t, params, needs_grad
         )
