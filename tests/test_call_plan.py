@@ -1,0 +1,148 @@
+"""The per-signature call plan of ``lora_linear`` (validation and backend choice once per signature).
+
+A cached signature must raise exactly what the uncached check raises, never let a bad input through because a
+similar one passed before, stay bounded, give the same bits as an uncached call, and stay out of
+``torch.compile``'s graph (no guard, no break).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_problem
+
+from lora_kernels import functional, lora_linear, use_backend
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans(monkeypatch):
+    monkeypatch.setattr(functional, "_CALL_PLANS", {})
+
+
+def _args(p):
+    return [p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling]
+
+
+def _uncached_error(args, dropout_p=0.0):
+    with pytest.raises((TypeError, ValueError)) as info:
+        functional.check_inputs(*args, dropout_p)
+    return type(info.value), str(info.value)
+
+
+# Each bad input keeps the shapes (and strides) of a good call made first, so only what differs is checked.
+_SAME_SHAPE_BAD = [
+    ("other dtype of x", 0, lambda t: t.detach().half().requires_grad_()),
+    ("other dtype of lora_B", 4, lambda t: t.detach().double().requires_grad_()),
+    ("other device of weight", 1, lambda t: torch.empty_like(t, device="meta")),
+    ("transposed x of the same shape", 0, lambda t: torch.randn(6, 4).t().to(torch.int32)),
+    ("a list for x", 0, lambda t: t.tolist()),
+]
+
+
+@pytest.mark.parametrize("what, position, make_bad", _SAME_SHAPE_BAD, ids=[c[0] for c in _SAME_SHAPE_BAD])
+def test_a_cached_signature_never_lets_a_bad_input_through(what, position, make_bad):
+    args = _args(make_problem((4,), 6, 5, 3))
+    lora_linear(*args)  # a good call of these shapes, now cached
+    lora_linear(*args)
+    assert len(functional._CALL_PLANS) == 1
+    args[position] = make_bad(args[position])
+    error, message = _uncached_error(args)
+    for _ in range(2):  # a bad signature is never stored: the same error every time
+        with pytest.raises(error) as info:
+            lora_linear(*args)
+        assert str(info.value) == message
+    assert len(functional._CALL_PLANS) == 1
+
+
+@pytest.mark.parametrize("scaling", [float("nan"), float("inf"), -float("inf")])
+def test_the_scaling_is_checked_on_every_call(scaling):
+    args = _args(make_problem((4,), 6, 5, 3))
+    lora_linear(*args)
+    args[5] = scaling
+    with pytest.raises(ValueError, match="scaling must be a finite") as info:
+        lora_linear(*args)
+    assert str(info.value) == _uncached_error(args)[1]
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan")])
+def test_a_bad_dropout_p_after_a_good_one(p):
+    args = _args(make_problem((4,), 6, 5, 3))
+    lora_linear(*args, dropout_p=0.1, training=True)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        lora_linear(*args, dropout_p=p, training=True)
+
+
+@pytest.mark.parametrize("scalar", [True, "2.0", torch.tensor(2.0)])
+def test_scalars_of_other_types_are_checked_uncached(scalar):
+    args = _args(make_problem((4,), 6, 5, 3))
+    lora_linear(*args)
+    args[5] = scalar
+    error, message = _uncached_error(args)
+    with pytest.raises(error) as info:
+        lora_linear(*args)
+    assert str(info.value) == message
+
+
+def test_validation_runs_once_per_signature(monkeypatch):
+    calls = []
+    check = functional.check_inputs
+    monkeypatch.setattr(functional, "check_inputs", lambda *a: calls.append(1) or check(*a))
+    p = make_problem((4,), 6, 5, 3)
+    for _ in range(3):
+        lora_linear(*_args(p))
+    assert len(calls) == 1
+    x_t = torch.randn(6, 4).t().requires_grad_()  # same shape, other strides: a new signature
+    lora_linear(x_t, *_args(p)[1:])
+    lora_linear(p.x.detach(), *_args(p)[1:])  # other requires_grad
+    lora_linear(*_args(p), dropout_p=0.2, training=True)  # dropout on
+    lora_linear(*_args(p), dropout_p=0.2, training=False)
+    assert len(calls) == 5
+    with use_backend("torch"):  # another backend asked for
+        lora_linear(*_args(p))
+    assert len(calls) == 6
+
+
+def test_the_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(functional, "_MAX_CALL_PLANS", 4)
+    p = make_problem((4,), 6, 5, 3)
+    for rows in range(1, 12):
+        lora_linear(torch.randn(rows, 6), *_args(p)[1:])
+        assert len(functional._CALL_PLANS) <= 4
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_results_are_identical_with_and_without_the_cache(backend, dropout_p):
+    p = make_problem((2, 3), 12, 10, 4, device=backend.device)
+
+    def run():
+        with use_backend(backend.name):
+            y = lora_linear(*_args(p), dropout_p=dropout_p, training=True, dropout_seed=7)
+        return (y, *torch.autograd.grad(y.square().sum(), [p.x, p.lora_A, p.lora_B]))
+
+    functional._CALL_PLANS.clear()
+    uncached = run()  # the first call of a signature: validated and planned
+    for _ in range(2):
+        cached = run()
+        for a, b in zip(cached, uncached, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_requested_backend_that_cannot_run_still_raises_each_time():
+    args = _args(make_problem((4,), 6, 5, 3))
+    for _ in range(2):
+        with use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' was requested"):
+            lora_linear(*args)
+
+
+def test_meta_tensors_still_take_the_composite_with_a_forced_backend():
+    p = make_problem((4,), 6, 5, 3, device="meta")
+    with use_backend("cuda"):  # no backend runs on meta: the composite gives the shape, as before
+        assert lora_linear(*_args(p)).shape == (4, 5)
+
+
+def test_torch_compile_does_not_use_the_cache():
+    p = make_problem((4,), 6, 5, 3)
+    fn = torch.compile(lambda *a: lora_linear(*a), fullgraph=True, backend="aot_eager")
+    y = fn(*_args(p))  # fullgraph: a graph break here would raise
+    assert functional._CALL_PLANS == {}  # traced: checked while tracing, no plan stored or read
+    torch.testing.assert_close(y, lora_linear(*_args(p)))
