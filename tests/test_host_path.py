@@ -1,8 +1,10 @@
-"""The per-signature call plan of ``lora_linear`` (validation and backend choice once per signature).
+"""The lean host path (issue 19, item 3).
 
-A cached signature must raise exactly what the uncached check raises, never let a bad input through because a
+The per-signature call plan of ``lora_linear`` (validation and backend choice once per signature): a cached
+signature must raise exactly what the uncached check raises, never let a bad input through because a
 similar one passed before, stay bounded, give the same bits as an uncached call, and stay out of
-``torch.compile``'s graph (no guard, no break).
+``torch.compile``'s graph (no guard, no break). The Triton backward's casts folded into its kernels: the
+same bits as the sums and casts done after the kernels.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 from helpers import make_problem
 
 from lora_kernels import functional, lora_linear, use_backend
+
+TRITON_ONLY = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 
 
 @pytest.fixture(autouse=True)
@@ -146,3 +150,35 @@ def test_torch_compile_does_not_use_the_cache():
     y = fn(*_args(p))  # fullgraph: a graph break here would raise
     assert functional._CALL_PLANS == {}  # traced: checked while tracing, no plan stored or read
     torch.testing.assert_close(y, lora_linear(*_args(p)))
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                  (torch.float16, torch.float16)])  # fmt: skip
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_casts_folded_into_the_kernels_give_the_same_bits(monkeypatch, backend, splits, dtype, adapter_dtype,
+                                                          dropout_p):  # fmt: skip
+    """dA, dB and db straight from the row-reduction kernel in their dtypes (one row split) or cast once
+    after the sum of the splits: bitwise what fp32 results cast afterwards give."""
+    from lora_kernels.ops import LoRAParams, triton_lora
+
+    monkeypatch.setattr(triton_lora, "_row_splits", lambda M, num_blocks, block_m, device: splits)
+    M, K, N, r = 70, 40, 36, 5
+    dev = backend.device
+    x, w = torch.randn(M, K, device=dev, dtype=dtype), torch.randn(N, K, device=dev, dtype=dtype) / 8
+    A = (torch.randn(r, K, device=dev) / 4).to(adapter_dtype)
+    B = (torch.randn(N, r, device=dev) / 4).to(adapter_dtype)
+    grad_y = torch.randn(M, N, device=dev, dtype=dtype)
+    params = LoRAParams(2.0, dropout_p, 123)
+    _, t = triton_lora.lora_forward(x, w, None, A, B, params)
+    _, grad_A, grad_B, grad_bias = triton_lora.lora_backward(grad_y, x, w, A, B, t, params, (True,) * 5)
+    # the same kernels with fp32 outputs, cast here (the code before the fold)
+    grad_t, grad_B32, colsum, _ = triton_lora._grad_y_pass(grad_y, B, t, 2.0, True, True)
+    grad_A32 = triton_lora._reduce_rows(x, grad_t, dropout_p, 123, with_colsum=False)[0]
+    assert grad_A.dtype == adapter_dtype and grad_B.dtype == adapter_dtype and grad_bias.dtype == dtype
+    assert torch.equal(grad_A, grad_A32.t().to(adapter_dtype))
+    assert torch.equal(grad_B, grad_B32.to(adapter_dtype))
+    assert torch.equal(grad_bias, colsum.to(dtype))
+    if splits == 1:
+        assert grad_A.is_contiguous()  # stored as (r, K) by the kernel
