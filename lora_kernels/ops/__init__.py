@@ -175,8 +175,12 @@ def run_forward(
     it in place as it may nn.Linear's output.
     """
     x2d, out_shape = _flat_input(x, weight.shape[0])
-    with _no_autocast_for(x):  # the caller applied autocast's casts already
-        return backend_module(backend).lora_forward(x2d, weight, bias, lora_A, lora_B, params, out_shape)
+    forward = backend_module(backend).lora_forward
+    guard = _no_autocast_for(x)  # the caller applied autocast's casts already
+    if guard is _NO_GUARD:  # (entering a nullcontext is a µs we need not spend)
+        return forward(x2d, weight, bias, lora_A, lora_B, params, out_shape)
+    with guard:
+        return forward(x2d, weight, bias, lora_A, lora_B, params, out_shape)
 
 
 def run_backward(
@@ -187,16 +191,28 @@ def run_backward(
     x's shape): the backend's ``lora_backward``, plus ``dW = dYᵀ·x`` and, where the backend leaves it,
     ``db = Σ_rows dY``."""
     x2d, grad_y = _flat_grad(x, grad_y, weight.shape[0])
-    _, need_weight, need_bias, _, _ = needs_grad
-    with _no_autocast_for(x):
-        grad_x, grad_A, grad_B, grad_bias = backend_module(backend).lora_backward(
-            grad_y, x2d, weight, lora_A, lora_B, t, params, needs_grad
-        )
-        if need_bias and grad_bias is None:
-            grad_bias = grad_y.sum(0)
-        grad_weight = torch.mm(grad_y.t(), x2d) if need_weight else None
-    if grad_x is not None and grad_x.shape != x.shape:
+    module = backend_module(backend)
+    guard = _no_autocast_for(x)
+    if guard is _NO_GUARD:
+        grads = _backward_2d(module, grad_y, x2d, weight, lora_A, lora_B, t, params, needs_grad)
+    else:
+        with guard:
+            grads = _backward_2d(module, grad_y, x2d, weight, lora_A, lora_B, t, params, needs_grad)
+    grad_x = grads[0]
+    if grad_x is not None and x2d is not x:
         grad_x = grad_x.reshape(x.shape)
+    return grad_x, *grads[1:]
+
+
+def _backward_2d(module, grad_y, x, weight, lora_A, lora_B, t, params, needs_grad) -> tuple:
+    """:func:`run_backward` on 2-D ``grad_y``/``x``, autocast off."""
+    _, need_weight, need_bias, _, _ = needs_grad
+    grad_x, grad_A, grad_B, grad_bias = module.lora_backward(
+        grad_y, x, weight, lora_A, lora_B, t, params, needs_grad
+    )
+    if need_bias and grad_bias is None:
+        grad_bias = grad_y.sum(0)
+    grad_weight = torch.mm(grad_y.t(), x) if need_weight else None
     return grad_x, grad_weight, grad_bias, grad_A, grad_B
 
 
