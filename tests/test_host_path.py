@@ -182,3 +182,50 @@ def test_casts_folded_into_the_kernels_give_the_same_bits(monkeypatch, backend, 
     assert torch.equal(grad_bias, colsum.to(dtype))
     if splits == 1:
         assert grad_A.is_contiguous()  # stored as (r, K) by the kernel
+
+
+def _module_and_input():
+    from lora_kernels import FusedLoRALinear
+
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(6, 5, r=3, lora_alpha=6)
+    torch.nn.init.normal_(layer.lora_B)
+    return layer, torch.randn(4, 6)
+
+
+def _by_hand(layer, x, lora_A=None, lora_B=None):
+    lora_A = layer.lora_A if lora_A is None else lora_A
+    lora_B = layer.lora_B if lora_B is None else lora_B
+    return lora_linear(x, layer.weight, layer.bias, lora_A, lora_B, layer.scaling)
+
+
+def test_module_reads_what_functional_call_swaps_in():
+    layer, x = _module_and_input()
+    other_B = torch.randn_like(layer.lora_B)
+    y = torch.func.functional_call(layer, {"lora_B": other_B}, (x,))
+    torch.testing.assert_close(y, _by_hand(layer, x, lora_B=other_B), rtol=0, atol=0)
+
+
+def test_module_reads_parametrized_adapters():
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, a):
+            return 2 * a
+
+    layer, x = _module_and_input()
+    plain_A = layer.lora_A.detach().clone()
+    parametrize.register_parametrization(layer, "lora_A", Double())
+    torch.testing.assert_close(layer(x), _by_hand(layer, x, lora_A=2 * plain_A), rtol=0, atol=0)
+
+
+def test_module_reads_hook_based_weight_norm():
+    import warnings
+
+    layer, x = _module_and_input()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated, still in use
+        torch.nn.utils.weight_norm(layer, name="lora_B", dim=0)
+    y = layer(x)  # its pre-hook sets lora_B as a plain attribute; _parameters has lora_B_g / lora_B_v
+    assert "lora_B" not in layer._parameters
+    torch.testing.assert_close(y, _by_hand(layer, x, lora_B=layer.lora_B), rtol=0, atol=0)
