@@ -25,15 +25,16 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .dispatch import MAX_KERNEL_RANK, select_backend
+from .dispatch import MAX_KERNEL_RANK, interpreting, requested_backend, select_backend
 from .dropout import new_seed
 from .library import DoRALinearFunction, LoRALinearFunction, lora_linear_op
-from .ops import LoRAParams, autocast_available
+from .ops import LoRAParams, any_autocast_enabled, autocast_available
 from .ops.torch_lora import dora_linear_composite, lora_linear_composite
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -135,6 +136,79 @@ def check_inputs(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    """What one call signature of :func:`lora_linear` decides, computed once (:func:`call_plan`).
+
+    ``backend``: :func:`~lora_kernels.dispatch.select_backend`'s choice for the inputs' device, dtype and
+    rank and the backend asked for; ``dropout``: whether the LoRA branch drops (``dropout_p > 0`` in
+    training). Routing that depends only on the signature belongs here too.
+    """
+
+    backend: str | None  # None: the backend asked for cannot run here (its error is raised on use)
+    dropout: bool
+
+
+# Call plans per signature: the inputs' shapes, strides, dtypes, devices and requires_grad, dropout_p and
+# training, the backend asked for and TRITON_INTERPRET. Only a signature that passed
+# check_inputs is stored, so a bad input is re-checked (and raises the same error) on every call. Bounded
+# (many distinct shapes with dynamic batch sizes): when full it starts over, which is atomic, so threads
+# need no lock. Eager calls only: under torch.compile the inputs are checked while tracing, never here.
+_CALL_PLANS: dict[tuple, CallPlan] = {}
+_MAX_CALL_PLANS = 1024
+_PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+_PLAIN_NUMBERS = frozenset((float, int))
+
+
+def call_plan(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    dropout_p: float, training: bool,
+) -> CallPlan:  # fmt: skip
+    """:func:`check_inputs` and the backend choice, once per call signature (then a dict lookup).
+
+    Raises exactly what :func:`check_inputs` / :func:`~lora_kernels.dispatch.select_backend` raise. Tensor
+    subclasses and scalars other than Python floats and ints are checked on every call, uncached.
+    """
+    plain = (
+        type(x) in _PLAIN_TENSORS and type(weight) in _PLAIN_TENSORS and type(lora_A) in _PLAIN_TENSORS
+        and type(lora_B) in _PLAIN_TENSORS and (bias is None or type(bias) in _PLAIN_TENSORS)
+        and type(scaling) in _PLAIN_NUMBERS and type(dropout_p) in _PLAIN_NUMBERS
+    )  # fmt: skip
+    if not plain:
+        return _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    try:
+        requested = requested_backend()
+    except ValueError:  # a bad LORA_KERNELS_BACKEND: raised by _backend_for where a backend is needed
+        return _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    # one flat tuple, written out: a comprehension over the tensors costs twice as much
+    key = (
+        requested, interpreting(), dropout_p, bool(training),
+        x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+        weight.shape, weight.stride(), weight.dtype, weight.device, weight.requires_grad,
+        lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.device, lora_A.requires_grad,
+        lora_B.shape, lora_B.stride(), lora_B.dtype, lora_B.device, lora_B.requires_grad,
+        None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device, bias.requires_grad),
+    )  # fmt: skip
+    plan = _CALL_PLANS.get(key)
+    if plan is None:
+        plan = _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+        if len(_CALL_PLANS) >= _MAX_CALL_PLANS:
+            _CALL_PLANS.clear()
+        _CALL_PLANS[key] = plan
+    elif not -math.inf < scaling < math.inf:  # the scaling's value is not in the key: its one per-call check
+        check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    return plan
+
+
+def _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training) -> CallPlan:
+    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    try:
+        backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
+    except (RuntimeError, ValueError):  # raised again where the fused path needs a backend: the composite
+        backend = None  # path (meta tensors, torch.func) runs without one, as it always did
+    return CallPlan(backend, bool(training) and dropout_p > 0.0)
+
+
 def lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
     dropout_p: float = 0.0, training: bool = False, *, dropout_seed: int | None = None,
@@ -157,21 +231,28 @@ def lora_linear(
     Returns:
         ``(..., out_features)`` in ``x.dtype``: a new tensor (not a view), which may be modified in place.
     """
-    x, weight, bias = _autocast_inputs(x, weight, bias)
-    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    dropout_seed = check_dropout_seed(dropout_seed)
-    dropout_p = dropout_p if training else 0.0
     if not torch.compiler.is_compiling():
-        dropout_p, scaling = float(dropout_p), float(scaling)
+        if (
+            any_autocast_enabled is None or any_autocast_enabled()
+        ):  # one C call when autocast is off (eager only)
+            x, weight, bias = _autocast_inputs(x, weight, bias)
+        plan = call_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+        dropout_seed = check_dropout_seed(dropout_seed)
+        scaling = float(scaling)
+        dropout_p = float(dropout_p) if plan.dropout else 0.0
         seed = 0
-        if dropout_p > 0.0:
+        if plan.dropout:
             seed = new_seed() if dropout_seed is None else dropout_seed
         if _composite_needed(x, weight, bias, lora_A, lora_B):
             return lora_linear_composite(
                 x, weight, bias, lora_A, lora_B, LoRAParams(scaling, dropout_p, seed)
             )
-        backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
+        backend = plan.backend or _backend_for(x.device, x.dtype, lora_A.shape[0])
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+    x, weight, bias = _autocast_inputs(x, weight, bias)
+    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)  # traced once: no cache, no guard
+    dropout_seed = check_dropout_seed(dropout_seed)
+    dropout_p = dropout_p if training else 0.0
     # Traced: the registered op, with the seed as a tensor so the draw stays in the graph (no .item() break).
     # The rank may be a symbol too (adapters that are not nn.Parameters, dynamic=True), which the constant
     # _backend_for cannot take: only whether it exceeds the kernels' limit matters to it.

@@ -111,6 +111,10 @@ def autocast_available(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
+# One C call that says whether autocast is on for any device type (torch >= 2.4); None where torch lacks it.
+any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off inside; entering ``torch.autocast`` costs several µs, so only when it is on."""
     if autocast_available(device_type) and torch.is_autocast_enabled(device_type):
@@ -118,9 +122,22 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return _NO_GUARD
 
 
+def _no_autocast_for(tensor: Tensor) -> contextlib.AbstractContextManager:
+    """:func:`_no_autocast` for ``tensor``'s device, after one cheap query whether autocast is on at all
+    (eager code and op bodies only: torch.compile does not trace the query)."""
+    if any_autocast_enabled is not None and not any_autocast_enabled():
+        return _NO_GUARD
+    return _no_autocast(tensor.device.type)
+
+
+_T_DTYPES = {dtype: torch.promote_types(dtype, torch.float32) for dtype in (torch.float16, torch.bfloat16)}
+_T_DTYPES.update({torch.float32: torch.float32, torch.float64: torch.float64})
+
+
 def t_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the intermediate ``t`` for inputs of ``dtype``: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
+    t = _T_DTYPES.get(dtype)
+    return torch.promote_types(dtype, torch.float32) if t is None else t
 
 
 def _no_view_reshape(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -169,7 +186,10 @@ def run_forward(
         path = select_path(backend, x, weight, lora_A, params.dropout_p, training)
     forward, _ = path_functions(backend, path)
     x2d, out_shape = _flat_input(x, weight.shape[0])
-    with _no_autocast(x.device.type):  # the caller applied autocast's casts already
+    guard = _no_autocast_for(x)  # the caller applied autocast's casts already
+    if guard is _NO_GUARD:  # (entering a nullcontext is a µs we need not spend)
+        return forward(x2d, weight, bias, lora_A, lora_B, params, out_shape)
+    with guard:
         return forward(x2d, weight, bias, lora_A, lora_B, params, out_shape)
 
 
@@ -184,16 +204,27 @@ def run_backward(
         path = select_path(backend, x, weight, lora_A, params.dropout_p, True)
     _, backward = path_functions(backend, path)
     x2d, grad_y = _flat_grad(x, grad_y, weight.shape[0])
-    _, need_weight, need_bias, _, _ = needs_grad
-    with _no_autocast(x.device.type):
-        grad_x, grad_A, grad_B, grad_bias = backward(
-            grad_y, x2d, weight, lora_A, lora_B, t, params, needs_grad
-        )
-        if need_bias and grad_bias is None:
-            grad_bias = grad_y.sum(0)
-        grad_weight = torch.mm(grad_y.t(), x2d) if need_weight else None
-    if grad_x is not None and grad_x.shape != x.shape:
+    guard = _no_autocast_for(x)
+    if guard is _NO_GUARD:
+        grads = _backward_2d(backward, grad_y, x2d, weight, lora_A, lora_B, t, params, needs_grad)
+    else:
+        with guard:
+            grads = _backward_2d(backward, grad_y, x2d, weight, lora_A, lora_B, t, params, needs_grad)
+    grad_x = grads[0]
+    if grad_x is not None and x2d is not x:
         grad_x = grad_x.reshape(x.shape)
+    return grad_x, *grads[1:]
+
+
+def _backward_2d(backward, grad_y, x, weight, lora_A, lora_B, t, params, needs_grad) -> tuple:
+    """:func:`run_backward` on 2-D ``grad_y``/``x`` with a path's ``backward``, autocast off."""
+    _, need_weight, need_bias, _, _ = needs_grad
+    grad_x, grad_A, grad_B, grad_bias = backward(
+        grad_y, x, weight, lora_A, lora_B, t, params, needs_grad
+    )
+    if need_bias and grad_bias is None:
+        grad_bias = grad_y.sum(0)
+    grad_weight = torch.mm(grad_y.t(), x) if need_weight else None
     return grad_x, grad_weight, grad_bias, grad_A, grad_B
 
 

@@ -306,6 +306,7 @@ def _lora_reduce_rows_kernel(
     a_ptr, c_ptr, out_ptr, colsum_ptr, z_ptr, prodsum_ptr, b_ptr, proj_ptr,
     M, P, R, rows_per_split,
     stride_am, stride_ap, stride_cm, stride_cr, stride_zm, stride_zp, stride_bp, stride_br,
+    stride_op, stride_or,
     scale, seed_lo, seed_hi, dropout_threshold,
     HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, HAS_PRODSUM: tl.constexpr, PROJECT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -314,7 +315,9 @@ def _lora_reduce_rows_kernel(
     """Partial sums over one chunk of rows: ``out[split, P, R] = scale · dropout(a)ᵀ · c``, fp32.
 
     ``colsum[split, P] = Σ_rows a`` rides along on the same loads. The host sums the splits in a fixed
-    order, so the result is deterministic (no atomics).
+    order, so the result is deterministic (no atomics). With one split, ``out`` (strides ``stride_op``,
+    ``stride_or``: e.g. dA stored straight as (R, P)) and ``colsum`` are the final results, stored in their
+    own dtype (the cast to the adapters' / dY's dtype done in registers, not by a separate launch).
     dB + dbias: ``a = dY``, ``c = t``. dA (transposed): ``a = x`` with its dropout, ``c = s·dY·B``.
     DoRA's ``dm`` rides along too: ``HAS_PRODSUM`` stores ``prodsum[split, P] = Σ_rows a ⊙ z`` (``z`` (M, P)).
 
@@ -376,10 +379,13 @@ def _lora_reduce_rows_kernel(
         )
         acc = tl.dot(a_t, c.to(in_dtype), acc, input_precision=INPUT_PRECISION)
 
-    out_ptrs = out_ptr + pid_split.to(tl.int64) * P * R + offs_p[:, None] * R + offs_r[None, :]
-    tl.store(out_ptrs, acc * scale, mask=mask_p[:, None] & mask_r[None, :])
+    out_ptrs = (
+        out_ptr + pid_split.to(tl.int64) * P * R + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or
+    )
+    tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_r[None, :])
     if HAS_COLSUM:
-        tl.store(colsum_ptr + pid_split.to(tl.int64) * P + offs_p, colsum, mask=mask_p)
+        colsum_ptrs = colsum_ptr + pid_split.to(tl.int64) * P + offs_p
+        tl.store(colsum_ptrs, colsum.to(colsum_ptr.dtype.element_ty), mask=mask_p)
     if HAS_PRODSUM:
         tl.store(prodsum_ptr + pid_split.to(tl.int64) * P + offs_p, prodsum, mask=mask_p)
 
@@ -551,27 +557,39 @@ class _Configs(list):
         self.key = tuple(sorted(configs[0].items()))
 
 
-# The first config that fitted, per kernel and compile-time signature, so the search runs once.
+# The first config that fitted, per kernel and compile-time signature, so the search runs once. Empty unless
+# a preferred config did not fit (large ranks or fp32 on a GPU with little shared memory): only then does a
+# launch build its key.
 _FITTING_CONFIG: dict[tuple, int] = {}
+
+
+def _fitting_key(kernel, configs: list[dict], args: tuple, constexprs: dict) -> tuple:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    preferred = configs.key if isinstance(configs, _Configs) else tuple(sorted(configs[0].items()))
+    return (getattr(kernel, "__name__", None) or repr(kernel), tensors[0].device, *constexprs.items(),
+            *(t.dtype for t in tensors), preferred)  # fmt: skip
+
+
+def _call_kernel(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict) -> None:
+    """The one place where a launch reaches Triton (``tools/host_overhead.py`` stubs it out)."""
+    kernel[grid](*args, **constexprs, **cfg)
 
 
 def _launch(kernel, grid_of, configs: list[dict], args: tuple, constexprs: dict) -> dict:
     """Launch ``kernel`` with the first of ``configs`` that fits the GPU's resources; returns that config."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    preferred = configs.key if isinstance(configs, _Configs) else tuple(sorted(configs[0].items()))
-    key = (getattr(kernel, "__name__", None) or repr(kernel), tensors[0].device, *constexprs.items(),
-           *(t.dtype for t in tensors), preferred)  # fmt: skip
-    start = _FITTING_CONFIG.get(key, 0)
+    key = _fitting_key(kernel, configs, args, constexprs) if _FITTING_CONFIG else None
+    start = _FITTING_CONFIG.get(key, 0) if key is not None else 0
     for index in range(start, len(configs)):
         cfg = configs[index]
         try:
-            kernel[grid_of(cfg)](*args, **constexprs, **cfg)
+            _call_kernel(kernel, grid_of(cfg), args, constexprs, cfg)
         except OutOfResources:  # raised when the kernel is loaded, before anything runs
             continue
         if index != start:
-            _FITTING_CONFIG[key] = index
+            _FITTING_CONFIG[key or _fitting_key(kernel, configs, args, constexprs)] = index
         return cfg
-    raise RuntimeError(f"no tile config of {key[0]} fits this GPU's shared memory / registers: {configs}")
+    name = getattr(kernel, "__name__", None) or repr(kernel)
+    raise RuntimeError(f"no tile config of {name} fits this GPU's shared memory / registers: {configs}")
 
 
 # Launch plans (config lists, grids, row splits) per shape, so a repeated shape costs a dict lookup. The key
@@ -654,7 +672,10 @@ def _int32_word(word: int) -> int:
 
 
 def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
-    """``(seed_lo, seed_hi, threshold, 1 / (1 - p))``: the seed words as int32 bit patterns."""
+    """``(seed_lo, seed_hi, threshold, 1 / (1 - p))``: the seed words as int32 bit patterns (all zero
+    without dropout: the kernels ignore them then, and they are not specialized on)."""
+    if dropout_p == 0.0:
+        return 0, 0, 0, 1.0
     seed_lo, seed_hi = split_seed(seed)
     scale = 1.0 / (1.0 - dropout_p)
     return (
@@ -792,10 +813,16 @@ def _reduce_rows(
     scale: float = 1.0,
     z: torch.Tensor | None = None,
     project: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    transposed: bool = False,
+    colsum_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``scale·dropout(a)ᵀ·c`` (P, R), optionally ``a.sum(0)`` (P,), given ``z`` (M, P) ``(a ⊙ z).sum(0)``
     (P,) and, given ``project`` (P, R; no dropout), ``scale·a·project`` (M, R), all fp32, ``a`` (M, P),
-    ``c`` (M, R); the ones not asked for are None.
+    ``c`` (M, R); the ones not asked for are None. The first comes in ``out_dtype``, as (R, P) (contiguous)
+    when ``transposed``, the column sums in ``colsum_dtype``: computed in fp32 and cast once, in the kernel
+    when the rows are not split (no launch for the cast), else after the fixed-order sum of the splits.
 
     The kernel writes partial sums, which are summed here over their first axis (``torch.sum``, a fixed
     order: the result does not change from run to run): per row split, ``(splits, P, R)`` and ``(splits,
@@ -820,8 +847,15 @@ def _reduce_rows(
 
     key = ("reduce", M, P, R, project is not None, a.device, interpreting(), _reduce_config, _row_splits)
     configs, grid_of, splits, rows_per_split = _plan(key, make)
-    partial = torch.empty((splits, P, R), device=a.device, dtype=torch.float32)
-    colsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if with_colsum else None
+    if splits == 1:  # the kernel stores the results themselves, in their dtype and layout
+        shape = (R, P) if transposed else (P, R)
+        partial = torch.empty(shape, device=a.device, dtype=out_dtype)
+        out_strides = partial.stride()[::-1] if transposed else partial.stride()
+        colsum = torch.empty((P,), device=a.device, dtype=colsum_dtype) if with_colsum else None
+    else:
+        partial = torch.empty((splits, P, R), device=a.device, dtype=torch.float32)
+        out_strides = (R, 1)
+        colsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if with_colsum else None
     prodsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if z is not None else None
     projected = None
     if project is not None:
@@ -842,12 +876,19 @@ def _reduce_rows(
                 a.stride(0), a.stride(1), c.stride(0), c.stride(1),
                 *(z.stride() if z is not None else (0, 0)),
                 *(project.stride() if project is not None else (0, 0)),
+                *out_strides,
                 scale, seed_lo, seed_hi, threshold,
             ),
             dict(HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=with_colsum, HAS_PRODSUM=z is not None,
                  PROJECT=project is not None, INPUT_PRECISION=_input_precision(a.dtype)),
         )  # fmt: skip
-    return tuple(_sum_parts(x) for x in (partial, colsum, prodsum, projected))
+    projected = _sum_parts(projected)
+    prodsum = _sum_parts(prodsum)
+    if splits == 1:
+        return partial, colsum, prodsum, projected
+    out = _sum_parts(partial)
+    out = (out.t() if transposed else out).to(out_dtype)
+    return out, None if colsum is None else _sum_parts(colsum).to(colsum_dtype), prodsum, projected
 
 
 def _sum_parts(parts: torch.Tensor | None) -> torch.Tensor | None:
@@ -859,21 +900,26 @@ def _sum_parts(parts: torch.Tensor | None) -> torch.Tensor | None:
 
 def _grad_y_pass(
     grad_y: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor, scale: float, reduce: bool,
-    with_colsum: bool, z: torch.Tensor | None = None,
+    with_colsum: bool, z: torch.Tensor | None = None, *, dtypes: tuple[torch.dtype, torch.dtype] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
     """What the backward takes from dY besides dX: ``(s·dY·b, s·dYᵀ·t, Σ_rows dY, Σ_rows dY ⊙ z)``, fp32,
     (M, r), (N, r), (N,), (N,). The first is skipped when ``b`` is None, the others unless ``reduce``
-    (the third unless ``with_colsum``, the last without ``z``).
+    (the third unless ``with_colsum``, the last without ``z``). ``dtypes``: the dtypes the second and
+    third come in instead of fp32 (see :func:`_reduce_rows`).
 
     Both at once come from one pass over dY where :func:`_single_pass_over_dy` says so, else from two.
     """
+    out_dtype, colsum_dtype = dtypes or (torch.float32, torch.float32)
+    casts = dict(out_dtype=out_dtype, colsum_dtype=colsum_dtype)
     if b is not None and reduce and _single_pass_over_dy(b.shape[1]):
-        grad_B, colsum, prodsum, grad_t = _reduce_rows(grad_y, t, 0.0, 0, with_colsum, scale, z, project=b)
+        grad_B, colsum, prodsum, grad_t = _reduce_rows(
+            grad_y, t, 0.0, 0, with_colsum, scale, z, project=b, **casts
+        )
         return grad_t, grad_B, colsum, prodsum
     grad_t = _project(grad_y, b, scale, 0.0, 0) if b is not None else None
     grad_B = colsum = prodsum = None
     if reduce:
-        grad_B, colsum, prodsum, _ = _reduce_rows(grad_y, t, 0.0, 0, with_colsum, scale, z)
+        grad_B, colsum, prodsum, _ = _reduce_rows(grad_y, t, 0.0, 0, with_colsum, scale, z, **casts)
     return grad_t, grad_B, colsum, prodsum
 
 
@@ -913,19 +959,23 @@ def lora_backward(
     with _launch_guard(), device_guard(grad_y.device):
         # s·dY·B, (M, r) fp32, and dB = s·dYᵀ·t (t carries no s) with db: one pass over dY for both, apart
         # from the dX GEMM (fusing s·dY·B into the GEMM's main loop measured slower)
+        # dB and db come in the adapters' and dY's dtypes, dA as (r, K) in the adapters' dtype: cast in the
+        # kernels' stores (or once after the sum of the row splits), never by launches of their own
         grad_t, grad_B, grad_bias, _ = _grad_y_pass(
-            grad_y, lora_B if need_x or need_A else None, t, scaling, need_B or need_bias, need_bias
-        )
+            grad_y, lora_B if need_x or need_A else None, t, scaling, need_B or need_bias, need_bias,
+            dtypes=(lora_B.dtype, grad_y.dtype),
+        )  # fmt: skip
         if need_x and split:  # mask ⊙ (s·dY·B)·A into dX's storage, then dX += dY·W by cuBLAS
             grad_x = _lora_term(grad_y, grad_t, lora_A, None, 1.0, dropout_p, seed)
             grad_x.addmm_(grad_y, weight)
         elif need_x:
             grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, dropout_p, seed)
         if need_A:
-            grad_A_t = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)[0]
-            grad_A = grad_A_t.t().to(lora_A.dtype)
-        grad_B = grad_B.to(lora_B.dtype) if need_B else None
-        grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
+            grad_A = _reduce_rows(
+                x, grad_t, dropout_p, seed, with_colsum=False, out_dtype=lora_A.dtype, transposed=True
+            )[0]
+        grad_B = grad_B if need_B else None
+        grad_bias = grad_bias if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias
 
 

@@ -1,0 +1,231 @@
+"""The lean host path (issue 19, item 3).
+
+The per-signature call plan of ``lora_linear`` (validation and backend choice once per signature): a cached
+signature must raise exactly what the uncached check raises, never let a bad input through because a
+similar one passed before, stay bounded, give the same bits as an uncached call, and stay out of
+``torch.compile``'s graph (no guard, no break). The Triton backward's casts folded into its kernels: the
+same bits as the sums and casts done after the kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_problem
+
+from lora_kernels import functional, lora_linear, use_backend
+
+TRITON_ONLY = pytest.mark.parametrize("backend", ["triton"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans(monkeypatch):
+    monkeypatch.setattr(functional, "_CALL_PLANS", {})
+
+
+def _args(p):
+    return [p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling]
+
+
+def _uncached_error(args, dropout_p=0.0):
+    with pytest.raises((TypeError, ValueError)) as info:
+        functional.check_inputs(*args, dropout_p)
+    return type(info.value), str(info.value)
+
+
+# Each bad input keeps the shapes (and strides) of a good call made first, so only what differs is checked.
+_SAME_SHAPE_BAD = [
+    ("other dtype of x", 0, lambda t: t.detach().half().requires_grad_()),
+    ("other dtype of lora_B", 4, lambda t: t.detach().double().requires_grad_()),
+    ("other device of weight", 1, lambda t: torch.empty_like(t, device="meta")),
+    ("transposed x of the same shape", 0, lambda t: torch.randn(6, 4).t().to(torch.int32)),
+    ("a list for x", 0, lambda t: t.tolist()),
+]
+
+
+@pytest.mark.parametrize("what, position, make_bad", _SAME_SHAPE_BAD, ids=[c[0] for c in _SAME_SHAPE_BAD])
+def test_a_cached_signature_never_lets_a_bad_input_through(what, position, make_bad):
+    args = _args(make_problem((4,), 6, 5, 3))
+    lora_linear(*args)  # a good call of these shapes, now cached
+    lora_linear(*args)
+    assert len(functional._CALL_PLANS) == 1
+    args[position] = make_bad(args[position])
+    error, message = _uncached_error(args)
+    for _ in range(2):  # a bad signature is never stored: the same error every time
+        with pytest.raises(error) as info:
+            lora_linear(*args)
+        assert str(info.value) == message
+    assert len(functional._CALL_PLANS) == 1
+
+
+@pytest.mark.parametrize("scaling", [float("nan"), float("inf"), -float("inf")])
+def test_the_scaling_is_checked_on_every_call(scaling):
+    args = _args(make_problem((4,), 6, 5, 3))
+    lora_linear(*args)
+    args[5] = scaling
+    with pytest.raises(ValueError, match="scaling must be a finite") as info:
+        lora_linear(*args)
+    assert str(info.value) == _uncached_error(args)[1]
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan")])
+def test_a_bad_dropout_p_after_a_good_one(p):
+    args = _args(make_problem((4,), 6, 5, 3))
+    lora_linear(*args, dropout_p=0.1, training=True)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        lora_linear(*args, dropout_p=p, training=True)
+
+
+@pytest.mark.parametrize("scalar", [True, "2.0", torch.tensor(2.0)])
+def test_scalars_of_other_types_are_checked_uncached(scalar):
+    args = _args(make_problem((4,), 6, 5, 3))
+    lora_linear(*args)
+    args[5] = scalar
+    error, message = _uncached_error(args)
+    with pytest.raises(error) as info:
+        lora_linear(*args)
+    assert str(info.value) == message
+
+
+def test_validation_runs_once_per_signature(monkeypatch):
+    calls = []
+    check = functional.check_inputs
+    monkeypatch.setattr(functional, "check_inputs", lambda *a: calls.append(1) or check(*a))
+    p = make_problem((4,), 6, 5, 3)
+    for _ in range(3):
+        lora_linear(*_args(p))
+    assert len(calls) == 1
+    x_t = torch.randn(6, 4).t().requires_grad_()  # same shape, other strides: a new signature
+    lora_linear(x_t, *_args(p)[1:])
+    lora_linear(p.x.detach(), *_args(p)[1:])  # other requires_grad
+    lora_linear(*_args(p), dropout_p=0.2, training=True)  # dropout on
+    lora_linear(*_args(p), dropout_p=0.2, training=False)
+    assert len(calls) == 5
+    with use_backend("torch"):  # another backend asked for
+        lora_linear(*_args(p))
+    assert len(calls) == 6
+
+
+def test_the_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(functional, "_MAX_CALL_PLANS", 4)
+    p = make_problem((4,), 6, 5, 3)
+    for rows in range(1, 12):
+        lora_linear(torch.randn(rows, 6), *_args(p)[1:])
+        assert len(functional._CALL_PLANS) <= 4
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_results_are_identical_with_and_without_the_cache(backend, dropout_p):
+    p = make_problem((2, 3), 12, 10, 4, device=backend.device)
+
+    def run():
+        with use_backend(backend.name):
+            y = lora_linear(*_args(p), dropout_p=dropout_p, training=True, dropout_seed=7)
+        return (y, *torch.autograd.grad(y.square().sum(), [p.x, p.lora_A, p.lora_B]))
+
+    functional._CALL_PLANS.clear()
+    uncached = run()  # the first call of a signature: validated and planned
+    for _ in range(2):
+        cached = run()
+        for a, b in zip(cached, uncached, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_requested_backend_that_cannot_run_still_raises_each_time():
+    args = _args(make_problem((4,), 6, 5, 3))
+    for _ in range(2):
+        with use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' was requested"):
+            lora_linear(*args)
+
+
+def test_meta_tensors_still_take_the_composite_with_a_forced_backend():
+    p = make_problem((4,), 6, 5, 3, device="meta")
+    with use_backend("cuda"):  # no backend runs on meta: the composite gives the shape, as before
+        assert lora_linear(*_args(p)).shape == (4, 5)
+
+
+def test_torch_compile_does_not_use_the_cache():
+    p = make_problem((4,), 6, 5, 3)
+    fn = torch.compile(lambda *a: lora_linear(*a), fullgraph=True, backend="aot_eager")
+    y = fn(*_args(p))  # fullgraph: a graph break here would raise
+    assert functional._CALL_PLANS == {}  # traced: checked while tracing, no plan stored or read
+    torch.testing.assert_close(y, lora_linear(*_args(p)))
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                  (torch.float16, torch.float16)])  # fmt: skip
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_casts_folded_into_the_kernels_give_the_same_bits(monkeypatch, backend, splits, dtype, adapter_dtype,
+                                                          dropout_p):  # fmt: skip
+    """dA, dB and db straight from the row-reduction kernel in their dtypes (one row split) or cast once
+    after the sum of the splits: bitwise what fp32 results cast afterwards give."""
+    from lora_kernels.ops import LoRAParams, triton_lora
+
+    monkeypatch.setattr(triton_lora, "_row_splits", lambda M, num_blocks, block_m, device: splits)
+    M, K, N, r = 70, 40, 36, 5
+    dev = backend.device
+    x, w = torch.randn(M, K, device=dev, dtype=dtype), torch.randn(N, K, device=dev, dtype=dtype) / 8
+    A = (torch.randn(r, K, device=dev) / 4).to(adapter_dtype)
+    B = (torch.randn(N, r, device=dev) / 4).to(adapter_dtype)
+    grad_y = torch.randn(M, N, device=dev, dtype=dtype)
+    params = LoRAParams(2.0, dropout_p, 123)
+    _, t = triton_lora.lora_forward(x, w, None, A, B, params)
+    _, grad_A, grad_B, grad_bias = triton_lora.lora_backward(grad_y, x, w, A, B, t, params, (True,) * 5)
+    # the same kernels with fp32 outputs, cast here (the code before the fold)
+    grad_t, grad_B32, colsum, _ = triton_lora._grad_y_pass(grad_y, B, t, 2.0, True, True)
+    grad_A32 = triton_lora._reduce_rows(x, grad_t, dropout_p, 123, with_colsum=False)[0]
+    assert grad_A.dtype == adapter_dtype and grad_B.dtype == adapter_dtype and grad_bias.dtype == dtype
+    assert torch.equal(grad_A, grad_A32.t().to(adapter_dtype))
+    assert torch.equal(grad_B, grad_B32.to(adapter_dtype))
+    assert torch.equal(grad_bias, colsum.to(dtype))
+    if splits == 1:
+        assert grad_A.is_contiguous()  # stored as (r, K) by the kernel
+
+
+def _module_and_input():
+    from lora_kernels import FusedLoRALinear
+
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(6, 5, r=3, lora_alpha=6)
+    torch.nn.init.normal_(layer.lora_B)
+    return layer, torch.randn(4, 6)
+
+
+def _by_hand(layer, x, lora_A=None, lora_B=None):
+    lora_A = layer.lora_A if lora_A is None else lora_A
+    lora_B = layer.lora_B if lora_B is None else lora_B
+    return lora_linear(x, layer.weight, layer.bias, lora_A, lora_B, layer.scaling)
+
+
+def test_module_reads_what_functional_call_swaps_in():
+    layer, x = _module_and_input()
+    other_B = torch.randn_like(layer.lora_B)
+    y = torch.func.functional_call(layer, {"lora_B": other_B}, (x,))
+    torch.testing.assert_close(y, _by_hand(layer, x, lora_B=other_B), rtol=0, atol=0)
+
+
+def test_module_reads_parametrized_adapters():
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, a):
+            return 2 * a
+
+    layer, x = _module_and_input()
+    plain_A = layer.lora_A.detach().clone()
+    parametrize.register_parametrization(layer, "lora_A", Double())
+    torch.testing.assert_close(layer(x), _by_hand(layer, x, lora_A=2 * plain_A), rtol=0, atol=0)
+
+
+def test_module_reads_hook_based_weight_norm():
+    import warnings
+
+    layer, x = _module_and_input()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated, still in use
+        torch.nn.utils.weight_norm(layer, name="lora_B", dim=0)
+    y = layer(x)  # its pre-hook sets lora_B as a plain attribute; _parameters has lora_B_g / lora_B_v
+    assert "lora_B" not in layer._parameters
+    torch.testing.assert_close(y, _by_hand(layer, x, lora_B=layer.lora_B), rtol=0, atol=0)
