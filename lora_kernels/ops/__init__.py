@@ -219,9 +219,7 @@ def run_backward(
 def _backward_2d(backward, grad_y, x, weight, lora_A, lora_B, t, params, needs_grad) -> tuple:
     """:func:`run_backward` on 2-D ``grad_y``/``x`` with a path's ``backward``, autocast off."""
     _, need_weight, need_bias, _, _ = needs_grad
-    grad_x, grad_A, grad_B, grad_bias = backward(
-        grad_y, x, weight, lora_A, lora_B, t, params, needs_grad
-    )
+    grad_x, grad_A, grad_B, grad_bias = backward(grad_y, x, weight, lora_A, lora_B, t, params, needs_grad)
     if need_bias and grad_bias is None:
         grad_bias = grad_y.sum(0)
     grad_weight = torch.mm(grad_y.t(), x) if need_weight else None
