@@ -150,25 +150,28 @@ def dora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, col_scale: Tensor,
     params: LoRAParams, out_shape: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``(y, t, z)``: ``z = x̃·Wᵀ + s·t·Bᵀ``, ``y = (x·Wᵀ + b) + s·t·Bᵀ + (c − 1) ⊙ z``.
+    """``(y, t, z)``: ``z = x̃·Wᵀ + s·t·Bᵀ``; ``y = c ⊙ z + b`` without dropout, else
+    ``y = x·Wᵀ + b + s·t·Bᵀ + (c − 1) ⊙ z``.
 
-    PEFT's form (its ``result + (c − 1)·base + c·s·lora``): the base layer's output ``x·Wᵀ + b`` comes as
-    ``F.linear`` gives it, so a fresh adapter (``c = 1``, ``B = 0``) returns exactly the base layer's
-    output. Without dropout ``x̃·Wᵀ`` is that output less the bias, as PEFT takes it; ``(c − 1) ⊙ z`` is
-    added in float32 (c is close to 1: x.dtype would round it), with one rounding to ``x.dtype``."""
+    Both start from the base layer's output ``x·Wᵀ + b`` as ``F.linear`` gives it, so a fresh adapter
+    (``c = 1``, ``B = 0``) returns exactly the base layer's output: without dropout as
+    ``c ⊙ (x·Wᵀ + b + s·t·Bᵀ) + (1 − c) ⊙ b`` (an inf in ``x`` stays inf), with it in PEFT's form. The
+    column scale is applied in float32 (c is close to 1: x.dtype would round it), one rounding to
+    ``x.dtype``."""
     dtype = x.dtype
     x_dropped = _dropped(x, params)
     t = project_t(x_dropped, lora_A)
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    if params.dropout_p > 0.0:
-        z = torch.mm(x_dropped, weight.t())
-    else:
-        z = y.clone() if bias is None else y - bias
     t_, lora_B_t = _as(t, dtype), _as(lora_B, dtype).t()
-    z.addmm_(t_, lora_B_t, alpha=params.scaling)
-    y.addmm_(t_, lora_B_t, alpha=params.scaling)
-    y.addcmul_(z, col_scale - 1)
-    return as_output(y, out_shape), t, z
+    if params.dropout_p > 0.0:
+        z = torch.mm(x_dropped, weight.t()).addmm_(t_, lora_B_t, alpha=params.scaling)
+        y.addmm_(t_, lora_B_t, alpha=params.scaling)
+        y.addcmul_(z, col_scale - 1)
+    else:
+        y.addmm_(t_, lora_B_t, alpha=params.scaling)  # the LoRA output x·Wᵀ + b + s·t·Bᵀ
+        z = y if bias is None else y - bias
+        y = y * col_scale if bias is None else torch.addcmul((1 - col_scale) * bias, y, col_scale)
+    return as_output(_as(y, dtype), out_shape), t, z
 
 
 def dora_backward(
@@ -217,8 +220,10 @@ def dora_linear_composite(
     col_scale = magnitude.to(norm.dtype) / norm
     x_dropped = _dropped(x, params)
     lora = F.linear(F.linear(x_dropped, _as(lora_A, dtype)), _as(lora_B, dtype)) * params.scaling
-    # PEFT's form, so that c = 1 and B = 0 give F.linear's output exactly (see dora_forward)
+    # from F.linear's output, so that c = 1 and B = 0 give it exactly (see dora_forward)
     y = F.linear(x, weight, bias)
-    base = F.linear(x_dropped, weight) if params.dropout_p > 0.0 else (y if bias is None else y - bias)
-    y = y + (col_scale - 1) * base + col_scale * lora
+    if params.dropout_p > 0.0:
+        y = y + (col_scale - 1) * F.linear(x_dropped, weight) + col_scale * lora
+    else:
+        y = (y + lora) * col_scale + (0.0 if bias is None else (1 - col_scale) * bias)
     return y.to(dtype)
