@@ -282,7 +282,8 @@ class FusedLoRALinear(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         merged_key, norm_key = prefix + _MERGED_KEY, prefix + _MERGED_NORM_KEY
-        old_key = prefix + _EXTRA_STATE  # the format of earlier versions: {"merged": bool[, "dora_weight_norm"]}
+        # the format of earlier versions: {"merged": bool[, "dora_weight_norm": norm]}
+        old_key = prefix + _EXTRA_STATE
         has_weight = prefix + "weight" in state_dict
         has_adapters = any(prefix + name in state_dict for name in self.adapter_parameters())
         remerge = self.merged and not has_weight and has_adapters

@@ -91,7 +91,9 @@ def test_fresh_dora_layer_is_exactly_the_base_layer(dtype, adapter_dtype, bias):
     """The torch path (CPU, and the CUDA extension's DoRA): bit for bit ``F.linear``'s output."""
     x = torch.randn(2, 7, 96, dtype=dtype)
     with use_backend("torch"), torch.no_grad():  # the magnitude's norm from the backend that runs it
-        layer = FusedLoRALinear(96, 40, bias=bias, r=4, use_dora=True, dtype=dtype, adapter_dtype=adapter_dtype)
+        layer = FusedLoRALinear(
+            96, 40, bias=bias, r=4, use_dora=True, dtype=dtype, adapter_dtype=adapter_dtype
+        )
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
         y = layer.train()(x)  # the dropout form too (p = 0: the same)
     assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
@@ -145,7 +147,9 @@ def test_fused_peft_dora_model_is_peft_bit_for_bit(init_lora_weights):
     data = torch.rand(10, 300)
     with torch.no_grad():
         base = model(data)
-        config = peft.LoraConfig(target_modules=["linear"], use_dora=True, init_lora_weights=init_lora_weights)
+        config = peft.LoraConfig(
+            target_modules=["linear"], use_dora=True, init_lora_weights=init_lora_weights
+        )
         model = peft.get_peft_model(model, config)
         expected = model(data)
         assert fuse(model) == 1
