@@ -74,6 +74,30 @@ def warn_if_never_called(model: nn.Module, names: Iterable[str], *, stacklevel: 
         )
 
 
+#: Modules with an eval fast path that reads these children's weights without calling them: torch takes it
+#: only when no forward hook is attached to the module or its children (``nn.TransformerEncoderLayer``'s
+#: ``why_not_sparsity_fast_path``), so a no-op pre-hook on the parent keeps an adapter there in effect.
+_PARENTS_WITH_FAST_PATH = {nn.TransformerEncoderLayer: ("linear1", "linear2")}
+
+
+def _keep_off_fast_path(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: its presence keeps ``module`` off its fast path (see
+    :data:`_PARENTS_WITH_FAST_PATH`), which would skip the adapters' forward. A merged adapter would be
+    right there too; the layer runs its ordinary path either way."""
+    return None
+
+
+def _keep_adapters_called(model: nn.Module, names: Iterable[str]) -> None:
+    """Hook the parents of ``names`` that have a fast path skipping those children (once per parent)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for parent_type, children in _PARENTS_WITH_FAST_PATH.items():
+            hooked = _keep_off_fast_path in parent._forward_pre_hooks.values()
+            if isinstance(parent, parent_type) and child in children and not hooked:
+                parent.register_forward_pre_hook(_keep_off_fast_path)
+
+
 def _linear_names(model: nn.Module, limit: int = 12) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
     if not names:
@@ -136,7 +160,9 @@ def attach_lora(
     ``nn.Linear`` there is replaced (its ``weight``/``bias`` reused, not copied), a :class:`FusedLoRALinear`
     is kept as it is. Then every parameter of the model outside the adapters is frozen and every adapter
     trains, as ``get_peft_model`` leaves a model. Warns where a parent never calls the module (see
-    :func:`warn_if_never_called`; ``stacklevel`` as ``warnings.warn`` counts it, from this function).
+    :func:`warn_if_never_called`; ``stacklevel`` as ``warnings.warn`` counts it, from this function); an
+    ``nn.TransformerEncoderLayer`` whose ``linear1``/``linear2`` take an adapter gets a no-op forward
+    pre-hook, which keeps it off its eval fast path (that path never calls them).
     Returns the layers of ``options`` by name.
 
     Raises:
@@ -162,6 +188,7 @@ def attach_lora(
     for name in new:
         modules[name] = FusedLoRALinear.from_linear(modules[name], **options[name])
         _set_submodule(model, name, modules[name])
+    _keep_adapters_called(model, new)
     for layer in lora_layers(model).values():
         for param in layer.adapter_parameters().values():
             param.requires_grad_(True)

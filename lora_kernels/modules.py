@@ -74,11 +74,13 @@ class FusedLoRALinear(nn.Module):
     the base layer whatever the adapters' initialisation.
 
     ``state_dict()`` holds ``weight``, ``bias``, ``lora_A`` and ``lora_B`` (and ``lora_magnitude``); a merged
-    layer adds ``_extra_state = {"merged": True}`` (its ``weight`` holds the adapter; a DoRA layer also keeps
-    the norm it was merged with, ``"dora_weight_norm"``, which ``unmerge`` needs, as PEFT caches it). ``load_state_dict`` restores the
-    saved layer exactly: a merged state dict makes the layer merged (no adapter applied twice), one without
-    the extra state (unmerged, or saved before it existed) makes it unmerged, and adapters alone loaded
-    into a merged layer are re-merged (the old ones are taken out of ``weight``, the new ones put in).
+    layer adds ``lora_merged``, a bool tensor (its ``weight`` holds the adapter; a DoRA layer also keeps the
+    norm it was merged with, ``lora_merged_norm``, which ``unmerge`` needs, as PEFT caches it): plain
+    tensors, which safetensors and ``save_pretrained`` take. ``load_state_dict`` restores the saved layer
+    exactly: a merged state dict makes the layer merged (no adapter applied twice), one without the flag
+    (unmerged) makes it unmerged, the ``_extra_state`` dict of earlier versions still loads, and adapters
+    alone loaded into a merged layer are re-merged (the old ones are taken out of ``weight``, the new ones
+    put in).
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
@@ -149,7 +151,7 @@ class FusedLoRALinear(nn.Module):
         if self.use_dora:
             self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, **factory))
         self.merged = False
-        # the norm a merged DoRA layer was merged with (moves with .to(); saved through the extra state)
+        # the norm a merged DoRA layer was merged with (moves with .to(); saved as lora_merged_norm when merged)
         self.register_buffer("_dora_merged_norm", None, persistent=False)
         self.reset_lora_parameters(options["init_lora_weights"])
         self.init_lora_weights = options["init_lora_weights"]
@@ -234,7 +236,9 @@ class FusedLoRALinear(nn.Module):
             warnings.warn("FusedLoRALinear is already merged; merge() did nothing", stacklevel=2)
             return
         if self.use_dora:
+            # the norm the forward divides by, rounded to the magnitude's dtype (ops.torch_lora.norm_as_magnitude)
             norm = self.weight_norm()
+            norm = norm.to(self.lora_magnitude.dtype).to(norm.dtype)
             factor = (self.lora_magnitude.float() / norm)[:, None]
             merged = (self.weight.float() + self._delta_weight_f32()) * factor
             self.weight.copy_(merged)
@@ -266,28 +270,20 @@ class FusedLoRALinear(nn.Module):
 
     # ---------------------------------------------------------------------------------------- state dict
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """``{"merged": bool}``: whether the saved ``weight`` holds the adapter (written only when merged);
-        a merged DoRA layer adds ``"dora_weight_norm"``, the norm it was merged with."""
-        state: dict[str, Any] = {"merged": self.merged}
-        if self.merged and self.use_dora and self._dora_merged_norm is not None:
-            state["dora_weight_norm"] = self._dora_merged_norm
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        # Applied by _load_from_state_dict, together with the weight it describes; here only checked.
-        if not isinstance(state, dict) or not isinstance(state.get("merged"), bool):
-            raise ValueError(f"FusedLoRALinear extra state must be {{'merged': bool}}, got {state!r}")
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not self.merged:  # the plain format: weight is the base weight, as in state dicts of old versions
-            destination.pop(prefix + _EXTRA_STATE, None)
+        if self.merged:  # unmerged: the plain format, weight is the base weight (as in old state dicts)
+            destination[prefix + _MERGED_KEY] = torch.tensor(True, device=self.weight.device)
+            norm = self._dora_merged_norm if self.use_dora else None
+            if norm is not None:
+                destination[prefix + _MERGED_NORM_KEY] = norm if keep_vars else norm.detach()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        extra_key = prefix + _EXTRA_STATE
+        merged_key, norm_key = prefix + _MERGED_KEY, prefix + _MERGED_NORM_KEY
+        # the format of earlier versions: {"merged": bool[, "dora_weight_norm": norm]}
+        old_key = prefix + _EXTRA_STATE
         has_weight = prefix + "weight" in state_dict
         has_adapters = any(prefix + name in state_dict for name in self.adapter_parameters())
         remerge = self.merged and not has_weight and has_adapters
@@ -301,12 +297,16 @@ class FusedLoRALinear(nn.Module):
         finally:
             if remerge:
                 self.merge()
-        if extra_key not in state_dict and extra_key in missing_keys:
-            missing_keys.remove(extra_key)  # no extra state: unmerged (or saved by an older version)
+        for key in (merged_key, norm_key, old_key):
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
         if has_weight and len(error_msgs) == errors:
-            extra = state_dict.get(extra_key)
-            self.merged = bool(extra["merged"]) if isinstance(extra, dict) else False
-            norm = extra.get("dora_weight_norm") if self.merged else None
+            merged, norm = state_dict.get(merged_key), state_dict.get(norm_key)
+            old = state_dict.get(old_key)
+            if merged is None and isinstance(old, dict):
+                merged, norm = old.get("merged", False), old.get("dora_weight_norm")
+            self.merged = bool(merged) if merged is not None else False
+            norm = norm if self.merged and self.use_dora else None
             self._dora_merged_norm = None if norm is None else norm.to(self.weight.device, torch.float32)
 
     # ------------------------------------------------------------------------------------------- forward
@@ -346,6 +346,10 @@ class FusedLoRALinear(nn.Module):
         )
 
 
+#: A merged layer's state dict keys besides the parameters: the flag (a bool tensor) and, with DoRA, the
+#: norm it was merged with. Earlier versions wrote both as ``_extra_state``, a dict, which loads still.
+_MERGED_KEY = "lora_merged"
+_MERGED_NORM_KEY = "lora_merged_norm"
 _EXTRA_STATE = "_extra_state"
 
 

@@ -217,7 +217,7 @@ def test_module_merge_unmerge_and_state_dict(dtype):
     assert layer.merged
     assert_close(layer(x), y.double(), dtype, "merged y")
     saved = copy.deepcopy(layer.state_dict())
-    assert "dora_weight_norm" in saved["_extra_state"]
+    assert "lora_merged_norm" in saved
     layer.unmerge()
     assert_close(layer.weight, base_weight.double(), dtype, "unmerged weight")
     assert_close(layer(x), y.double(), dtype, "unmerged y")

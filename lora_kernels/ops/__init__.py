@@ -259,6 +259,7 @@ def run_dora_forward(
     module = dora_backend_module(backend)
     with _no_autocast(x.device.type):
         norm = dora_weight_norm(backend, weight, lora_A, lora_B, params.scaling)
+        norm = backend_module("torch").norm_as_magnitude(norm, magnitude)
         col_scale = magnitude.detach().to(norm.dtype) / norm
         y, t, z = module.dora_forward(x2d, weight, bias, lora_A, lora_B, col_scale, params, out_shape)
     return y, t, z, col_scale, norm

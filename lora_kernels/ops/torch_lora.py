@@ -123,38 +123,59 @@ _NORM_CHUNK_ELEMENTS = 1 << 24
 
 
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """``‖W + s·B·A‖`` per row in float32 (float64 for float64 weights), a chunk of rows at a time."""
+    """``‖W + s·B·A‖`` per row in float32 (float64 for float64 weights), a chunk of rows at a time.
+
+    PEFT's sequence of ops (``W + s·(B @ A)``, then ``torch.linalg.norm``), so that in float32 a magnitude
+    PEFT initialised from its norm gives ``c = m / n = 1`` exactly here (the CPU path and the CUDA
+    extension's DoRA)."""
     dtype = t_dtype(weight.dtype)
     A, B = _as(lora_A, dtype), _as(lora_B, dtype)
     rows = max(1, _NORM_CHUNK_ELEMENTS // max(weight.shape[1], 1))
     norms = [
         torch.linalg.vector_norm(
-            _as(weight[i : i + rows], dtype).addmm(B[i : i + rows], A, alpha=scaling), dim=1
+            torch.mm(B[i : i + rows], A).mul_(scaling).add_(_as(weight[i : i + rows], dtype)), dim=1
         )
         for i in range(0, weight.shape[0], rows)
     ]
+    if not norms:  # out_features == 0
+        return torch.empty(0, device=weight.device, dtype=dtype)
     return torch.cat(norms) if len(norms) != 1 else norms[0]
+
+
+def norm_as_magnitude(norm: Tensor, magnitude: Tensor) -> Tensor:
+    """DoRA's norm rounded to the magnitude's dtype (and back; a no-op for a float32 magnitude), the norm
+    ``c = m / n`` divides by: the magnitude starts as the norm in its own dtype (PEFT rounds its norm to its
+    weight's dtype), so an adapter that has not changed gives ``c = 1`` exactly, in bf16 and fp16 too."""
+    if torch.finfo(magnitude.dtype).bits < torch.finfo(norm.dtype).bits:
+        return norm.to(magnitude.dtype).to(norm.dtype)
+    return norm
 
 
 def dora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, col_scale: Tensor,
     params: LoRAParams, out_shape: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``(y, t, z)``: ``z = x̃·Wᵀ + s·t·Bᵀ``, ``y = x·Wᵀ − x̃·Wᵀ + c ⊙ z + b`` (``c ⊙ z + b`` without
-    dropout), the column scale applied in float32."""
+    """``(y, t, z)``: ``z = x̃·Wᵀ + s·t·Bᵀ``; ``y = c ⊙ z + b`` without dropout, else
+    ``y = x·Wᵀ + b + s·t·Bᵀ + (c − 1) ⊙ z``.
+
+    Both start from the base layer's output ``x·Wᵀ + b`` as ``F.linear`` gives it, so a fresh adapter
+    (``c = 1``, ``B = 0``) returns exactly the base layer's output: without dropout as
+    ``c ⊙ (x·Wᵀ + b + s·t·Bᵀ) + (1 − c) ⊙ b`` (an inf in ``x`` stays inf), with it in PEFT's form. The
+    column scale is applied in float32 (c is close to 1: x.dtype would round it), one rounding to
+    ``x.dtype``."""
     dtype = x.dtype
     x_dropped = _dropped(x, params)
     t = project_t(x_dropped, lora_A)
-    z = torch.mm(x_dropped, weight.t())
-    base_minus_dropped = None
-    if params.dropout_p > 0.0:  # x·Wᵀ − x̃·Wᵀ: the undropped base product stays unscaled
-        base_minus_dropped = torch.mm(x, weight.t()).sub_(z)
-    z.addmm_(_as(t, dtype), _as(lora_B, dtype).t(), alpha=params.scaling)
-    y = z * col_scale  # float32 (col_scale's dtype): c is close to 1, x.dtype would round it
-    if base_minus_dropped is not None:
-        y += base_minus_dropped
-    if bias is not None:
-        y += bias
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    t_, lora_B_t = _as(t, dtype), _as(lora_B, dtype).t()
+    if params.dropout_p > 0.0:
+        z = torch.mm(x_dropped, weight.t()).addmm_(t_, lora_B_t, alpha=params.scaling)
+        y.addmm_(t_, lora_B_t, alpha=params.scaling)
+        y.addcmul_(z, col_scale - 1)
+    else:
+        y.addmm_(t_, lora_B_t, alpha=params.scaling)  # the LoRA output x·Wᵀ + b + s·t·Bᵀ
+        z = y if bias is None else y - bias
+        y = y * col_scale if bias is None else torch.addcmul((1 - col_scale) * bias, y, col_scale)
     return as_output(_as(y, dtype), out_shape), t, z
 
 
@@ -200,13 +221,14 @@ def dora_linear_composite(
     without autograd (detached, as PEFT's)."""
     dtype = x.dtype
     with torch.no_grad():
-        norm = dora_weight_norm(weight, lora_A, lora_B, params.scaling)
+        norm = norm_as_magnitude(dora_weight_norm(weight, lora_A, lora_B, params.scaling), magnitude)
     col_scale = magnitude.to(norm.dtype) / norm
     x_dropped = _dropped(x, params)
     lora = F.linear(F.linear(x_dropped, _as(lora_A, dtype)), _as(lora_B, dtype)) * params.scaling
-    if params.dropout_p == 0.0:
-        y = (F.linear(x, weight) + lora) * col_scale
-        y = y if bias is None else y + bias
+    # from F.linear's output, so that c = 1 and B = 0 give it exactly (see dora_forward)
+    y = F.linear(x, weight, bias)
+    if params.dropout_p > 0.0:
+        y = y + (col_scale - 1) * F.linear(x_dropped, weight) + col_scale * lora
     else:
-        y = F.linear(x, weight, bias) + (col_scale - 1) * F.linear(x_dropped, weight) + col_scale * lora
+        y = (y + lora) * col_scale + (0.0 if bias is None else (1 - col_scale) * bias)
     return y.to(dtype)

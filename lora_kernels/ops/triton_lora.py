@@ -203,7 +203,8 @@ def _lora_linear_kernel(
 
     # Epilogue: the LoRA term, added while the accumulator is still fp32.
     if FUSE_PROJECT:
-        t = t_acc * project_scale
+        # the rank's padded lanes hold a·0, NaN where a holds ±inf: zero them before t meets u
+        t = tl.where(mask_r[None, :], t_acc * project_scale, 0.0)
         if pid_n == 0:
             tl.store(t_ptrs, t, mask=mask_m[:, None] & mask_r[None, :])
     else:

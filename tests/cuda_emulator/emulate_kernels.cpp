@@ -382,7 +382,76 @@ void run_dtype(const char* dtype) {
   run_case<T>(dtype, 1, 1000, 9, 8, 0.1, 264, 0, ++rng_seed);
 }
 
+// An inf in x (or dY) reaches its own row's (or column's) results only, as an inf, never NaN: the kernels
+// pad the rank to 16 / 64 / 256 lanes, whose products with an inf are NaN, and never store those lanes.
+// All operands are positive, so no result mixes +inf and -inf.
+void run_inf_case(int64_t r, double p) {
+  ++g_cases;
+  const int64_t M = 9, K = 40, N = 12, seed = 777;
+  const double scaling = 1.5;
+  const DropoutParams dropout = make_dropout_params(p, seed);
+  std::mt19937 gen(static_cast<uint32_t>(r));
+  std::uniform_real_distribution<float> uniform(0.1f, 1.0f);
+  auto rand = [&](int64_t n) {
+    std::vector<float> v(n);
+    for (auto& e : v) {
+      e = uniform(gen);
+    }
+    return v;
+  };
+  const std::vector<float> A = rand(r * K), B = rand(N * r);
+  std::vector<float> x = rand(M * K), dy = rand(M * N);
+  int64_t k_inf = 0;  // a kept element (a dropped inf is NaN in x·mask, as in PyTorch; not the point here)
+  while (p > 0.0 && !dropout_keep(dropout, 3, k_inf)) {
+    ++k_inf;
+  }
+  const std::vector<float> t_finite = project<float>(x.data(), K, 1, A, M, K, r, scaling, p, seed, 264);
+  x[3 * K + k_inf] = -INFINITY;
+  dy[5 * N + 2] = INFINITY;
+  int bad = 0;
+  auto check = [&](bool ok) { bad += ok ? 0 : 1; };
+
+  const std::vector<float> t = project<float>(x.data(), K, 1, A, M, K, r, scaling, p, seed, 264);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < r; ++j) {
+      check(m == 3 ? t[m * r + j] == -INFINITY : std::isfinite(t[m * r + j]));
+    }
+  }
+  std::vector<float> grad_t, grad_B;
+  grad_t_and_B<float>(dy.data(), N, 1, B, t_finite, M, N, r, scaling, 264, grad_t, grad_B);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < r; ++j) {
+      check(m == 5 ? grad_t[m * r + j] == INFINITY : std::isfinite(grad_t[m * r + j]));
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < r; ++j) {
+      check(n == 2 ? grad_B[n * r + j] == INFINITY : std::isfinite(grad_B[n * r + j]));
+    }
+  }
+  if (p > 0.0) {  // dA = grad_tᵀ·dropout(x), with a finite grad_t
+    std::vector<float> finite_grad_t;
+    grad_t_and_B<float>(rand(M * N).data(), N, 1, B, t_finite, M, N, r, scaling, 264, finite_grad_t, grad_B);
+    const std::vector<float> dA = grad_A<float>(finite_grad_t, x.data(), K, 1, M, K, r, p, seed, 264);
+    for (int64_t j = 0; j < r; ++j) {
+      for (int64_t k = 0; k < K; ++k) {
+        check(k == k_inf ? dA[j * K + k] == -INFINITY : std::isfinite(dA[j * K + k]));
+      }
+    }
+  }
+  if (bad != 0) {
+    ++g_failures;
+    std::printf("FAIL inf in x / dY, r=%ld p=%.2f: %d results not the expected inf / finite\n",
+                static_cast<long>(r), p, bad);
+  }
+}
+
 int main() {
+  for (int64_t r : {1, 4, 5, 17, 64, 65}) {
+    for (double p : {0.0, 0.3}) {
+      run_inf_case(r, p);
+    }
+  }
   run_dtype<float>("float32");
   run_dtype<c10::Half>("float16");
   run_dtype<c10::BFloat16>("bfloat16");
