@@ -84,7 +84,7 @@ def _backward(ctx, grad_y: Tensor, *_):
         )  # fmt: skip
         grads = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
     elif not torch.is_grad_enabled():  # the usual backward: no graph to build, no no_grad() to enter
-        grads = run_backward(ctx.backend, grad_y, x, weight, lora_A, lora_B, t, ctx.params, needs)
+        grads = run_backward(ctx.backend, grad_y, x, weight, lora_A, lora_B, t, ctx.params, needs, ctx.path)
     else:  # backward(create_graph=True)
         with torch.no_grad():
             grads = run_backward(
