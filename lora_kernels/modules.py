@@ -356,8 +356,14 @@ class FusedLoRALinear(nn.Module):
             self.merged = bool(extra["merged"]) if isinstance(extra, dict) else False
             norm = extra.get("dora_weight_norm") if self.merged else None
             self._dora_merged_norm = None if norm is None else norm.to(self.weight.device, torch.float32)
-        if self.is_4bit and has_weight:
-            quant4bit.load_quant_state(self.weight, state_dict, prefix + "weight.")
+        if self.is_4bit:  # the quant state saved with a 4-bit weight (see _save_to_state_dict)
+            quant_keys = [k for k in unexpected_keys if k.startswith(prefix + "weight.")]
+            for key in quant_keys:
+                unexpected_keys.remove(key)
+            if has_weight and len(error_msgs) == errors:
+                quant4bit.load_quant_state(
+                    self.weight, {k: state_dict[k] for k in quant_keys}, prefix + "weight."
+                )
 
     # ------------------------------------------------------------------------------------------- forward
 
