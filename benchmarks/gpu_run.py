@@ -131,7 +131,7 @@ def table_cases() -> list[Case]:
 
 
 def table_providers(case: Case) -> list[str]:
-    names = harness.providers(case.mode, DEVICE, case.dora)
+    names = harness.providers(case.mode, DEVICE, case.dora, case.quant)
     if DRY and "triton" in available_backends(DEVICE) and case.dtype != "bf16":
         names.append("triton")  # the interpreter: runs the code, measures nothing
     if harness.peft_import_error():
@@ -145,6 +145,43 @@ def phase_table(work: Path) -> None:
     for case in table_cases():
         for order, provider in enumerate(table_providers(case)):
             row = {"provider": provider, **harness.case_fields(case), "order": order, **env}
+            started = time.perf_counter()
+            try:
+                row.update(harness.measure(provider, case, DEVICE, quick=True))
+            except Exception as err:  # recorded in its row; the table goes on
+                row["error"] = _error(err)
+                traceback.print_exc()
+            row["wall_s"] = round(time.perf_counter() - started, 2)
+            _emit(out, row)
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- qlora
+
+
+def qlora_cases() -> list[Case]:
+    """Issue 23's QLoRA cases (NF4 bases): 4096² and 4096→11008, M = 16, 512, 4096, r = 16, dropout 0 and
+    0.1, fwd+bwd, and the decode forward at M = 16."""
+    if DRY:
+        return [Case(16, 128, 96, 8, p, "fp32", "fwd_bwd", quant="nf4") for p in (0.0, 0.1)]
+    return harness.qlora_cases("cuda")
+
+
+def phase_qlora(work: Path) -> None:
+    """The QLoRA table: ``base`` (dense F.linear), ``peft_qlora``, ours on both paths. Without bitsandbytes
+    (not installed on the GPU machine yet) each case is one row saying so."""
+    out = work / "qlora.jsonl"
+    env = {"device": harness.device_name(DEVICE), "versions": harness.versions()}
+    for case in qlora_cases():
+        if reason := harness.qlora_import_error():
+            _emit(out, {"provider": "all", **harness.case_fields(case), "skipped": reason, **env})
+            continue
+        for order, provider in enumerate(harness.providers(case.mode, DEVICE, case.dora, case.quant)):
+            row = {"provider": provider, **harness.case_fields(case), "order": order, **env}
+            if reason := harness.skip_reason(case, provider):
+                _emit(out, {**row, "skipped": reason})
+                continue
             started = time.perf_counter()
             try:
                 row.update(harness.measure(provider, case, DEVICE, quick=True))
@@ -638,6 +675,8 @@ def phase_summary(work: Path, out: Path) -> int:
         ("sweep", "Tile-config sweep", ["kernel", "shape", "config", "ran_config", "median_ms", "baseline_ms",
                                         "ratio_to_baseline", "max_rel_error", "error"]),
         ("sanitize", "compute-sanitizer workload", ["backend", "dtype", "dropout", "lead", "dora", "ok", "error"]),
+        ("qlora", "QLoRA (NF4 base; issue 23)", ["mode", "shape", "M", "dropout", "provider", "median_ms",
+                                                 "saved_bytes", "peak_bytes", "max_rel_error", "skipped", "error"]),
         ("e2e", "End-to-end training step (Llama-style, 2 layers)", ["variant", "dora", "dropout", "hidden", "tokens",
                                                                   "fused_layers", "first_loss", "step_ms",
                                                                   "peak_above_model_MiB", "error"]),
@@ -656,7 +695,7 @@ def phase_summary(work: Path, out: Path) -> int:
         ]
     (out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    errors = [r for name in ("table", "overhead", "sweep", "sanitize", "e2e") for r in _read(work / f"{name}.jsonl")
+    errors = [r for name in ("table", "overhead", "sweep", "sanitize", "e2e", "qlora") for r in _read(work / f"{name}.jsonl")
               if r.get("error")]  # fmt: skip
     return len(errors)
 
@@ -664,6 +703,7 @@ def phase_summary(work: Path, out: Path) -> int:
 PHASES = {
     "env": phase_env,
     "table": phase_table,
+    "qlora": phase_qlora,
     "overhead": phase_overhead,
     "sweep": phase_sweep,
     "sanitize": phase_sanitize,

@@ -31,6 +31,8 @@ from harness import (
     MERGED_OURS,
     MODES,
     PEFT_DORA,
+    PEFT_QLORA,
+    QLORA_TRITON,
     Case,
     add_ratios,
     cpu_load_note,
@@ -43,6 +45,7 @@ from harness import (
     peft_import_error,
     providers,
     quick_cases,
+    skip_reason,
     versions,
 )
 
@@ -157,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wanted = None
     if args.providers:
         wanted = {p.strip() for p in args.providers.split(",") if p.strip()}
-        known = {*BASELINES, PEFT_DORA, MERGED_OURS, *BACKEND_NAMES}
+        known = {*BASELINES, PEFT_DORA, PEFT_QLORA, *QLORA_TRITON, MERGED_OURS, *BACKEND_NAMES}
         if unknown := sorted(wanted - known):
             parser.error(
                 f"unknown provider(s) {', '.join(map(repr, unknown))}; choose from {', '.join(sorted(known))}"
@@ -186,10 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     jobs = []
     for case in cases:
-        for order, provider in enumerate(providers(case.mode, device, case.dora)):
-            if provider in ("peft", PEFT_DORA) and peft_import_error():
+        for order, provider in enumerate(providers(case.mode, device, case.dora, case.quant)):
+            if skip_reason(case, provider):
                 continue
-            if wanted is None or provider in wanted or provider in ("base", "peft", PEFT_DORA):
+            if wanted is None or provider in wanted or provider in ("base", "peft", PEFT_DORA, PEFT_QLORA):
                 jobs.append((case, provider, order))
 
     env = {"device": device_name(device), "device_slug": device_slug(device), "versions": versions()}

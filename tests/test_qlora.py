@@ -15,13 +15,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import requires_cuda
 from torch import nn
 
 from lora_kernels import FusedLoRALinear, dropout_mask, inject_lora, lora_state_dict, quant4bit, use_backend
 from lora_kernels.dropout import new_seed
 from lora_kernels.testing import assert_close
-
-from helpers import requires_cuda
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -354,7 +353,7 @@ def test_peft_8bit_layer_keeps_peft_forward_with_a_warning():
 
 def test_unknown_quant_type_and_foreign_device_fall_back_or_raise():
     base = _linear4bit(nested=True)
-    reference, fused = _peft_pair(base)
+    _, fused = _peft_pair(base)
     layer = FusedLoRALinear.from_linear(_linear4bit(), r=4)
     x = torch.randn(3, 64)
     state = fused.base_model.model.proj.base_layer.weight.quant_state
