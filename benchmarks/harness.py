@@ -51,6 +51,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -753,6 +754,8 @@ def versions() -> dict[str, str | None]:
         "cuda": torch.version.cuda,
         "triton": version_of("triton"),
         "peft": version_of("peft"),
+        # only when a QLoRA case imported it (importing it costs seconds)
+        "bitsandbytes": getattr(sys.modules.get("bitsandbytes"), "__version__", None),
         "lora_kernels": lora_kernels.__version__,
         "git": commit,
         "python": platform.python_version(),
