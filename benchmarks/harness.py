@@ -45,13 +45,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.metadata
 import math
 import os
 import platform
 import re
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -731,9 +731,10 @@ def versions() -> dict[str, str | None]:
     """Versions of everything that shapes a number, plus the git commit when run from a checkout."""
 
     def version_of(module: str) -> str | None:
+        # the installed distribution's version, without importing it (peft imports bitsandbytes, seconds)
         try:
-            return __import__(module).__version__
-        except ImportError:
+            return importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:
             return None
 
     commit = None
@@ -754,8 +755,7 @@ def versions() -> dict[str, str | None]:
         "cuda": torch.version.cuda,
         "triton": version_of("triton"),
         "peft": version_of("peft"),
-        # only when a QLoRA case imported it (importing it costs seconds)
-        "bitsandbytes": getattr(sys.modules.get("bitsandbytes"), "__version__", None),
+        "bitsandbytes": version_of("bitsandbytes"),
         "lora_kernels": lora_kernels.__version__,
         "git": commit,
         "python": platform.python_version(),
