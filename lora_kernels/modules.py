@@ -326,7 +326,6 @@ class FusedLoRALinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.is_4bit:  # the quant state under weight., as bitsandbytes' Linear4bit saves it
-            quant4bit.describe(self.weight)  # (the standard layout, not bitsandbytes' CPU repacking)
             for key, value in self.weight.quant_state.as_dict(packed=True).items():
                 destination[prefix + "weight." + key] = value if keep_vars else value.detach()
         if not self.merged:  # the plain format: weight is the base weight, as in state dicts of old versions

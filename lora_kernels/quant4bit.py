@@ -113,17 +113,6 @@ def _require_bnb():
     return bnb
 
 
-def _unpack_cpu_format(weight) -> None:
-    """bitsandbytes repacks a CPU weight for its own AVX-512 inference kernel (``packing_format_for_cpu``,
-    done by ``Linear4bit.forward`` in eval mode); turn it back into the standard layout, as bitsandbytes'
-    own ``_save_to_state_dict`` does."""
-    state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-
-
 def describe(weight) -> Weight4bit:
     """The :class:`Weight4bit` of a quantized ``Params4bit``; a clear error for anything the kernels cannot
     read exactly (not quantized yet, unknown quant type, quant state on another device, bad sizes)."""
@@ -136,8 +125,13 @@ def describe(weight) -> Weight4bit:
             "the 4-bit weight is not quantized yet: bitsandbytes quantizes a Linear4bit when it is moved to a "
             "device (layer.to('cuda') or .to('cpu'))"
         )
-    _unpack_cpu_format(weight)
-    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        raise ValueError(
+            "bitsandbytes has repacked this 4-bit weight for its own CPU inference kernel (Linear4bit.forward "
+            "in eval mode without gradients, on an AVX-512-bf16 CPU): a different layout, its absmax rounded "
+            "to bf16, which bitsandbytes' inverse does not fully restore. Quantize the layer again (and run it "
+            "in train mode or with gradients before fusing)"
+        )
     if state.quant_type not in QUANT_TYPES:
         raise ValueError(
             f"unknown 4-bit quant type {state.quant_type!r}: the fused kernels read {QUANT_TYPES}"

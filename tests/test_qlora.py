@@ -402,3 +402,20 @@ def test_4bit_kernels_compile_for_sm90():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok ") == 2 * 2 * 2
+
+
+def test_weight_repacked_by_bitsandbytes_cpu_inference_is_refused():
+    """On an AVX-512-bf16 CPU, Linear4bit's eval forward repacks its weight for bitsandbytes' own kernel
+    (``packing_format_for_cpu``: another layout, absmax rounded to bf16): a clear error, not wrong numbers
+    (PEFT's layer then keeps PEFT's forward, with the warning)."""
+    base = _linear4bit(out_features=64)  # (bitsandbytes repacks blocks of 32 rows)
+    layer = FusedLoRALinear.from_linear(base, r=4, init_lora_weights=False)
+    x = torch.randn(3, 64)
+    layer(x)
+    base.eval()
+    with torch.no_grad():
+        base(x)
+    if not getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes did not repack the weight on this CPU (no AVX-512 bf16)")
+    with pytest.raises(ValueError, match="repacked"):
+        layer(x)
