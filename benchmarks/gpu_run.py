@@ -140,11 +140,19 @@ def table_providers(case: Case) -> list[str]:
 
 
 def phase_table(work: Path) -> None:
-    out = work / "table.jsonl"
+    _measure_table(work / "table.jsonl", table_cases(), table_providers)
+
+
+def _measure_table(out: Path, cases: list[Case], providers_of: Callable[[Case], list[str]]) -> None:
+    """One :func:`harness.measure` row per case × provider, emitted as measured; a provider that cannot run
+    here (a missing optional package) gets a row with its reason."""
     env = {"device": harness.device_name(DEVICE), "versions": harness.versions()}
-    for case in table_cases():
-        for order, provider in enumerate(table_providers(case)):
+    for case in cases:
+        for order, provider in enumerate(providers_of(case)):
             row = {"provider": provider, **harness.case_fields(case), "order": order, **env}
+            if reason := harness.skip_reason(case, provider):
+                _emit(out, {**row, "skipped": reason})
+                continue
             started = time.perf_counter()
             try:
                 row.update(harness.measure(provider, case, DEVICE, quick=True))
@@ -168,33 +176,17 @@ def qlora_cases() -> list[Case]:
     return harness.qlora_cases("cuda")
 
 
+def qlora_providers(case: Case) -> list[str]:
+    names = harness.providers(case.mode, DEVICE, case.dora, case.quant)
+    if DRY and "triton" in available_backends(DEVICE):
+        names += list(harness.QLORA_TRITON)  # the interpreter: runs the code, measures nothing
+    return names
+
+
 def phase_qlora(work: Path) -> None:
     """The QLoRA table: ``base`` (dense F.linear), ``peft_qlora``, ours on both paths. Without bitsandbytes
-    (not installed on the GPU machine yet) each case is one row saying so."""
-    out = work / "qlora.jsonl"
-    env = {"device": harness.device_name(DEVICE), "versions": harness.versions()}
-    for case in qlora_cases():
-        if reason := harness.qlora_import_error():
-            _emit(out, {"provider": "all", **harness.case_fields(case), "skipped": reason, **env})
-            continue
-        names = harness.providers(case.mode, DEVICE, case.dora, case.quant)
-        if DRY and "triton" in available_backends(DEVICE):
-            names += list(harness.QLORA_TRITON)  # the interpreter: runs the code, measures nothing
-        for order, provider in enumerate(names):
-            row = {"provider": provider, **harness.case_fields(case), "order": order, **env}
-            if reason := harness.skip_reason(case, provider):
-                _emit(out, {**row, "skipped": reason})
-                continue
-            started = time.perf_counter()
-            try:
-                row.update(harness.measure(provider, case, DEVICE, quick=True))
-            except Exception as err:  # recorded in its row; the table goes on
-                row["error"] = _error(err)
-                traceback.print_exc()
-            row["wall_s"] = round(time.perf_counter() - started, 2)
-            _emit(out, row)
-            if DEVICE.type == "cuda":
-                torch.cuda.empty_cache()
+    (not installed on the GPU machine yet) every row says so instead of a time."""
+    _measure_table(work / "qlora.jsonl", qlora_cases(), qlora_providers)
 
 
 # ----------------------------------------------------------------------------------------------- overhead

@@ -40,6 +40,7 @@ from .triton_lora import (
     _Configs,
     _dropout_args,
     _dropout_keep_tile,
+    _epilogue_operands,
     _grad_y_pass,
     _input_precision,
     _launch_guard,
@@ -137,17 +138,9 @@ def _qlora_linear_kernel(
         mask=mask_m[:, None] & mask_r[None, :],
         other=0.0,
     )
-    u = tl.load(
-        u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
-        mask=mask_r[:, None] & mask_n[None, :],
-        other=0.0,
+    t_op, u_op = _epilogue_operands(
+        t, u_ptr, offs_r, mask_r, offs_n, mask_n, stride_ur, stride_un, lora_scale, in_dtype, LORA_FP32
     )
-    if LORA_FP32:
-        t_op = t * lora_scale
-        u_op = u.to(tl.float32)
-    else:
-        t_op = (t * lora_scale).to(in_dtype)
-        u_op = u.to(in_dtype)
     if HAS_DROPOUT:
         lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
         keep = _dropout_keep_tile(
