@@ -94,12 +94,14 @@ def _why_not_fused(layer: nn.Module) -> tuple[str | None, bool]:
             f".{type(base).__name__}: stacked adapters, e.g. a PeftMixedModel)",
             True,
         )
-    if quant4bit.is_linear4bit(base):
+    if type(base) is nn.Linear:
+        pass
+    elif quant4bit.is_linear4bit(base):
         try:
             quant4bit.describe(base.weight)
         except (ValueError, TypeError, ImportError) as err:
             return f"its 4-bit base cannot be read by the fused kernels: {err}", True
-    elif type(base) is not nn.Linear:
+    else:
         return f"its base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)", True
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (Conv1D-style transposed weights)", True
@@ -163,7 +165,8 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     scaling = float(self.scaling[adapter])
     dora = self.use_dora.get(adapter, False)
     magnitude = self.lora_magnitude_vector[adapter].weight if dora else None
-    if quant4bit.is_linear4bit(base):  # QLoRA: cast as Linear4bit.forward does (see qlora_linear)
+    if type(base) is not nn.Linear:  # a 4-bit base, the only other kind _why_not_fused lets through: QLoRA,
+        # cast as Linear4bit.forward does (see qlora_linear)
         if not base.compute_type_is_set:
             base.set_compute_type(x)
             base.compute_type_is_set = True
