@@ -122,9 +122,13 @@ def _epilogue_operands(
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
     )
-    if LORA_FP32:
-        return t * lora_scale, u.to(tl.float32)
-    return (t * lora_scale).to(in_dtype), u.to(in_dtype)
+    if LORA_FP32:  # (one return: the compiler wants one type per return, even in a dead branch)
+        t_op = t * lora_scale
+        u_op = u.to(tl.float32)
+    else:
+        t_op = (t * lora_scale).to(in_dtype)
+        u_op = u.to(in_dtype)
+    return t_op, u_op
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
