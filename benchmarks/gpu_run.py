@@ -137,7 +137,7 @@ def table_cases() -> list[Case]:
 
 
 def table_providers(case: Case) -> list[str]:
-    names = harness.providers(case.mode, DEVICE, case.dora)
+    names = harness.providers(case.mode, DEVICE, case.dora, case.quant)
     if DRY and "triton" in available_backends(DEVICE) and case.dtype != "bf16":
         # the interpreter: runs the code (and, through the paths, the routing table's writer), measures nothing
         names += ["triton"] if case.dora else harness.path_providers(["triton"], DEVICE)
@@ -147,11 +147,19 @@ def table_providers(case: Case) -> list[str]:
 
 
 def phase_table(work: Path) -> None:
-    out = work / "table.jsonl"
+    _measure_table(work / "table.jsonl", table_cases(), table_providers)
+
+
+def _measure_table(out: Path, cases: list[Case], providers_of: Callable[[Case], list[str]]) -> None:
+    """One :func:`harness.measure` row per case × provider, emitted as measured; a provider that cannot run
+    here (a missing optional package) gets a row with its reason."""
     env = {"device": harness.device_name(DEVICE), "versions": harness.versions()}
-    for case in table_cases():
-        for order, provider in enumerate(table_providers(case)):
+    for case in cases:
+        for order, provider in enumerate(providers_of(case)):
             row = {"provider": provider, **harness.case_fields(case), "order": order, **env}
+            if reason := harness.skip_reason(case, provider):
+                _emit(out, {**row, "skipped": reason})
+                continue
             started = time.perf_counter()
             try:
                 row.update(harness.measure(provider, case, DEVICE, quick=True))
@@ -162,6 +170,30 @@ def phase_table(work: Path) -> None:
             _emit(out, row)
             if DEVICE.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- qlora
+
+
+def qlora_cases() -> list[Case]:
+    """Issue 23's QLoRA cases (NF4 bases): 4096² and 4096→11008, M = 16, 512, 4096, r = 16, dropout 0 and
+    0.1, fwd+bwd, and the decode forward at M = 16."""
+    if DRY:
+        return [Case(16, 128, 96, 8, 0.0, "fp32", "fwd_bwd", quant="nf4")]
+    return harness.qlora_cases("cuda")
+
+
+def qlora_providers(case: Case) -> list[str]:
+    names = harness.providers(case.mode, DEVICE, case.dora, case.quant)
+    if DRY and "triton" in available_backends(DEVICE):
+        names += list(harness.QLORA_TRITON)  # the interpreter: runs the code, measures nothing
+    return names
+
+
+def phase_qlora(work: Path) -> None:
+    """The QLoRA table: ``base`` (dense F.linear), ``peft_qlora``, ours on both paths. Without bitsandbytes
+    (not installed on the GPU machine yet) every row says so instead of a time."""
+    _measure_table(work / "qlora.jsonl", qlora_cases(), qlora_providers)
 
 
 # ----------------------------------------------------------------------------------------------- overhead
@@ -647,6 +679,8 @@ def phase_summary(work: Path, out: Path) -> int:
         ("sweep", "Tile-config sweep", ["kernel", "shape", "config", "ran_config", "median_ms", "baseline_ms",
                                         "ratio_to_baseline", "max_rel_error", "error"]),
         ("sanitize", "compute-sanitizer workload", ["backend", "dtype", "dropout", "lead", "dora", "ok", "error"]),
+        ("qlora", "QLoRA (NF4 base; issue 23)", ["mode", "shape", "M", "dropout", "provider", "median_ms",
+                                                 "saved_bytes", "peak_bytes", "max_rel_error", "skipped", "error"]),
         ("e2e", "End-to-end training step (Llama-style, 2 layers)", ["variant", "dora", "dropout", "hidden", "tokens",
                                                                   "fused_layers", "first_loss", "step_ms",
                                                                   "peak_above_model_MiB", "error"]),
@@ -665,7 +699,7 @@ def phase_summary(work: Path, out: Path) -> int:
         ]
     (out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    errors = [r for name in ("table", "overhead", "sweep", "sanitize", "e2e") for r in _read(work / f"{name}.jsonl")
+    errors = [r for name in ("table", "overhead", "sweep", "sanitize", "e2e", "qlora") for r in _read(work / f"{name}.jsonl")
               if r.get("error")]  # fmt: skip
     return len(errors)
 
@@ -772,6 +806,7 @@ def tuning_from_results(results: Path, out: Path, stand_ins: str | None, note: s
 PHASES = {
     "env": phase_env,
     "table": phase_table,
+    "qlora": phase_qlora,
     "overhead": phase_overhead,
     "sweep": phase_sweep,
     "sanitize": phase_sanitize,

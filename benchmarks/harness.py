@@ -24,6 +24,14 @@ Providers, all computing ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` from 
                times into the routing table (``lora_kernels/tuning/<device>.json``).
 ``ours``       (merged mode only) :class:`~lora_kernels.FusedLoRALinear` after ``merge()``.
 
+QLoRA cases (``Case.quant = "nf4"``): the base weight is a bitsandbytes ``Linear4bit`` (NF4, double-quantized,
+compute dtype the case's; ``W`` in the other providers is its dequantized value, so all compute the same
+function). ``peft_qlora`` is PEFT's ``lora.bnb.Linear4bit`` (its ratios are ``ratio_to_peft``); ours are
+:func:`lora_kernels.functional.qlora_linear` on ``triton_fused`` (the base GEMMs dequantize in registers),
+``triton_dequant`` (dequantize once, then the fused LoRA path), ``torch`` (bitsandbytes' dequantization, then
+the torch backend); ``base`` stays the dense ``F.linear``. Needs bitsandbytes (``lora_kernels[qlora]``):
+:func:`qlora_import_error` says why not, and callers skip these cases with it.
+
 DoRA cases (``Case.dora``) compute PEFT's DoRA (:func:`lora_kernels.dora_linear`) instead, with the same
 names: ``composite`` is then :func:`~lora_kernels.ops.torch_lora.dora_linear_composite` (plain torch ops
 under autograd), ``triton``/``cuda``/``torch`` run :func:`lora_kernels.dora_linear`, and PEFT's DoRA layer
@@ -42,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.metadata
 import math
 import os
 import platform
@@ -76,6 +85,9 @@ MODES = ("fwd", "fwd_bwd", "merged")
 BASELINES = ("base", "peft", "composite")
 MERGED_OURS = "ours"
 PEFT_DORA = "peft_dora"
+PEFT_QLORA = "peft_qlora"
+#: Ours on a 4-bit base, by path (lora_kernels.ops.qlora), on the Triton backend.
+QLORA_TRITON = {"triton_fused": "fused", "triton_dequant": "dequant"}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
@@ -99,6 +111,7 @@ class Case:
     bias: bool = False
     adapter_dtype: str | None = None  # e.g. "fp32" adapters on a "bf16" base (PEFT's default); None: dtype
     dora: bool = False  # PEFT's use_dora
+    quant: str | None = None  # "nf4": a 4-bit bitsandbytes base (QLoRA)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -113,7 +126,8 @@ class Case:
         """A compact, unique, pytest-id-safe name."""
         adapters = f"-A{self.adapter_dtype}" if self.adapter_dtype else ""
         dora = "-dora" if self.dora else ""
-        return f"{self.mode}{dora}-{self.dtype}{adapters}-{self.shape}-M{self.M}-r{self.r}-p{self.dropout:g}"
+        quant = f"-{self.quant}" if self.quant else ""
+        return f"{self.mode}{dora}{quant}-{self.dtype}{adapters}-{self.shape}-M{self.M}-r{self.r}-p{self.dropout:g}"
 
 
 def _grid(
@@ -140,13 +154,37 @@ def _grid(
 
 def gpu_cases() -> list[Case]:
     """LLaMA-style projections (q/o, up/gate, down, a 70B-class square), decode to long-prefill tokens."""
-    return _grid(
-        shapes=[(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)],
-        tokens=[16, 512, 4096, 16384],
-        ranks=[8, 16, 64],
-        dropouts=[0.0, 0.1],
-        dtypes=["bf16", "fp16"],
-    ) + _grid([(4096, 4096)], [16, 512, 8192], [16], [0.0, 0.1], ["bf16"], dora=True)
+    return (
+        _grid(
+            shapes=[(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)],
+            tokens=[16, 512, 4096, 16384],
+            ranks=[8, 16, 64],
+            dropouts=[0.0, 0.1],
+            dtypes=["bf16", "fp16"],
+        )
+        + _grid([(4096, 4096)], [16, 512, 8192], [16], [0.0, 0.1], ["bf16"], dora=True)
+        + qlora_cases("cuda")
+    )
+
+
+def qlora_cases(device_type: str) -> list[Case]:
+    """QLoRA (issue 23): NF4 bases, fp32 adapters as PEFT keeps them; on a GPU the shapes and M of the issue
+    (fwd+bwd, and the decode forward at M = 16), on a CPU one small fp32 shape."""
+    if device_type != "cuda":
+        return [
+            Case(M, 512, 1024, 16, p, "fp32", "fwd_bwd", quant="nf4") for M in (16, 256) for p in (0.0, 0.1)
+        ]
+    cases = [
+        Case(M, k, n, 16, p, "bf16", "fwd_bwd", adapter_dtype="fp32", quant="nf4")
+        for k, n in ((4096, 4096), (4096, 11008))
+        for M in (16, 512, 4096)
+        for p in (0.0, 0.1)
+    ]
+    decode = [
+        Case(16, k, n, 16, 0.0, "bf16", "fwd", adapter_dtype="fp32", quant="nf4")
+        for k, n in ((4096, 4096), (4096, 11008))
+    ]
+    return cases + decode
 
 
 def cpu_cases() -> list[Case]:
@@ -160,6 +198,7 @@ def cpu_cases() -> list[Case]:
         _grid([(1024, 1024)], [16, 256, 1024], [16], [0.0, 0.1], ["fp32"])
         + _grid([(512, 1024)], [256], [8, 64], [0.0, 0.1], ["fp32"])
         + _grid([(1024, 1024)], [256, 1024], [16], [0.0, 0.1], ["fp32"], ("fwd", "fwd_bwd"), dora=True)
+        + qlora_cases("cpu")
     )
 
 
@@ -242,6 +281,7 @@ class Inputs:
     grad_y: torch.Tensor
     scaling: float
     magnitude: torch.Tensor | None = None  # DoRA cases
+    linear4bit: nn.Module | None = None  # QLoRA cases: the bitsandbytes Linear4bit whose value ``weight`` is
 
     def known(self) -> list[torch.Tensor]:
         """Tensors whose storage is the caller's, not the layer's: saving them costs no memory."""
@@ -270,6 +310,12 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> Inputs
         grad_y=rand(case.M, N),
         scaling=2.0,  # lora_alpha = 2r
     )
+    if case.quant:  # W becomes the value of its 4-bit form, so that every provider computes the same function
+        from lora_kernels import quant4bit
+        from lora_kernels.testing import to_4bit
+
+        inputs.linear4bit = to_4bit(_linear(inputs), compress_statistics=True, compute_dtype=dtype)
+        inputs.weight = quant4bit.dequantize(quant4bit.describe(inputs.linear4bit.weight), dtype)
     if case.dora:  # the initial magnitude (the norm), off by up to 10 % per row as after some training
         norm = dora_weight_norm_reference(inputs.weight, inputs.lora_A, inputs.lora_B, inputs.scaling)
         jitter = 1 + 0.1 * torch.rand(N, generator=gen, device=device, dtype=torch.float32)
@@ -277,14 +323,19 @@ def make_inputs(case: Case, device: torch.device | str, seed: int = 0) -> Inputs
     return inputs
 
 
-def providers(mode: str, device: torch.device | str, dora: bool = False) -> list[str]:
+def providers(
+    mode: str, device: torch.device | str, dora: bool = False, quant: str | None = None
+) -> list[str]:
     """Provider names for ``mode`` on ``device``; ``base`` first and ``peft`` (``peft_dora`` for DoRA
-    cases) second (the references).
+    cases, ``peft_qlora`` for QLoRA cases) second (the references).
 
     On the CPU only the ``torch`` backend is ours: Triton there needs the interpreter, which is no speed
     measurement (``TRITON_INTERPRET=1`` is never set by the benchmarks).
     """
     device = torch.device(device)
+    if quant:
+        triton = "triton" in available_backends(device) and device.type == "cuda"
+        return ["base", PEFT_QLORA, *(QLORA_TRITON if triton else ()), "torch"]
     peft = PEFT_DORA if dora else "peft"
     if mode == "merged":
         return ["base", peft, MERGED_OURS]
@@ -315,6 +366,25 @@ def peft_import_error() -> str | None:
         import peft.tuners.lora  # noqa: F401
     except ImportError as err:
         return f"peft is not installed ({err}); pip install peft"
+    return None
+
+
+@functools.cache
+def qlora_import_error() -> str | None:
+    """``None`` if bitsandbytes imports, else why not (QLoRA cases are then skipped with this note)."""
+    from lora_kernels import quant4bit
+
+    if quant4bit.bnb_module() is None:
+        return f"bitsandbytes is not installed: {quant4bit.EXTRA_HINT}"
+    return None
+
+
+def skip_reason(case: Case, provider: str) -> str | None:
+    """Why ``provider`` cannot run ``case`` here (a missing optional package), or ``None``."""
+    if case.quant and qlora_import_error():
+        return qlora_import_error()
+    if provider in ("peft", PEFT_DORA, PEFT_QLORA):
+        return peft_import_error()
     return None
 
 
@@ -355,6 +425,43 @@ def make_peft_layer(case: Case, inputs: Inputs) -> nn.Module:
     return layer
 
 
+def make_peft_qlora_layer(case: Case, inputs: Inputs) -> nn.Module:
+    """PEFT's ``lora.bnb.Linear4bit`` around a copy of the case's 4-bit base, with its adapters (copied)."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    options = dict(r=case.r, lora_alpha=inputs.scaling * case.r, lora_dropout=case.dropout)
+    config = LoraConfig(target_modules=["base"], **options)
+    layer = PeftLinear4bit(copy.deepcopy(inputs.linear4bit), "default", config=config, **options)
+    layer.lora_A.to(device=inputs.x.device, dtype=inputs.lora_A.dtype)
+    layer.lora_B.to(device=inputs.x.device, dtype=inputs.lora_B.dtype)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(inputs.lora_A)
+        layer.lora_B["default"].weight.copy_(inputs.lora_B)
+    layer.base_layer.requires_grad_(False)
+    return layer
+
+
+def _qlora_forward_fn(provider: str, case: Case, inputs: Inputs) -> tuple[Callable, list]:
+    from lora_kernels.functional import qlora_linear
+    from lora_kernels.ops.qlora import use_qlora_path
+
+    if provider == PEFT_QLORA:
+        layer = make_peft_qlora_layer(case, inputs)
+        layer.train()
+        return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    base, A, B, s, p = inputs.linear4bit, inputs.lora_A, inputs.lora_B, inputs.scaling, case.dropout
+    backend, path = ("triton", QLORA_TRITON[provider]) if provider in QLORA_TRITON else (provider, "auto")
+
+    def ours(x: torch.Tensor) -> torch.Tensor:
+        with use_backend(backend), use_qlora_path(path):
+            return qlora_linear(x, base.weight, base.bias, A, B, s, p, True, compute_dtype=base.compute_dtype)
+
+    return ours, [A, B]
+
+
 def _forward_fn(
     provider: str, case: Case, inputs: Inputs
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list]:
@@ -364,6 +471,8 @@ def _forward_fn(
     if provider == "base":
         weight, bias = inputs.weight, inputs.bias
         return (lambda x: F.linear(x, weight, bias)), []
+    if case.quant:
+        return _qlora_forward_fn(provider, case, inputs)
     if provider in ("peft", PEFT_DORA):
         layer = make_peft_layer(case, inputs)
         if case.mode == "merged":
@@ -479,7 +588,7 @@ def saved_bytes(provider: str, case: Case, inputs: Inputs) -> SavedTensorCounter
     for tensor in adapters:
         tensor.requires_grad_()
     known = [x, *inputs.known(), *adapters]
-    if provider in ("peft", PEFT_DORA):
+    if provider in ("peft", PEFT_DORA, PEFT_QLORA):
         known += [p for p in forward.parameters()]  # type: ignore[union-attr]
     with SavedTensorCounter(known) as counter:
         forward(x)
@@ -646,9 +755,10 @@ def versions() -> dict[str, str | None]:
     """Versions of everything that shapes a number, plus the git commit when run from a checkout."""
 
     def version_of(module: str) -> str | None:
+        # the installed distribution's version, without importing it (peft imports bitsandbytes, seconds)
         try:
-            return __import__(module).__version__
-        except ImportError:
+            return importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:
             return None
 
     commit = None
@@ -669,6 +779,7 @@ def versions() -> dict[str, str | None]:
         "cuda": torch.version.cuda,
         "triton": version_of("triton"),
         "peft": version_of("peft"),
+        "bitsandbytes": version_of("bitsandbytes"),
         "lora_kernels": lora_kernels.__version__,
         "git": commit,
         "python": platform.python_version(),
@@ -688,6 +799,7 @@ def case_fields(case: Case) -> dict:
         "mode": case.mode,
         "adapter_dtype": case.adapter_dtype or case.dtype,
         "dora": case.dora,
+        "quant": case.quant,
     }
 
 
@@ -705,7 +817,8 @@ def case_key(row: dict) -> tuple:
             "r",
             "dropout",
             "mode",
-            "dora",
+            "quant",
+            "dora",  # last: ratio_to_lora replaces it
         )
     )
 
@@ -718,7 +831,7 @@ def add_ratios(rows: Sequence[dict]) -> None:
     refs: dict[tuple, dict[str, float]] = {}
     times: dict[tuple, float] = {}
     for row in rows:
-        name = "peft" if row["provider"] == PEFT_DORA else row["provider"]
+        name = "peft" if row["provider"] in (PEFT_DORA, PEFT_QLORA) else row["provider"]
         if row.get("median_ms") and name in BASELINES:
             refs.setdefault(case_key(row), {})[name] = row["median_ms"]
         if row.get("median_ms"):

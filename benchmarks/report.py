@@ -31,6 +31,8 @@ from harness import (
     MERGED_OURS,
     MODES,
     PEFT_DORA,
+    PEFT_QLORA,
+    QLORA_TRITON,
     Case,
     add_ratios,
     cpu_load_note,
@@ -44,6 +46,7 @@ from harness import (
     peft_import_error,
     providers,
     quick_cases,
+    skip_reason,
     versions,
 )
 
@@ -161,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = {
             *BASELINES,
             PEFT_DORA,
+            PEFT_QLORA,
+            *QLORA_TRITON,
             MERGED_OURS,
             "auto",
             *BACKEND_NAMES,
@@ -194,10 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     jobs = []
     for case in cases:
-        for order, provider in enumerate(providers(case.mode, device, case.dora)):
-            if provider in ("peft", PEFT_DORA) and peft_import_error():
+        for order, provider in enumerate(providers(case.mode, device, case.dora, case.quant)):
+            if skip_reason(case, provider):
                 continue
-            if wanted is None or provider in wanted or provider in ("base", "peft", PEFT_DORA):
+            if wanted is None or provider in wanted or provider in ("base", "peft", PEFT_DORA, PEFT_QLORA):
                 jobs.append((case, provider, order))
 
     env = {"device": device_name(device), "device_slug": device_slug(device), "versions": versions()}

@@ -22,7 +22,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PARAMS = [
     pytest.param(case, provider, id=f"{case.label}-{provider}")
     for case in harness.default_cases(DEVICE)
-    for provider in harness.providers(case.mode, DEVICE, case.dora)
+    for provider in harness.providers(case.mode, DEVICE, case.dora, case.quant)
 ]
 
 
@@ -46,14 +46,14 @@ def record_times(benchmark, times_ms: list[float]) -> None:
 
 @pytest.mark.parametrize(("case", "provider"), PARAMS)
 def test_lora_linear(benchmark, bench_rows, case: harness.Case, provider: str) -> None:
-    if provider in ("peft", harness.PEFT_DORA) and harness.peft_import_error():
-        pytest.skip(harness.peft_import_error())
+    if reason := harness.skip_reason(case, provider):
+        pytest.skip(reason)
     times: list[float] = []
     row = harness.measure(provider, case, DEVICE, timed=not benchmark.disabled, samples=times)
     row.update(
         name=benchmark.name,
         device=harness.device_name(DEVICE),
-        order=harness.providers(case.mode, DEVICE, case.dora).index(provider),
+        order=harness.providers(case.mode, DEVICE, case.dora, case.quant).index(provider),
         versions=harness.versions(),
     )
     benchmark.group = case.label

@@ -2,7 +2,14 @@
 
 from .dispatch import available_backends, use_backend
 from .dropout import dropout_mask
-from .functional import LoRALinearFunction, dora_linear, dora_weight_norm, lora_linear
+from .functional import (
+    LoRALinearFunction,
+    dora_linear,
+    dora_weight_norm,
+    lora_linear,
+    qdora_linear,
+    qlora_linear,
+)
 from .inject import inject_lora, lora_state_dict, merge_lora, unmerge_lora
 from .modules import FusedLoRALinear
 from .ops.routing import use_path
@@ -23,6 +30,8 @@ __all__ = [
     "lora_linear_reference",
     "lora_state_dict",
     "merge_lora",
+    "qdora_linear",
+    "qlora_linear",
     "unmerge_lora",
     "use_backend",
     "use_path",

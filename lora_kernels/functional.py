@@ -383,3 +383,108 @@ def _autocast_inputs(
         return t.to(dtype)
 
     return cast(x), cast(weight), cast(bias)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A 4-bit (bitsandbytes) base weight: QLoRA
+# --------------------------------------------------------------------------------------------------------
+
+
+def _qlora_inputs(
+    x: Tensor, weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, compute_dtype: torch.dtype | None
+):
+    """``(w, x, bias, input dtype)``: the :class:`~lora_kernels.quant4bit.Weight4bit` of ``weight`` and the
+    input and bias in the compute dtype, as ``bitsandbytes.nn.Linear4bit.forward`` casts them; checked."""
+    from . import quant4bit
+
+    w = quant4bit.describe(weight)
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"x must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}"
+        )
+    if x.device != w.device:
+        raise ValueError(f"{_describe('x', x)} is not on the device of the 4-bit weight ({w.device})")
+    input_dtype = x.dtype
+    dtype = compute_dtype or x.dtype
+    x = x.to(dtype)
+    if bias is not None:
+        bias = bias.to(dtype)
+
+    def meta(t: Tensor | None) -> Tensor | None:  # shapes and dtypes only, for check_inputs
+        return None if t is None else torch.empty_like(t, device="meta")
+
+    dense = torch.empty(w.shape, device="meta", dtype=dtype)
+    check_inputs(meta(x), dense, meta(bias), meta(lora_A), meta(lora_B), 1.0, 0.0)
+    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{_describe(name, tensor)} is not on the device of {_describe('x', x)}")
+    return w, x, bias, input_dtype
+
+
+def qlora_linear(
+    x: Tensor, weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    dropout_p: float = 0.0, training: bool = False, *, dropout_seed: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:  # fmt: skip
+    """:func:`lora_linear` over a 4-bit bitsandbytes base (QLoRA): ``weight`` is the ``Params4bit`` of a
+    ``bitsandbytes.nn.Linear4bit`` (NF4 or FP4, double-quantized or not, any ``quant_storage``), frozen.
+
+    As ``Linear4bit`` does, ``x`` and ``bias`` are cast to ``compute_dtype`` (default ``x.dtype``), the
+    base weight is dequantized to it (bitsandbytes' values, rounded to the original weight's dtype first),
+    and the output is returned in ``x``'s dtype. Gradients flow to ``x``, ``bias`` (if it requires them),
+    ``lora_A`` and ``lora_B``. The path (in-kernel dequantization or dequantize-once,
+    :mod:`lora_kernels.ops.qlora`) is chosen per call; where the fused autograd cannot run
+    (``torch.func``, forward-mode AD, ``torch.compile``) it runs :func:`lora_linear` on the dequantized
+    weight.
+    """
+    w, x, bias, input_dtype = _qlora_inputs(x, weight, bias, lora_A, lora_B, compute_dtype)
+    dropout_seed = check_dropout_seed(dropout_seed)
+    _check_real("scaling", scaling)
+    _check_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if torch.compiler.is_compiling() or _composite_needed(x, bias, lora_A, lora_B):
+        from . import quant4bit
+
+        dense = quant4bit.dequantize(w, x.dtype)
+        y = lora_linear(
+            x, dense, bias, lora_A, lora_B, scaling, dropout_p, training, dropout_seed=dropout_seed
+        )
+        return y.to(input_dtype)
+    from .library import QLoRALinearFunction
+    from .ops.qlora import select_path
+
+    dropout_p, scaling = float(dropout_p if training else 0.0), float(scaling)
+    seed = 0
+    if dropout_p > 0.0:
+        seed = new_seed() if dropout_seed is None else dropout_seed
+    backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
+    path = select_path(backend, x.numel() // max(x.shape[-1], 1) if x.shape[-1] else 0)
+    y = QLoRALinearFunction.apply(x, bias, lora_A, lora_B, w, scaling, dropout_p, seed, backend, path)
+    return y.to(input_dtype)
+
+
+def qdora_linear(
+    x: Tensor, weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+    scaling: float, dropout_p: float = 0.0, training: bool = False, *, dropout_seed: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:  # fmt: skip
+    """:func:`dora_linear` over a 4-bit bitsandbytes base (see :func:`qlora_linear` for the casts).
+
+    The weight is dequantized to the compute dtype and :func:`dora_linear` runs on it; its autograd keeps
+    that dense weight for the backward, as PEFT's DoRA on a 4-bit base does (no in-kernel path for DoRA).
+    """
+    from . import quant4bit
+    from .ops.qlora import dequantize
+
+    w, x, bias, input_dtype = _qlora_inputs(x, weight, bias, lora_A, lora_B, compute_dtype)
+    backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
+    dense = (
+        dequantize(backend, w, x.dtype)
+        if not torch.compiler.is_compiling()
+        else quant4bit.dequantize(w, x.dtype)
+    )
+    y = dora_linear(
+        x, dense, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, dropout_seed=dropout_seed
+    )
+    return y.to(input_dtype)

@@ -18,6 +18,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from .modules import FusedLoRALinear, LoRAOptions, lora_options
+from .quant4bit import quantized_base_error
 
 __all__ = [
     "attach_lora",
@@ -181,6 +182,9 @@ def attach_lora(
     ]
     if bad:
         raise TypeError(f"only nn.Linear modules can take a fused LoRA adapter, not {', '.join(bad[:8])}")
+    quantized = [f"{n}: {why}" for n, m in modules.items() if (why := quantized_base_error(m)) is not None]
+    if quantized:
+        raise TypeError(f"these modules cannot take a fused LoRA adapter: {'; '.join(quantized[:8])}")
     new = [name for name, module in modules.items() if not isinstance(module, FusedLoRALinear)]
     warn_if_never_called(model, new, stacklevel=stacklevel + 1)
     for param in model.parameters():

@@ -50,6 +50,7 @@ from .ops.routing import select_path
 __all__ = [
     "DoRALinearFunction",
     "LoRALinearFunction",
+    "QLoRALinearFunction",
     "lora_linear_backward_op",
     "lora_linear_op",
     "once_differentiable_grads",
@@ -178,6 +179,41 @@ class DoRALinearFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True)
             grads = once_differentiable_grads((grad_y, x, weight, lora_A, lora_B), grads)
         return (*grads, None, None, None, None)
+
+
+class QLoRALinearFunction(torch.autograd.Function):
+    """:class:`LoRALinearFunction` over a 4-bit (bitsandbytes) base weight, frozen: gradients for ``x``,
+    ``bias``, ``lora_A`` and ``lora_B``. ``qweight`` is a :class:`lora_kernels.quant4bit.Weight4bit`;
+    ``path`` is :func:`lora_kernels.ops.qlora.select_path`'s choice, kept for the backward. Saves what
+    :class:`LoRALinearFunction` saves, with the 4-bit weight in place of the dense one (never a dequantized
+    copy: the backward dequantizes again where its path needs ``W``)."""
+
+    @staticmethod
+    def forward(
+        ctx, x, bias, lora_A, lora_B, qweight, scaling: float, dropout_p: float, seed: int, backend: str,
+        path: str,
+    ):  # fmt: skip
+        from .ops.qlora import run_qlora_forward
+
+        params = LoRAParams(scaling, dropout_p, seed)
+        y, t = run_qlora_forward(backend, path, x, qweight, bias, lora_A, lora_B, params)
+        ctx.save_for_backward(x, lora_A, lora_B, t)
+        ctx.qweight, ctx.params, ctx.backend, ctx.path = qweight, params, backend, path
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from .ops.qlora import run_qlora_backward
+
+        x, lora_A, lora_B, t = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:4])
+        with torch.no_grad():
+            grads = run_qlora_backward(
+                ctx.backend, ctx.path, grad_y, x, ctx.qweight, lora_A, lora_B, t, ctx.params, needs
+            )
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            grads = once_differentiable_grads((grad_y, x, lora_A, lora_B), grads)
+        return (*grads, None, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------------

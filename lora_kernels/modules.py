@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import TypedDict, Unpack
 
-from .functional import dora_linear, dora_weight_norm, lora_linear
+from . import quant4bit
+from .functional import dora_linear, dora_weight_norm, lora_linear, qdora_linear, qlora_linear
 
 
 class LoRAOptions(TypedDict, total=False):
@@ -100,6 +101,9 @@ class FusedLoRALinear(nn.Module):
         use_dora: DoRA (see above); default False.
     """
 
+    #: Whether ``weight`` is a 4-bit bitsandbytes ``Params4bit`` (set per layer by ``from_linear``).
+    is_4bit = False
+
     def __init__(
         self,
         in_features: int,
@@ -122,12 +126,25 @@ class FusedLoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options: Unpack[LoRAOptions]) -> FusedLoRALinear:
-        """Wrap an existing ``nn.Linear``: its ``weight``/``bias`` tensors are reused (no copy) and frozen."""
+        """Wrap an existing ``nn.Linear``: its ``weight``/``bias`` tensors are reused (no copy) and frozen.
+
+        A quantized ``bitsandbytes.nn.Linear4bit`` (QLoRA: NF4/FP4, double-quantized or not) works too: the
+        layer keeps its 4-bit ``weight`` (a ``Params4bit``) and ``compute_dtype``, computes as
+        ``Linear4bit`` does (input cast to the compute dtype, output in the input's dtype), and its
+        adapters default to float32, as PEFT's. Merging into a 4-bit weight is refused (see :meth:`merge`).
+        An 8-bit ``Linear8bitLt`` is a ``TypeError``.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        why = quant4bit.quantized_base_error(linear)
+        if why is not None:
+            raise TypeError(f"from_linear cannot wrap this layer: {why}")
         options = lora_options(options, "from_linear")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
+        if quant4bit.is_4bit_weight(linear.weight):
+            quant4bit.describe(linear.weight)  # a clear error now for a weight the kernels cannot read
+            module.compute_dtype = linear.compute_dtype
         linear.weight.requires_grad_(False)
         if linear.bias is not None:
             linear.bias.requires_grad_(False)
@@ -137,14 +154,16 @@ class FusedLoRALinear(nn.Module):
 
     def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, options: LoRAOptions) -> None:
         """The layer around ``weight``/``bias`` with the (checked, complete) adapter ``options``."""
-        self.out_features, self.in_features = weight.shape
+        self.is_4bit = quant4bit.is_4bit_weight(weight)
+        self.out_features, self.in_features = weight.quant_state.shape if self.is_4bit else weight.shape
         self.weight = weight
         self.register_parameter("bias", bias)
         self.r = int(options["r"])
         self.lora_alpha = options["lora_alpha"]
         self.lora_dropout = float(options["lora_dropout"])
         self.use_rslora = options["use_rslora"]
-        factory = {"device": weight.device, "dtype": options["adapter_dtype"] or weight.dtype}
+        base_dtype = torch.float32 if self.is_4bit else weight.dtype  # 4-bit: PEFT's float32 adapters
+        factory = {"device": weight.device, "dtype": options["adapter_dtype"] or base_dtype}
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
         self.use_dora = options["use_dora"]
@@ -172,6 +191,8 @@ class FusedLoRALinear(nn.Module):
         ``weight``/``bias`` as ``nn.Linear.reset_parameters``, the adapters by the layer's
         ``init_lora_weights`` (by default A kaiming-uniform, B zeros); the layer ends unmerged.
         """
+        if self.is_4bit:
+            raise RuntimeError("reset_parameters() cannot re-initialise a 4-bit (bitsandbytes) base weight")
         _reset_linear(self.weight, self.bias)
         self.merged = False
         self.reset_lora_parameters(getattr(self, "init_lora_weights", True))
@@ -215,14 +236,24 @@ class FusedLoRALinear(nn.Module):
         """DoRA's ``‖W + s·B·A‖`` per output row (float32, no autograd), of the *unmerged* weight."""
         if self.merged:
             raise RuntimeError("weight_norm() needs the unmerged weight; unmerge() first")
-        return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
+        return dora_weight_norm(self.dense_weight(), self.lora_A, self.lora_B, self.scaling)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a float tensor: ``weight`` itself, or a 4-bit weight dequantized (bitsandbytes'
+        values, in the original weight's dtype)."""
+        if not self.is_4bit:
+            return self.weight
+        return quant4bit.dequantize(quant4bit.describe(self.weight))
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling · lora_B · lora_A`` in the base weight's dtype (computed in fp32)."""
-        return self._delta_weight_f32().to(self.weight.dtype)
+        return self._delta_weight_f32().to(self._base_dtype())
+
+    def _base_dtype(self) -> torch.dtype:
+        return self.weight.quant_state.dtype if self.is_4bit else self.weight.dtype
 
     def _delta_weight_f32(self) -> torch.Tensor:
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        dtype = torch.promote_types(self._base_dtype(), torch.float32)
         return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
 
     @torch.no_grad()
@@ -231,7 +262,11 @@ class FusedLoRALinear(nn.Module):
 
         DoRA, as PEFT merges it: ``W ← (m / n) ⊙ (W + s·B·A)`` with ``n = ‖W + s·B·A‖`` of the unmerged
         weight, computed in float32; ``n`` is kept for :meth:`unmerge`.
+
+        A 4-bit base is refused: the merged weight would be requantized, which rounds the adapter away
+        unevenly (PEFT warns about it); dequantize the model first, or merge with PEFT.
         """
+        self._refuse_4bit("merge")
         if self.merged:
             warnings.warn("FusedLoRALinear is already merged; merge() did nothing", stacklevel=2)
             return
@@ -253,6 +288,7 @@ class FusedLoRALinear(nn.Module):
 
         DoRA: ``W ← W / (m / n) − s·B·A`` with the ``n`` :meth:`merge` used (as PEFT's cached norm).
         """
+        self._refuse_4bit("unmerge")
         if not self.merged:
             warnings.warn("FusedLoRALinear is not merged; unmerge() did nothing", stacklevel=2)
             return
@@ -268,10 +304,21 @@ class FusedLoRALinear(nn.Module):
             self.weight -= self.delta_weight()
         self.merged = False
 
+    def _refuse_4bit(self, what: str) -> None:
+        if self.is_4bit:
+            raise RuntimeError(
+                f"{what}() is not supported on a 4-bit (bitsandbytes) base: the merged weight would have to be "
+                "requantized, which rounds the adapter unevenly. Dequantize the base first (e.g. load the model "
+                "in bf16 and load the adapters with lora_kernels.adapter_io.load_adapter), or merge with PEFT"
+            )
+
     # ---------------------------------------------------------------------------------------- state dict
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_4bit:  # the quant state under weight., as bitsandbytes' Linear4bit saves it
+            for key, value in self.weight.quant_state.as_dict(packed=True).items():
+                destination[prefix + "weight." + key] = value if keep_vars else value.detach()
         if self.merged:  # unmerged: the plain format, weight is the base weight (as in old state dicts)
             destination[prefix + _MERGED_KEY] = torch.tensor(True, device=self.weight.device)
             norm = self._dora_merged_norm if self.use_dora else None
@@ -308,10 +355,20 @@ class FusedLoRALinear(nn.Module):
             self.merged = bool(merged) if merged is not None else False
             norm = norm if self.merged and self.use_dora else None
             self._dora_merged_norm = None if norm is None else norm.to(self.weight.device, torch.float32)
+        if self.is_4bit:  # the quant state saved with a 4-bit weight (see _save_to_state_dict)
+            quant_keys = [k for k in unexpected_keys if k.startswith(prefix + "weight.")]
+            for key in quant_keys:
+                unexpected_keys.remove(key)
+            if has_weight and len(error_msgs) == errors:
+                quant4bit.load_quant_state(
+                    self.weight, {k: state_dict[k] for k in quant_keys}, prefix + "weight."
+                )
 
     # ------------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_4bit:
+            return self._forward_4bit(x)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         if self.use_dora:
@@ -338,8 +395,24 @@ class FusedLoRALinear(nn.Module):
                 pass
         return self.weight, self.bias, self.lora_A, self.lora_B
 
+    def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_dora:
+            return qdora_linear(
+                x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude, self.scaling,
+                self.lora_dropout, self.training, compute_dtype=self.compute_dtype,
+            )  # fmt: skip
+        return qlora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.training,
+            compute_dtype=self.compute_dtype,
+        )  # fmt: skip
+
     def extra_repr(self) -> str:
-        return (
+        if self.is_4bit:
+            state = self.weight.quant_state
+            quant = f"4-bit {state.quant_type}{' double-quantized' if state.nested else ''}, "
+        else:
+            quant = ""
+        return quant + (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
             f"use_rslora={self.use_rslora}, {'use_dora=True, ' if self.use_dora else ''}merged={self.merged}"

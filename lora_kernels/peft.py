@@ -21,20 +21,34 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from . import quant4bit
 from .adapter_io import load_adapter, save_adapter
-from .functional import dora_linear, lora_linear
+from .functional import dora_linear, lora_linear, qdora_linear, qlora_linear
 
 __all__ = ["fuse", "load_adapter", "save_adapter", "unfuse"]
 
 
-def _peft_lora_linear_class() -> type:
+def _peft_lora_linear_class() -> tuple[type, ...]:
+    """PEFT's LoRA layer classes :func:`fuse` patches: ``lora.Linear`` and, where bitsandbytes is installed,
+    ``lora.bnb.Linear4bit`` (QLoRA)."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError as err:
         raise ImportError(
             f"lora_kernels.peft.fuse needs the peft package ({err}); install it with pip install peft"
         ) from err
-    return Linear
+    return (Linear, *_peft_bnb_classes("Linear4bit"))
+
+
+def _peft_bnb_classes(name: str) -> tuple[type, ...]:
+    """PEFT's ``lora.bnb.<name>`` as a 1-tuple where PEFT defines it (bitsandbytes installed), else ``()``."""
+    if quant4bit.bnb_module() is None:
+        return ()
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return ()
+    return (peft_bnb.__dict__[name],) if name in peft_bnb.__dict__ else ()
 
 
 def _runs_more_than_forward(module: nn.Module) -> bool:
@@ -80,7 +94,14 @@ def _why_not_fused(layer: nn.Module) -> tuple[str | None, bool]:
             f".{type(base).__name__}: stacked adapters, e.g. a PeftMixedModel)",
             True,
         )
-    if type(base) is not nn.Linear:
+    if type(base) is nn.Linear:
+        pass
+    elif quant4bit.is_linear4bit(base):
+        try:
+            quant4bit.describe(base.weight)
+        except (ValueError, TypeError, ImportError) as err:
+            return f"its 4-bit base cannot be read by the fused kernels: {err}", True
+    else:
         return f"its base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)", True
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (Conv1D-style transposed weights)", True
@@ -142,8 +163,30 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     scaling = float(self.scaling[adapter])
-    if self.use_dora.get(adapter, False):
-        magnitude = self.lora_magnitude_vector[adapter].weight
+    dora = self.use_dora.get(adapter, False)
+    magnitude = self.lora_magnitude_vector[adapter].weight if dora else None
+    if type(base) is not nn.Linear:  # a 4-bit base, the only other kind _why_not_fused lets through: QLoRA,
+        # cast as Linear4bit.forward does (see qlora_linear)
+        if not base.compute_type_is_set:
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        if dora:
+            return qdora_linear(
+                x, base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p, dropout.training,
+                compute_dtype=base.compute_dtype,
+            )  # fmt: skip
+        return qlora_linear(
+            x,
+            base.weight,
+            base.bias,
+            lora_A,
+            lora_B,
+            scaling,
+            p,
+            dropout.training,
+            compute_dtype=base.compute_dtype,
+        )
+    if dora:
         return dora_linear(x, base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p, dropout.training)
     return lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, p, dropout.training)
 
@@ -177,8 +220,8 @@ def fuse(peft_model: nn.Module) -> int:
     The forward of each ``peft.tuners.lora.layer.Linear`` instance is replaced; modules, parameters,
     state-dict keys, ``save_pretrained``, merging and adapter switching stay PEFT's, and the model still
     saves with ``torch.save``, pickles and deep-copies. A layer that cannot run fused falls back to PEFT's
-    own forward at call time: LoRA variants other than DoRA, several active adapters, a quantized or
-    non-``nn.Linear`` base, a base that is itself a tuner layer (LoHa, LoKr... in a ``PeftMixedModel``),
+    own forward at call time: LoRA variants other than DoRA, several active adapters, a base that is
+    neither ``nn.Linear`` nor a 4-bit bitsandbytes ``Linear4bit`` (QLoRA, fused too; an 8-bit base is not), a base that is itself a tuner layer (LoHa, LoKr... in a ``PeftMixedModel``),
     ``fan_in_fan_out``, ``lora_bias``, hooks on the base layer or adapter modules (or global module hooks),
     all of which PEFT's forward honours. One warning lists those found now, and each new reason met later
     (e.g. ``adapter_names=``, a hook added) warns once. Layers whose PEFT forward is just the base layer
@@ -186,8 +229,12 @@ def fuse(peft_model: nn.Module) -> int:
     was already replaced by someone else (e.g. accelerate) is not touched.
     """
     linear_cls = _peft_lora_linear_class()
+    eight_bit = _peft_bnb_classes("Linear8bitLt")
     fused, skipped = 0, Counter()
     for module in peft_model.modules():
+        if eight_bit and isinstance(module, eight_bit):
+            skipped["an 8-bit base (bitsandbytes Linear8bitLt): only 4-bit bases run fused"] += 1
+            continue
         if not isinstance(module, linear_cls):
             continue
         forward = module.__dict__.get("forward")

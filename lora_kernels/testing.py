@@ -25,6 +25,7 @@ __all__ = [
     "assert_close",
     "relative_error",
     "tiny_llama",
+    "to_4bit",
 ]
 
 #: Relative tolerance of each dtype against the float64 reference. :func:`assert_close` scales it by the
@@ -169,3 +170,29 @@ def tiny_llama(
         **config,
     )
     return transformers.LlamaForCausalLM(llama_config).eval()
+
+
+def to_4bit(
+    linear: torch.nn.Linear,
+    *,
+    quant_type: str = "nf4",
+    compress_statistics: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    quant_storage: torch.dtype = torch.uint8,
+    blocksize: int | None = None,
+) -> torch.nn.Module:
+    """A quantized ``bitsandbytes.nn.Linear4bit`` with ``linear``'s weight and bias, on ``linear``'s device
+    (bitsandbytes quantizes when the layer is moved there): a QLoRA base for tests and benchmarks, as
+    ``BitsAndBytesConfig(load_in_4bit=True)`` would load it. Needs bitsandbytes (``lora_kernels[qlora]``)."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+        compress_statistics=compress_statistics, quant_type=quant_type, quant_storage=quant_storage,
+    )  # fmt: skip
+    if blocksize is not None:
+        layer.weight.blocksize = blocksize
+    layer.weight.data = linear.weight.detach().clone()
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    return layer.to(linear.weight.device)

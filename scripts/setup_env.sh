@@ -17,7 +17,7 @@ fi
 python -m pip install -q --upgrade pip setuptools wheel ninja
 python -m pip install -q "$TORCH_SPEC" "$TRITON_SPEC" numpy \
   pytest hypothesis pytest-benchmark ruff tqdm matplotlib \
-  peft transformers safetensors
+  peft transformers safetensors bitsandbytes==0.50.2
 
 # Build the optional extension against the torch above (no build isolation: it would fetch a second torch).
 export MAX_JOBS=${MAX_JOBS:-2}

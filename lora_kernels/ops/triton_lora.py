@@ -110,6 +110,27 @@ def _tile(start, BLOCK: tl.constexpr, end):
     return offs, offs < end
 
 
+@triton.jit
+def _epilogue_operands(
+    t, u_ptr, offs_r, mask_r, offs_n, mask_n, stride_ur, stride_un, lora_scale, in_dtype: tl.constexpr,
+    LORA_FP32: tl.constexpr,
+):  # fmt: skip
+    """The operands of the epilogue's product ``(lora_scale·t)·u``: ``t`` the (M, R) fp32 tile, ``u`` loaded
+    (R, N), both in ``in_dtype`` or, with ``LORA_FP32``, fp32 (see :func:`_lora_linear_kernel`)."""
+    u = tl.load(
+        u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
+        mask=mask_r[:, None] & mask_n[None, :],
+        other=0.0,
+    )
+    if LORA_FP32:  # (one return: the compiler wants one type per return, even in a dead branch)
+        t_op = t * lora_scale
+        u_op = u.to(tl.float32)
+    else:
+        t_op = (t * lora_scale).to(in_dtype)
+        u_op = u.to(in_dtype)
+    return t_op, u_op
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
 def _lora_linear_kernel(
     a_ptr, b_ptr, t_ptr, u_ptr, p_ptr, bias_ptr, out_ptr, a2_ptr, a_scale_ptr, out_scale_ptr, z_ptr,
@@ -209,17 +230,9 @@ def _lora_linear_kernel(
             tl.store(t_ptrs, t, mask=mask_m[:, None] & mask_r[None, :])
     else:
         t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    u = tl.load(
-        u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
-        mask=mask_r[:, None] & mask_n[None, :],
-        other=0.0,
+    t_op, u_op = _epilogue_operands(
+        t, u_ptr, offs_r, mask_r, offs_n, mask_n, stride_ur, stride_un, lora_scale, in_dtype, LORA_FP32
     )
-    if LORA_FP32:
-        t_op = t * lora_scale
-        u_op = u.to(tl.float32)
-    else:
-        t_op = (t * lora_scale).to(in_dtype)
-        u_op = u.to(in_dtype)
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if DORA_OUT:
         if SECOND == 1:  # z = x̃·Wᵀ + s·t·Bᵀ; out = x·Wᵀ − x̃·Wᵀ + c ⊙ z
