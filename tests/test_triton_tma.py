@@ -157,6 +157,24 @@ def test_operands_tma_cannot_read_fall_back(case, launched):
     assert "_lora_linear_tma_kernel" not in launched and "_lora_linear_kernel" in launched
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_path_functions_match_the_fused_path(variant):
+    """Each variant's ``(forward, backward)`` pair (a routing entry) gives triton_lora's results, every
+    gradient, with dropout."""
+    x, w, b, A, B = problem(21, 32, 48, 8, torch.float32)
+    params = LoRAParams(1.3, 0.2, 99)
+    grad_y = problem(21, 48, 1, 1, torch.float32, seed=2)[0]
+    forward, backward = triton_tma.PATH_FUNCTIONS[variant]
+    assert getattr(triton_tma, f"backward_{variant}") is backward
+    y, t = forward(x, w, b, A, B, params)
+    y0, t0 = triton_lora.lora_forward(x, w, b, A, B, params)
+    assert_close(y, y0.double(), torch.float32, "y")
+    grads = backward(grad_y, x, w, A, B, t, params, (True, False, True, True, True))
+    expected = triton_lora.lora_backward(grad_y, x, w, A, B, t0, params, (True, False, True, True, True))
+    for name, got, want in zip(("grad_x", "grad_A", "grad_B", "grad_bias"), grads, expected, strict=True):
+        assert_close(got, want.double(), torch.float32, name, slack=2.0)
+
+
 def test_availability_and_variant_names():
     assert not triton_tma.tma_available("meta")
     assert set(triton_tma.VARIANTS) == {"tma", "tma_t_fused", "tma_ws", "tma_ws_t_fused"}

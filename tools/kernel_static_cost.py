@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from lora_kernels.ops import LoRAParams, triton_lora
+from lora_kernels.ops import LoRAParams, triton_lora, triton_tma
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -56,6 +56,37 @@ def record_launches(
         else:
             y, t = triton_lora.lora_forward(x, w, b, A, B, params)
             triton_lora.lora_backward(torch.randn_like(y), x, w, A, B, t, params, (True,) * 5)
+    finally:
+        triton_lora._launch = launch
+    return calls
+
+
+def record_tma_launches(
+    M: int, K: int, N: int, r: int, dropout_p: float, dtype: torch.dtype, variant: str, num_sms: int = 132
+) -> list[tuple]:
+    """``(kernel, args, kwargs)`` of the forward GEMM (without dropout, so the ``*_t_fused`` variants fuse
+    ``t``) and the dX GEMM (with ``dropout_p``'s mask) of TMA ``variant`` (:mod:`lora_kernels.ops.triton_tma`),
+    nothing run; ``num_sms`` persistent programs (H100/H200: 132)."""
+    calls = []
+
+    def record(kernel, grid_of, configs, args, constexprs):
+        grid_of(configs[0])  # sets the host descriptors' boxes for this config
+        calls.append((kernel, args, {**constexprs, **configs[0]}))
+        return configs[0]
+
+    launch, triton_lora._launch = triton_lora._launch, record
+    try:
+        x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+        A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+        ws, fused = triton_tma.VARIANTS[variant]
+        t = torch.empty(M, r)  # the forward as without dropout (with it, no variant fuses t)
+        stored = triton_tma._descriptor_operands(x, w.t(), A.t() if fused else None)
+        triton_tma._linear_tma(x, w.t(), t, B.t(), b, 0.0, 0, ws, stored, lora_scale=2.0, num_sms=num_sms)
+        grad_y = torch.randn(M, N, dtype=dtype)
+        stored = triton_tma._descriptor_operands(grad_y, w, B if fused else None)
+        triton_tma._linear_tma(
+            grad_y, w, t, A, None, dropout_p, 1, ws, stored, project_scale=2.0, num_sms=num_sms
+        )
     finally:
         triton_lora._launch = launch
     return calls
@@ -97,6 +128,11 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dora", action="store_true", help="DoRA's launches (norm, forward, backward)")
+    parser.add_argument(
+        "--tma",
+        choices=list(triton_tma.VARIANTS),
+        help="the forward and dX GEMMs of this TMA variant instead",
+    )
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
@@ -105,10 +141,15 @@ def main() -> int:
     print(
         f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, M={M} K={K} N={N} r={r} p={args.dropout}"
         + (" DoRA" if args.dora else "")
+        + (f" TMA {args.tma}" if args.tma else "")
     )
-    for kernel, call_args, kwargs in record_launches(M, K, N, r, args.dropout, dtype, args.dora):
+    if args.tma:
+        launches = record_tma_launches(M, K, N, r, args.dropout, dtype, args.tma)
+    else:
+        launches = record_launches(M, K, N, r, args.dropout, dtype, args.dora)
+    for kernel, call_args, kwargs in launches:
         cost = static_cost(kernel, call_args, kwargs, args.arch)
-        tiles = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "num_"))}
+        tiles = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "num_", "EPILOGUE", "FUSE"))}
         print(f"{kernel.__name__:26s} dropout={kwargs.get('HAS_DROPOUT', False)!s:5s} "
               + " ".join(f"{k}={v}" for k, v in cost.items()) + f" {tiles}")  # fmt: skip
     return 0

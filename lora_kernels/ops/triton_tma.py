@@ -463,3 +463,49 @@ def lora_grad_x_tma(
         grad_x = _linear_tma(grad_y, weight, grad_t, lora_A, None, dropout_p, seed, ws, stored,
                              project_scale=scaling, num_sms=num_sms)  # fmt: skip
     return grad_x, grad_t
+
+
+def lora_backward_tma(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    t: torch.Tensor, params: LoRAParams, needs_grad, *, variant: str = "tma",
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """``triton_lora.lora_backward`` (same contract) with dX on the TMA kernel ``variant``: dB and db from
+    the same pass over dY (with ``s·dY·B`` unless the variant computes it in the dX GEMM), dA from it."""
+    need_x, _, need_bias, need_A, need_B = needs_grad
+    fused = _check_variant(variant)[1]
+    if not need_x or not tma_available(grad_y.device):
+        return _base.lora_backward(grad_y, x, weight, lora_A, lora_B, t, params, needs_grad)
+    with _base._launch_guard(), device_guard(grad_y.device):
+        grad_t, grad_B, grad_bias, _ = _base._grad_y_pass(
+            grad_y, None if fused else lora_B, t, params.scaling, need_B or need_bias, need_bias
+        )
+    grad_x, grad_t = lora_grad_x_tma(grad_y, weight, lora_A, lora_B, params, grad_t=grad_t, variant=variant)
+    grad_A = None
+    with _base._launch_guard(), device_guard(grad_y.device):
+        if need_A:
+            grad_A = _base._reduce_rows(x, grad_t, params.dropout_p, params.seed, with_colsum=False)[0]
+            grad_A = grad_A.t().to(lora_A.dtype)
+    grad_B = grad_B.to(lora_B.dtype) if need_B else None
+    grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
+    return grad_x, grad_A, grad_B, grad_bias
+
+
+def tma_unavailable(device: torch.device) -> str | None:
+    """Why the TMA variants cannot run on ``device`` (for a routing table's ``unavailable``), or ``None``."""
+    return None if tma_available(device) else "needs a GPU of compute capability >= 9.0 and triton with TMA"
+
+
+#: ``{variant: (forward, backward)}`` with the backend interface's signatures (lora_kernels/ops/__init__.py):
+#: a routing registry entry per variant, e.g. ``Path("tma_ws", "triton", "triton_tma", "forward_tma_ws",
+#: "backward_tma_ws", tma_unavailable)``.
+PATH_FUNCTIONS = {
+    name: (
+        functools.partial(lora_forward_tma, variant=name),
+        functools.partial(lora_backward_tma, variant=name),
+    )
+    for name in VARIANTS
+}
+forward_tma, backward_tma = PATH_FUNCTIONS["tma"]
+forward_tma_t_fused, backward_tma_t_fused = PATH_FUNCTIONS["tma_t_fused"]
+forward_tma_ws, backward_tma_ws = PATH_FUNCTIONS["tma_ws"]
+forward_tma_ws_t_fused, backward_tma_ws_t_fused = PATH_FUNCTIONS["tma_ws_t_fused"]
