@@ -1,6 +1,6 @@
 """The measurements of one GPU visit, one phase per sub-command; ``benchmarks/gpu_run.sh`` runs them.
 
-    python benchmarks/gpu_run.py PHASE --work DIR      # PHASE: env, table, overhead, sweep, sanitize, e2e, summary
+    python benchmarks/gpu_run.py PHASE --work DIR      # PHASE: env, table, tma, overhead, sweep, sanitize, e2e, summary
 
 Every phase appends its rows to ``DIR/<phase>.jsonl`` as it measures them (a phase killed by its timeout
 keeps what it had), and an error goes into its row instead of stopping the phase. ``summary`` reads them all
@@ -423,6 +423,15 @@ def phase_sweep(work: Path) -> None:
 # ----------------------------------------------------------------------------------------------- sanitize
 
 
+def phase_tma(work: Path) -> None:
+    """Issue 21's decision sweep (benchmarks/tma_sweep.py): today's fused kernel, the TMA persistent
+    variants and the split path against ``F.linear``, forward and dX; ``tma_table.json`` holds
+    ``{case key: {candidate: ms}}`` for the routing table."""
+    import tma_sweep
+
+    tma_sweep.run_all(work)
+
+
 def phase_sanitize(work: Path) -> None:
     """One forward and backward of every kernel variant on odd shapes (run under compute-sanitizer)."""
     dtypes = [torch.float32] if DRY else [torch.bfloat16, torch.float32]
@@ -637,6 +646,8 @@ def phase_summary(work: Path, out: Path) -> int:
         ("overhead", "Host time per eager fwd+bwd call (tiny problem)", ["provider", "host_us_per_call", "error"]),
         ("sweep", "Tile-config sweep", ["kernel", "shape", "config", "ran_config", "median_ms", "baseline_ms",
                                         "ratio_to_baseline", "max_rel_error", "error"]),
+        ("tma", "Decision sweep: GEMM paths, forward and dX (benchmarks/tma_sweep.py)",
+         ["case", "candidate", "ms", "max_rel_error", "skipped", "error"]),
         ("sanitize", "compute-sanitizer workload", ["backend", "dtype", "dropout", "lead", "dora", "ok", "error"]),
         ("e2e", "End-to-end training step (Llama-style, 2 layers)", ["variant", "dora", "dropout", "hidden", "tokens",
                                                                   "fused_layers", "first_loss", "step_ms",
@@ -656,7 +667,7 @@ def phase_summary(work: Path, out: Path) -> int:
         ]
     (out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    errors = [r for name in ("table", "overhead", "sweep", "sanitize", "e2e") for r in _read(work / f"{name}.jsonl")
+    errors = [r for name in ("table", "overhead", "sweep", "tma", "sanitize", "e2e") for r in _read(work / f"{name}.jsonl")
               if r.get("error")]  # fmt: skip
     return len(errors)
 
@@ -666,6 +677,7 @@ PHASES = {
     "table": phase_table,
     "overhead": phase_overhead,
     "sweep": phase_sweep,
+    "tma": phase_tma,
     "sanitize": phase_sanitize,
     "e2e": phase_e2e,
 }

@@ -7,7 +7,8 @@
 #
 # Phases: env (nvidia-smi, versions, measured ceilings and floors), build (the extension for sm_90, in the
 # background), tests (the GPU tests, junit XML), table (the timing table), overhead (host time per call), e2e
-# (a Llama-style training step, PEFT vs PEFT + fuse), sweep (tile configs), cuda-ext (the cuda backend's
+# (a Llama-style training step, PEFT vs PEFT + fuse), tma (issue 21's GEMM paths, forward and dX, each
+# candidate in its own process), sweep (tile configs), cuda-ext (the cuda backend's
 # tests, if the build finished), sanitize (compute-sanitizer memcheck), then the summary.
 # Nothing is installed: the package is imported from this checkout through PYTHONPATH. Results go to $OUT
 # (at most 8 files: SUMMARY.md, results.json, results.md, junit*.xml, raw-logs.tar.gz), refreshed after every
@@ -110,6 +111,7 @@ GPU_TESTS=(tests/ --ignore=tests/test_triton_compile.py --ignore=tests/test_dist
 phase tests 200 "$PY" -m pytest "${GPU_TESTS[@]}" "${PYTEST_ARGS[@]}" --junitxml="$OUT/junit.xml"
 
 phase table 90 "$PY" benchmarks/gpu_run.py table --work "$WORK"
+phase tma 240 "$PY" benchmarks/gpu_run.py tma --work "$WORK"  # issue 21's decision sweep, before the extras
 phase overhead 40 "$PY" benchmarks/gpu_run.py overhead --work "$WORK"
 phase e2e 55 "$PY" benchmarks/gpu_run.py e2e --work "$WORK"
 phase sweep 60 "$PY" benchmarks/gpu_run.py sweep --work "$WORK"

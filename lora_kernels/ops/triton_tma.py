@@ -260,9 +260,10 @@ def tma_available(device: torch.device | str) -> bool:
     return _capability_ok(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _tma_config(M: int, N: int, K: int, element_size: int, ws: bool) -> dict:
-    """Preferred tile config of :func:`_lora_linear_tma_kernel`. Not timed yet: the sweep decides
-    (benchmarks/tma_sweep.py); ptxas figures for sm_90 are in benchmarks/NOTES.md ("TMA persistent")."""
+def _tma_config(M: int, N: int, K: int, element_size: int, ws: bool, masked: bool = False) -> dict:
+    """Preferred tile config of :func:`_lora_linear_tma_kernel`; ``masked``: dX with dropout (the mask in
+    the epilogue). Not timed yet: the sweep decides (benchmarks/tma_sweep.py); the sm_90 registers, spills
+    and shared memory of each are in benchmarks/NOTES.md ("TMA persistent kernels")."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=_base._pow2_clamp(K, 16, 64), GROUP_M=2,
                     EPILOGUE_SUBTILE=True, num_warps=4, num_stages=1)  # fmt: skip
@@ -273,7 +274,11 @@ def _tma_config(M: int, N: int, K: int, element_size: int, ws: bool) -> dict:
     if M <= 64:  # decode-sized: one warpgroup's 64 rows, narrow N tiles to spread the weight read over SMs
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128 if half else 64, GROUP_M=1, EPILOGUE_SUBTILE=False,
                     num_warps=4, num_stages=4)  # fmt: skip
-    if half:  # LoRAFusion's H100 config; the store subtiled to fit 3 stages in shared memory
+    if half and masked:  # ptxas, sm_90: 128x256 with the mask spills (255 registers) and needs 246 KB of
+        # shared memory (the mask's layout conversions), more than the 227 KB an SM has; 128x128: no spills
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True,
+                    num_warps=8, num_stages=4)  # fmt: skip
+    if half:  # LoRAFusion's H100 config; the store subtiled (188 KB of shared memory instead of 225)
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True,
                     num_warps=8, num_stages=3)  # fmt: skip
     return dict(
@@ -374,10 +379,11 @@ def _linear_tma(
         return (min(num_sms, _base._cdiv(M, cfg["BLOCK_M"]) * _base._cdiv(N, cfg["BLOCK_N"])),)
 
     def make():
-        cfg = _tma_config(M, N, K, a.element_size(), ws)
+        cfg = _tma_config(M, N, K, a.element_size(), ws, dropout_p > 0.0)
         return (_base._Configs(_base._smaller_configs(cfg, ("BLOCK_N", "BLOCK_M", "BLOCK_K"))),)
 
-    (configs,) = _base._plan(("tma", M, N, K, a.element_size(), ws, interpreting(), _tma_config), make)
+    key = ("tma", M, N, K, a.element_size(), ws, dropout_p > 0.0, interpreting(), _tma_config)
+    (configs,) = _base._plan(key, make)
     allocator = _descriptor_allocator(a.device) if ws else contextlib.nullcontext()
     with allocator:
         _base._launch(
