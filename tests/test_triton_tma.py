@@ -28,15 +28,24 @@ pytestmark = [
 VARIANTS = list(triton_tma.VARIANTS) if HAS_TRITON else []
 
 
+class Launches(list):
+    """Kernel names launched, with each launch's constexprs in ``.constexprs``."""
+
+    def __init__(self):
+        super().__init__()
+        self.constexprs = []
+
+
 @pytest.fixture
 def launched(monkeypatch):
     """The names of the kernels launched inside the test."""
-    names = []
+    names = Launches()
     launch = triton_lora._launch
 
-    def spy(kernel, *args, **kwargs):
+    def spy(kernel, grid_of, configs, args, constexprs):
         names.append(kernel.__name__)
-        return launch(kernel, *args, **kwargs)
+        names.constexprs.append(constexprs)
+        return launch(kernel, grid_of, configs, args, constexprs)
 
     monkeypatch.setattr(triton_lora, "_launch", spy)
     return names
@@ -81,6 +90,11 @@ def test_forward_and_grad_x(variant, dtype, dropout_p, shape, launched):
     assert_close(grad_x, grad_x_reference(grad_y, w, A, B, params.scaling, mask), dtype, "grad_x", slack=2.0)
     assert_close(grad_t, params.scaling * grad_y.double() @ B.double(), dtype, "grad_t")
     assert launched.count("_lora_linear_tma_kernel") == 2 and "_lora_linear_kernel" not in launched
+    # the warp-specialized build reads every operand through (device-side) descriptors
+    tma = [c for c in launched.constexprs if "DEVICE_DESC" in c]
+    assert [c["DEVICE_DESC"] for c in tma] == [variant.startswith("tma_ws")] * 2
+    fused = variant.endswith("t_fused")
+    assert [c["FUSE_PROJECT"] for c in tma] == [fused and not dropout_p, fused]
 
 
 @pytest.mark.parametrize("variant", ["tma", "tma_ws_t_fused"])
@@ -105,6 +119,7 @@ def test_fp32_adapters_on_a_half_base_and_strided_operands(variant, launched):
         "_lora_linear_tma_kernel"
     ]
     assert launched == expected_launches
+    assert not launched.constexprs[-1]["DEVICE_DESC"]  # the stride-0 bias: not for TMA, host descriptors
 
 
 @pytest.mark.parametrize("num_sms", [1, 2, 64])

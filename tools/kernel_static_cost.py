@@ -116,6 +116,8 @@ def static_cost(kernel, args: tuple, kwargs: dict, arch: int) -> dict:
         "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
         "shared_bytes": compiled.metadata.shared,
+        # a warp-specialized loop (tl.range(warp_specialize=True)) that triton really split into partitions
+        "warp_specialized": "ttg.warp_specialize" in compiled.asm["ttgir"],
     }
 
 

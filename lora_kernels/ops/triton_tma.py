@@ -23,7 +23,7 @@ Variants (:data:`VARIANTS`, all measured by ``benchmarks/tma_sweep.py``; none ro
 ``tma_ws_t_fused``  ``tma_ws`` with ``t`` in the main loop
 ==================  ====================================================================================
 
-TMA needs row-major operands with 16-byte aligned rows: ``x``/``dY`` with unit column stride, ``K·size`` and
+TMA needs row-major operands with 16-byte aligned rows (and fp32 inputs only where TF32 is allowed): ``x``/``dY`` with unit column stride, ``K·size`` and
 ``N·size`` multiples of 16 bytes (the output is allocated contiguous), ``W`` contiguous along either axis;
 the fused dX variant also needs ``B``'s rows (``r·size``) 16-byte aligned. Where a call does not meet them,
 or :func:`tma_available` is false (no GPU of compute capability 9 or newer, a triton without descriptors),
@@ -52,6 +52,9 @@ except ImportError:  # pragma: no cover - old triton: the launchers fall back
     TensorDescriptor = None
 
 _HAS_DESCRIPTORS = TensorDescriptor is not None and hasattr(tl, "make_tensor_descriptor")
+# triton 3.6's sm_90 warp specialization rejects the dropout mask's ops in the loop ("Unexpected op" in
+# WSDataPartition); 3.8's takes them. Before 3.8, the ``tma_ws`` dX with dropout runs its loop unspecialized.
+_WS_TAKES_MASK = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
 
 
 @triton.jit
@@ -67,23 +70,13 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _lora_epilogue(
-    acc, t_op, u_ptr, bias_ptr, offs_m, col_start, N, R,
-    stride_ur, stride_un, stride_bias,
-    seed_lo, seed_hi, dropout_threshold, dropout_scale,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, WIDTH: tl.constexpr,
+def _add_lora(
+    acc, t_op, u, offs_m, col_start, seed_lo, seed_hi, dropout_threshold, dropout_scale,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
 ):  # fmt: skip
-    """``acc + [mask ⊙] t_op·u + bias`` for the ``WIDTH`` output columns from ``col_start`` (a multiple of
-    ``WIDTH``), fp32: ``_lora_linear_kernel``'s epilogue for LoRA. ``t_op`` is ``lora_scale·t`` already in
-    the epilogue's operand dtype (fp32 for fp16 inputs, see ``LORA_FP32`` there)."""
-    offs_n, mask_n = _tile(col_start, WIDTH, N)
-    offs_r, mask_r = _tile(0, BLOCK_R, R)
-    u = tl.load(
-        u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
-        mask=mask_r[:, None] & mask_n[None, :],
-        other=0.0,
-    )
+    """``acc + [mask ⊙] t_op·u`` for the ``WIDTH`` output columns from ``col_start`` (a multiple of
+    ``WIDTH``), fp32: ``_lora_linear_kernel``'s LoRA epilogue. ``t_op`` is ``lora_scale·t`` already in the
+    epilogue's operand dtype (fp32 for fp16 inputs, see ``LORA_FP32`` there); ``u`` is (BLOCK_R, WIDTH)."""
     u_op = u.to(t_op.dtype)
     if HAS_DROPOUT:
         lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
@@ -91,6 +84,27 @@ def _lora_epilogue(
         acc += lora * (keep.to(tl.float32) * dropout_scale)  # a product, not a select: NaN·0 stays NaN
     else:
         acc = tl.dot(t_op, u_op, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _lora_epilogue_ptr(
+    acc, t_op, u_ptr, bias_ptr, offs_m, col_start, N, R,
+    stride_ur, stride_un, stride_bias,
+    seed_lo, seed_hi, dropout_threshold, dropout_scale,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, WIDTH: tl.constexpr,
+):  # fmt: skip
+    """:func:`_add_lora` and the bias, ``u`` and the bias read through pointers (any strides)."""
+    offs_n, mask_n = _tile(col_start, WIDTH, N)
+    offs_r, mask_r = _tile(0, BLOCK_R, R)
+    u = tl.load(
+        u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
+        mask=mask_r[:, None] & mask_n[None, :],
+        other=0.0,
+    )
+    acc = _add_lora(acc, t_op, u, offs_m, col_start, seed_lo, seed_hi, dropout_threshold, dropout_scale,
+                    HAS_DROPOUT, INPUT_PRECISION, WIDTH)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -104,20 +118,25 @@ def _lora_linear_tma_kernel(
     project_scale, lora_scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_PROJECT: tl.constexpr,
     LORA_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    B_T: tl.constexpr, P_T: tl.constexpr, DEVICE_DESC: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, NUM_SMS: tl.constexpr,
+    B_T: tl.constexpr, P_T: tl.constexpr, U_T: tl.constexpr, DEVICE_DESC: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, N] = a[M, K]·b[K, N] + [mask ⊙] (lora_scale·t[M, R]·u[R, N]) + bias[N]``, persistent, TMA.
 
-    ``a``, ``b``, ``p`` and ``out`` are tensor descriptors (host-side), or with ``DEVICE_DESC`` the tensors'
-    pointers, described here (``stride_*`` their row strides; every last stride is 1). ``b`` is stored
-    ``(N, K)`` with ``B_T`` (the forward's ``W``: ``b = Wᵀ``), else ``(K, N)`` (dX's ``W``); ``p``, the
-    main-loop projection operand of ``FUSE_PROJECT`` (``t = project_scale·a·p``, p K×R), is stored ``(R, K)``
-    with ``P_T`` (the forward's ``A``), else ``(K, R)`` (dX's ``B``). ``t`` and ``u`` (small) and the bias
-    are read through pointers in the epilogue, as in ``_lora_linear_kernel`` (see it for the precision
-    contract of ``LORA_FP32``).
+    ``a``, ``b``, ``p`` and ``out`` are host-side tensor descriptors, and ``t``, ``u`` and the bias are read
+    through pointers in the epilogue (any strides) as in ``_lora_linear_kernel``; or, with ``DEVICE_DESC``,
+    all seven are pointers, described here (``stride_*`` their row strides, every last stride 1, the bias
+    contiguous), and the epilogue reads through TMA too: triton's warp specialization on sm_90 lowers only
+    descriptor loads in the loop (a pointer load aborts its pass, "unsupported load type for producer
+    commit"), and only an unflattened loop (``flatten=True`` leaves it unspecialized).
+
+    ``b`` is stored ``(N, K)`` with ``B_T`` (the forward's ``W``: ``b = Wᵀ``), else ``(K, N)`` (dX's ``W``);
+    ``u`` ``(N, R)`` with ``U_T`` (``Bᵀ``), else ``(R, N)`` (dX's ``A``); ``p``, the main-loop projection
+    operand of ``FUSE_PROJECT`` (``t = project_scale·a·p``, p K×R, stored by the programs of the first
+    column of tiles), ``(R, K)`` with ``P_T`` (the forward's ``A``), else ``(K, R)`` (dX's ``B``). See
+    ``_lora_linear_kernel`` for the precision contract (``LORA_FP32``).
     """
     if DEVICE_DESC:
         a_desc = tl.make_tensor_descriptor(
@@ -140,14 +159,22 @@ def _lora_linear_tma_kernel(
                 p_desc = tl.make_tensor_descriptor(
                     p, shape=[K, R], strides=[stride_p, 1], block_shape=[BLOCK_K, BLOCK_R]
                 )
-        if EPILOGUE_SUBTILE:
-            out_desc = tl.make_tensor_descriptor(
-                out, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // 2]
+        out_desc = tl.make_tensor_descriptor(  # (EPILOGUE_SUBTILE is ignored here: see the epilogue)
+            out, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N]
+        )
+        t_desc = tl.make_tensor_descriptor(
+            t_ptr, shape=[M, R], strides=[stride_tm, 1], block_shape=[BLOCK_M, BLOCK_R]
+        )
+        if U_T:
+            u_desc = tl.make_tensor_descriptor(
+                u_ptr, shape=[N, R], strides=[stride_un, 1], block_shape=[BLOCK_N, BLOCK_R]
             )
         else:
-            out_desc = tl.make_tensor_descriptor(
-                out, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N]
+            u_desc = tl.make_tensor_descriptor(
+                u_ptr, shape=[R, N], strides=[stride_ur, 1], block_shape=[BLOCK_R, BLOCK_N]
             )
+        if HAS_BIAS:
+            bias_desc = tl.make_tensor_descriptor(bias_ptr, shape=[N], strides=[1], block_shape=[BLOCK_N])
     else:
         a_desc = a
         b_desc = b
@@ -163,7 +190,7 @@ def _lora_linear_tma_kernel(
     offs_r, mask_r = _tile(0, BLOCK_R, R)
 
     for tile_id in tl.range(
-        tl.program_id(0), num_tiles, NUM_SMS, flatten=True, warp_specialize=WARP_SPECIALIZE
+        tl.program_id(0), num_tiles, NUM_SMS, flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE
     ):  # fmt: skip
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         start_m = pid_m * BLOCK_M
@@ -188,28 +215,40 @@ def _lora_linear_tma_kernel(
         if FUSE_PROJECT:
             t = t_acc * project_scale
             if pid_n == 0:
-                tl.store(t_ptrs, t, mask=mask_m[:, None] & mask_r[None, :])
+                if DEVICE_DESC:
+                    t_desc.store([start_m, 0], t)
+                else:
+                    tl.store(t_ptrs, t, mask=mask_m[:, None] & mask_r[None, :])
+        elif DEVICE_DESC:
+            t = t_desc.load([start_m, 0])
         else:
             t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         t_op = t * lora_scale if LORA_FP32 else (t * lora_scale).to(in_dtype)
         col_start = start_n.to(tl.int64)
-        if EPILOGUE_SUBTILE:
+        if DEVICE_DESC:  # no subtiling here: triton 3.6's warp specialization rejects the split
+            u = u_desc.load([start_n, 0]).T if U_T else u_desc.load([0, start_n])
+            acc = _add_lora(acc, t_op, u, offs_m, col_start, seed_lo, seed_hi, dropout_threshold,
+                            dropout_scale, HAS_DROPOUT, INPUT_PRECISION, BLOCK_N)  # fmt: skip
+            if HAS_BIAS:
+                acc += bias_desc.load([start_n]).to(tl.float32)[None, :]
+            out_desc.store([start_m, start_n], acc.to(out_dtype))
+        elif EPILOGUE_SUBTILE:
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             acc0, acc1 = tl.split(halves)
-            acc0 = _lora_epilogue(
+            acc0 = _lora_epilogue_ptr(
                 acc0, t_op, u_ptr, bias_ptr, offs_m, col_start, N, R, stride_ur, stride_un, stride_bias,
                 seed_lo, seed_hi, dropout_threshold, dropout_scale,
                 HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, BLOCK_R, BLOCK_N // 2,
             )  # fmt: skip
             out_desc.store([start_m, start_n], acc0.to(out_dtype))
-            acc1 = _lora_epilogue(
+            acc1 = _lora_epilogue_ptr(
                 acc1, t_op, u_ptr, bias_ptr, offs_m, col_start + BLOCK_N // 2, N, R, stride_ur, stride_un,
                 stride_bias, seed_lo, seed_hi, dropout_threshold, dropout_scale,
                 HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, BLOCK_R, BLOCK_N // 2,
             )  # fmt: skip
             out_desc.store([start_m, start_n + BLOCK_N // 2], acc1.to(out_dtype))
         else:
-            acc = _lora_epilogue(
+            acc = _lora_epilogue_ptr(
                 acc, t_op, u_ptr, bias_ptr, offs_m, col_start, N, R, stride_ur, stride_un, stride_bias,
                 seed_lo, seed_hi, dropout_threshold, dropout_scale,
                 HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, BLOCK_R, BLOCK_N,
@@ -266,10 +305,10 @@ def _tma_config(M: int, N: int, K: int, element_size: int, ws: bool, masked: boo
     and shared memory of each are in benchmarks/NOTES.md ("TMA persistent kernels")."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=_base._pow2_clamp(K, 16, 64), GROUP_M=2,
-                    EPILOGUE_SUBTILE=True, num_warps=4, num_stages=1)  # fmt: skip
+                    EPILOGUE_SUBTILE=not ws, num_warps=4, num_stages=1)  # fmt: skip
     half = element_size <= 2
-    if ws:  # triton 3.6 specializes warps on sm_90 only with 4 warps, device-side descriptors, 2 stages
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if half else 32, GROUP_M=8, EPILOGUE_SUBTILE=True,
+    if ws:  # the sm_90 warp specialization of triton 3.6 takes 4 warps (ignores 8), no subtiled store
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if half else 32, GROUP_M=8, EPILOGUE_SUBTILE=False,
                     num_warps=4, num_stages=2)  # fmt: skip
     if M <= 64:  # decode-sized: one warpgroup's 64 rows, narrow N tiles to spread the weight read over SMs
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128 if half else 64, GROUP_M=1, EPILOGUE_SUBTILE=False,
@@ -309,6 +348,8 @@ def _descriptor_operands(
     N = b.shape[1]
     if a.dtype not in (torch.float16, torch.bfloat16, torch.float32) or min(M, N, K) == 0:
         return None
+    if a.dtype == torch.float32 and _base._input_precision(a.dtype) == "ieee" and not interpreting():
+        return None  # IEEE fp32 runs on FMA units, not wgmma: 255 registers and KBs of spills at these tiles
     if (N * a.element_size()) % 16:  # the output's rows (allocated contiguous) are stored through TMA
         return None
     views = (a, b) if project is None else (a, b, project)
@@ -362,6 +403,13 @@ def _linear_tma(
         num_sms = _INTERPRETER_SMS if interpreting() else _base._num_sms(a.device.index or 0)
     seed_lo, seed_hi, threshold, scale = _base._dropout_args(dropout_p, seed)
     block_r = _base._block_r(R)
+    u_rows = _row_major(u)
+    u_t = u_rows is not None and u_rows[1]
+    # the warp-specialized build reads t, u and the bias through TMA too: where they are not aligned for
+    # it, the same kernel runs unspecialized on host descriptors
+    t_rows = _row_major(t)
+    ws = ws and u_rows is not None and t_rows is not None and not t_rows[1]
+    ws = ws and (bias is None or (bias.stride(0) == 1 and bias.data_ptr() % 16 == 0))
     if ws:  # device-side descriptors: pointers in, described by the kernel
         descs = (a_st, b_st, p_st, out2d)
     else:
@@ -399,7 +447,8 @@ def _linear_tma(
             ),
             dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=fuse,
                  LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_base._input_precision(a.dtype),
-                 B_T=b_t, P_T=p_t, DEVICE_DESC=ws, WARP_SPECIALIZE=ws, NUM_SMS=num_sms, BLOCK_R=block_r),
+                 B_T=b_t, P_T=p_t, U_T=u_t, DEVICE_DESC=ws,
+                 WARP_SPECIALIZE=ws and (dropout_p == 0.0 or _WS_TAKES_MASK), NUM_SMS=num_sms, BLOCK_R=block_r),
         )  # fmt: skip
     return out
 
