@@ -90,9 +90,9 @@ def test_forward_and_grad_x(variant, dtype, dropout_p, shape, launched):
     assert_close(grad_x, grad_x_reference(grad_y, w, A, B, params.scaling, mask), dtype, "grad_x", slack=2.0)
     assert_close(grad_t, params.scaling * grad_y.double() @ B.double(), dtype, "grad_t")
     assert launched.count("_lora_linear_tma_kernel") == 2 and "_lora_linear_kernel" not in launched
-    # the warp-specialized build reads every operand through (device-side) descriptors
+    # the warp-specialized build (fp16/bf16) reads every operand through (device-side) descriptors
     tma = [c for c in launched.constexprs if "DEVICE_DESC" in c]
-    assert [c["DEVICE_DESC"] for c in tma] == [variant.startswith("tma_ws")] * 2
+    assert [c["DEVICE_DESC"] for c in tma] == [variant.startswith("tma_ws") and dtype != torch.float32] * 2
     fused = variant.endswith("t_fused")
     assert [c["FUSE_PROJECT"] for c in tma] == [fused and not dropout_p, fused]
 

@@ -405,10 +405,12 @@ def _linear_tma(
     block_r = _base._block_r(R)
     u_rows = _row_major(u)
     u_t = u_rows is not None and u_rows[1]
-    # the warp-specialized build reads t, u and the bias through TMA too: where they are not aligned for
-    # it, the same kernel runs unspecialized on host descriptors
+    # the warp-specialized build (fp16/bf16) reads t, u and the bias through TMA too: where they are not
+    # aligned for it, the same kernel runs unspecialized on host descriptors
     t_rows = _row_major(t)
     ws = ws and u_rows is not None and t_rows is not None and not t_rows[1]
+    ws = ws and a.element_size() == 2  # fp32 (TF32) in the specialized loop: "WGMMA type or shape is not
+    # supported" (triton 3.8, sm_90)
     ws = ws and (bias is None or (bias.stride(0) == 1 and bias.data_ptr() % 16 == 0))
     if ws:  # device-side descriptors: pointers in, described by the kernel
         descs = (a_st, b_st, p_st, out2d)
