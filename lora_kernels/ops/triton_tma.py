@@ -53,7 +53,8 @@ except ImportError:  # pragma: no cover - old triton: the launchers fall back
 
 _HAS_DESCRIPTORS = TensorDescriptor is not None and hasattr(tl, "make_tensor_descriptor")
 # triton 3.6's sm_90 warp specialization rejects the dropout mask's ops in the loop ("Unexpected op" in
-# WSDataPartition); 3.8's takes them. Before 3.8, the ``tma_ws`` dX with dropout runs its loop unspecialized.
+# WSDataPartition); 3.8's takes them. Before 3.8, the ``tma_ws*`` dX with dropout runs as ``tma*`` (the same
+# loop unspecialized at 4 warps spills 1.2-1.5 KB a thread).
 _WS_TAKES_MASK = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
 
 
@@ -411,6 +412,7 @@ def _linear_tma(
     ws = ws and u_rows is not None and t_rows is not None and not t_rows[1]
     ws = ws and a.element_size() == 2  # fp32 (TF32) in the specialized loop: "WGMMA type or shape is not
     # supported" (triton 3.8, sm_90)
+    ws = ws and (dropout_p == 0.0 or _WS_TAKES_MASK)
     ws = ws and (bias is None or (bias.stride(0) == 1 and bias.data_ptr() % 16 == 0))
     if ws:  # device-side descriptors: pointers in, described by the kernel
         descs = (a_st, b_st, p_st, out2d)
@@ -449,8 +451,8 @@ def _linear_tma(
             ),
             dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=fuse,
                  LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_base._input_precision(a.dtype),
-                 B_T=b_t, P_T=p_t, U_T=u_t, DEVICE_DESC=ws,
-                 WARP_SPECIALIZE=ws and (dropout_p == 0.0 or _WS_TAKES_MASK), NUM_SMS=num_sms, BLOCK_R=block_r),
+                 B_T=b_t, P_T=p_t, U_T=u_t, DEVICE_DESC=ws, WARP_SPECIALIZE=ws, NUM_SMS=num_sms,
+                 BLOCK_R=block_r),
         )  # fmt: skip
     return out
 
