@@ -6,7 +6,8 @@ Lowers each kernel (fp16, bf16, fp32 inputs; with and without dropout) to PTX an
 ``triton.compile`` for the given compute capabilities and prints one ``ok`` line per compile. This
 catches code that runs under the interpreter but does not compile (the interpreter is more lenient).
 For sm_90 and newer it also compiles the TMA persistent variants (lora_kernels/ops/triton_tma.py) as their
-launchers would launch them (the forward GEMM, and dX with the dropout mask; plus the decode-sized config)
+launchers would launch them (the forward GEMM, dX without and with the dropout mask; plus the decode-sized
+config)
 and prints each one's registers, spills and shared memory; one that needs more shared memory than an
 sm_90 SM has (227 KiB) fails, and so does a warp-specialized build that triton left unspecialized. Run it without ``TRITON_INTERPRET`` set.
 """
@@ -158,7 +159,7 @@ def compile_tma(arch: int) -> int:
             for M in (256, 16) if variant == "tma" else (256,):
                 with _tf32():  # fp32 takes the TMA kernels only where TF32 is allowed
                     launches = record_tma_launches(M, 256, 512, 16, 0.1, _TORCH_DTYPES[dtype], variant)
-                for (kernel, args, kwargs), what in zip(launches, ("fwd", "dX+dropout"), strict=True):
+                for (kernel, args, kwargs), what in zip(launches, ("fwd", "dX", "dX+dropout"), strict=True):
                     tiles = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK_", "num_", "EPILOGUE"))}
                     label = f"sm_{arch} {kernel.__name__} {variant} {dtype} M={M} {what} {tiles}"
                     try:

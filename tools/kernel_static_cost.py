@@ -65,8 +65,8 @@ def record_tma_launches(
     M: int, K: int, N: int, r: int, dropout_p: float, dtype: torch.dtype, variant: str, num_sms: int = 132
 ) -> list[tuple]:
     """``(kernel, args, kwargs)`` of the forward GEMM (without dropout, so the ``*_t_fused`` variants fuse
-    ``t``) and the dX GEMM (with ``dropout_p``'s mask) of TMA ``variant`` (:mod:`lora_kernels.ops.triton_tma`),
-    nothing run; ``num_sms`` persistent programs (H100/H200: 132)."""
+    ``t``) and the dX GEMM, without dropout and (``dropout_p`` > 0) with its mask, of TMA ``variant``
+    (:mod:`lora_kernels.ops.triton_tma`), nothing run; ``num_sms`` persistent programs (H100/H200: 132)."""
     calls = []
 
     def record(kernel, grid_of, configs, args, constexprs):
@@ -84,9 +84,10 @@ def record_tma_launches(
         triton_tma._linear_tma(x, w.t(), t, B.t(), b, 0.0, 0, ws, stored, lora_scale=2.0, num_sms=num_sms)
         grad_y = torch.randn(M, N, dtype=dtype)
         stored = triton_tma._descriptor_operands(grad_y, w, B if fused else None)
-        triton_tma._linear_tma(
-            grad_y, w, t, A, None, dropout_p, 1, ws, stored, project_scale=2.0, num_sms=num_sms
-        )
+        for p in (0.0, dropout_p) if dropout_p else (0.0,):
+            triton_tma._linear_tma(
+                grad_y, w, t, A, None, p, 1, ws, stored, project_scale=2.0, num_sms=num_sms
+            )
     finally:
         triton_lora._launch = launch
     return calls
