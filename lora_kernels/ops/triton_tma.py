@@ -314,11 +314,11 @@ def _tma_config(M: int, N: int, K: int, element_size: int, ws: bool, masked: boo
     if M <= 64:  # decode-sized: one warpgroup's 64 rows, narrow N tiles to spread the weight read over SMs
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128 if half else 64, GROUP_M=1, EPILOGUE_SUBTILE=False,
                     num_warps=4, num_stages=4)  # fmt: skip
-    if half and masked:  # ptxas, sm_90: 128x256 with the mask spills (255 registers) and needs 246 KB of
-        # shared memory (the mask's layout conversions), more than the 227 KB an SM has; 128x128: no spills
+    if half and masked:  # ptxas, sm_90: 128x256 with the mask spills (255 registers) and needs 240 KiB of
+        # shared memory (the mask's layout conversions), more than an SM's 227 KiB; 128x128: no spills
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True,
                     num_warps=8, num_stages=4)  # fmt: skip
-    if half:  # LoRAFusion's H100 config; the store subtiled (188 KB of shared memory instead of 225)
+    if half:  # LoRAFusion's H100 config; the store subtiled (184 KiB of shared memory instead of 220)
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPILOGUE_SUBTILE=True,
                     num_warps=8, num_stages=3)  # fmt: skip
     return dict(
