@@ -15,6 +15,7 @@ it without ``TRITON_INTERPRET``; it uses Triton internals (``create_function_fro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -32,21 +33,36 @@ from lora_kernels.ops import LoRAParams, triton_lora, triton_tma
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def record_launches(
-    M: int, K: int, N: int, r: int, dropout_p: float, dtype: torch.dtype, dora: bool = False
-) -> list[tuple]:
-    """``(kernel, args, kwargs)`` of every launch of one forward + backward (LoRA, or DoRA with its norm),
-    nothing run."""
+@contextlib.contextmanager
+def _recording():
+    """Inside, ``triton_lora._launch`` records ``(kernel, args, kwargs)`` of each launch (first config) in
+    the yielded list instead of running it."""
     calls = []
 
     def record(kernel, grid_of, configs, args, constexprs):
+        grid_of(configs[0])  # (sets the TMA kernels' host descriptor boxes for this config)
         calls.append((kernel, args, {**constexprs, **configs[0]}))
         return configs[0]
 
     launch, triton_lora._launch = triton_lora._launch, record
     try:
-        x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
-        A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+        yield calls
+    finally:
+        triton_lora._launch = launch
+
+
+def _problem(M: int, K: int, N: int, r: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    return x, w, b, torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+
+
+def record_launches(
+    M: int, K: int, N: int, r: int, dropout_p: float, dtype: torch.dtype, dora: bool = False
+) -> list[tuple]:
+    """``(kernel, args, kwargs)`` of every launch of one forward + backward (LoRA, or DoRA with its norm),
+    nothing run."""
+    with _recording() as calls:
+        x, w, b, A, B = _problem(M, K, N, r, dtype)
         params = LoRAParams(2.0, dropout_p, 12345)
         if dora:
             triton_lora.dora_weight_norm(w, A, B, 2.0)
@@ -56,8 +72,6 @@ def record_launches(
         else:
             y, t = triton_lora.lora_forward(x, w, b, A, B, params)
             triton_lora.lora_backward(torch.randn_like(y), x, w, A, B, t, params, (True,) * 5)
-    finally:
-        triton_lora._launch = launch
     return calls
 
 
@@ -67,17 +81,8 @@ def record_tma_launches(
     """``(kernel, args, kwargs)`` of the forward GEMM (without dropout, so the ``*_t_fused`` variants fuse
     ``t``) and the dX GEMM, without dropout and (``dropout_p`` > 0) with its mask, of TMA ``variant``
     (:mod:`lora_kernels.ops.triton_tma`), nothing run; ``num_sms`` persistent programs (H100/H200: 132)."""
-    calls = []
-
-    def record(kernel, grid_of, configs, args, constexprs):
-        grid_of(configs[0])  # sets the host descriptors' boxes for this config
-        calls.append((kernel, args, {**constexprs, **configs[0]}))
-        return configs[0]
-
-    launch, triton_lora._launch = triton_lora._launch, record
-    try:
-        x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
-        A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+    with _recording() as calls:
+        x, w, b, A, B = _problem(M, K, N, r, dtype)
         ws, fused = triton_tma.VARIANTS[variant]
         t = torch.empty(M, r)  # the forward as without dropout (with it, no variant fuses t)
         stored = triton_tma._descriptor_operands(x, w.t(), A.t() if fused else None)
@@ -88,8 +93,6 @@ def record_tma_launches(
             triton_tma._linear_tma(
                 grad_y, w, t, A, None, p, 1, ws, stored, project_scale=2.0, num_sms=num_sms
             )
-    finally:
-        triton_lora._launch = launch
     return calls
 
 

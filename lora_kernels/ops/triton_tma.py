@@ -71,6 +71,22 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _descriptor(
+    ptr, rows, cols, row_stride, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TRANSPOSED: tl.constexpr
+):  # fmt: skip
+    """A device-side descriptor of the (rows, cols) operand at ``ptr``: of the row-major tensor itself, or,
+    ``TRANSPOSED``, of the row-major (cols, rows) tensor it is a transposed view of (its tiles load as
+    (BLOCK_COLS, BLOCK_ROWS) and are transposed by the caller)."""
+    if TRANSPOSED:
+        return tl.make_tensor_descriptor(
+            ptr, shape=[cols, rows], strides=[row_stride, 1], block_shape=[BLOCK_COLS, BLOCK_ROWS]
+        )
+    return tl.make_tensor_descriptor(
+        ptr, shape=[rows, cols], strides=[row_stride, 1], block_shape=[BLOCK_ROWS, BLOCK_COLS]
+    )
+
+
+@triton.jit
 def _add_lora(
     acc, t_op, u, offs_m, col_start, seed_lo, seed_hi, dropout_threshold, dropout_scale,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
@@ -140,40 +156,13 @@ def _lora_linear_tma_kernel(
     ``_lora_linear_kernel`` for the precision contract (``LORA_FP32``).
     """
     if DEVICE_DESC:
-        a_desc = tl.make_tensor_descriptor(
-            a, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
-        )
-        if B_T:
-            b_desc = tl.make_tensor_descriptor(
-                b, shape=[N, K], strides=[stride_b, 1], block_shape=[BLOCK_N, BLOCK_K]
-            )
-        else:
-            b_desc = tl.make_tensor_descriptor(
-                b, shape=[K, N], strides=[stride_b, 1], block_shape=[BLOCK_K, BLOCK_N]
-            )
+        a_desc = _descriptor(a, M, K, stride_am, BLOCK_M, BLOCK_K, False)
+        b_desc = _descriptor(b, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
         if FUSE_PROJECT:
-            if P_T:
-                p_desc = tl.make_tensor_descriptor(
-                    p, shape=[R, K], strides=[stride_p, 1], block_shape=[BLOCK_R, BLOCK_K]
-                )
-            else:
-                p_desc = tl.make_tensor_descriptor(
-                    p, shape=[K, R], strides=[stride_p, 1], block_shape=[BLOCK_K, BLOCK_R]
-                )
-        out_desc = tl.make_tensor_descriptor(  # (EPILOGUE_SUBTILE is ignored here: see the epilogue)
-            out, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N]
-        )
-        t_desc = tl.make_tensor_descriptor(
-            t_ptr, shape=[M, R], strides=[stride_tm, 1], block_shape=[BLOCK_M, BLOCK_R]
-        )
-        if U_T:
-            u_desc = tl.make_tensor_descriptor(
-                u_ptr, shape=[N, R], strides=[stride_un, 1], block_shape=[BLOCK_N, BLOCK_R]
-            )
-        else:
-            u_desc = tl.make_tensor_descriptor(
-                u_ptr, shape=[R, N], strides=[stride_ur, 1], block_shape=[BLOCK_R, BLOCK_N]
-            )
+            p_desc = _descriptor(p, K, R, stride_p, BLOCK_K, BLOCK_R, P_T)
+        out_desc = _descriptor(out, M, N, N, BLOCK_M, BLOCK_N, False)  # whole tiles: see the epilogue
+        t_desc = _descriptor(t_ptr, M, R, stride_tm, BLOCK_M, BLOCK_R, False)
+        u_desc = _descriptor(u_ptr, R, N, stride_un if U_T else stride_ur, BLOCK_R, BLOCK_N, U_T)
         if HAS_BIAS:
             bias_desc = tl.make_tensor_descriptor(bias_ptr, shape=[N], strides=[1], block_shape=[BLOCK_N])
     else:
