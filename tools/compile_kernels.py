@@ -9,7 +9,8 @@ For sm_90 and newer it also compiles the TMA persistent variants (lora_kernels/o
 launchers would launch them (the forward GEMM, dX without and with the dropout mask; plus the decode-sized
 config)
 and prints each one's registers, spills and shared memory; one that needs more shared memory than an
-sm_90 SM has (227 KiB) fails, and so does a warp-specialized build that triton left unspecialized. Run it without ``TRITON_INTERPRET`` set.
+sm_90 SM has (227 KiB) fails, and so does a warp-specialized build that triton left unspecialized. Run it
+without ``TRITON_INTERPRET`` set.
 """
 
 from __future__ import annotations

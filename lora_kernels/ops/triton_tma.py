@@ -23,9 +23,10 @@ Variants (:data:`VARIANTS`, all measured by ``benchmarks/tma_sweep.py``; none ro
 ``tma_ws_t_fused``  ``tma_ws`` with ``t`` in the main loop
 ==================  ====================================================================================
 
-TMA needs row-major operands with 16-byte aligned rows (and fp32 inputs only where TF32 is allowed): ``x``/``dY`` with unit column stride, ``K·size`` and
-``N·size`` multiples of 16 bytes (the output is allocated contiguous), ``W`` contiguous along either axis;
-the fused dX variant also needs ``B``'s rows (``r·size``) 16-byte aligned. Where a call does not meet them,
+TMA needs row-major operands with 16-byte aligned rows: ``x``/``dY`` with unit column stride, ``K·size``
+and ``N·size`` multiples of 16 bytes (the output is allocated contiguous), ``W`` contiguous along either
+axis; the fused dX variant also needs ``B``'s rows (``r·size``) 16-byte aligned; fp32 inputs only where
+TF32 is allowed (IEEE fp32 is no tensor-core work). Where a call does not meet them,
 or :func:`tma_available` is false (no GPU of compute capability 9 or newer, a triton without descriptors),
 the launchers run ``triton_lora``'s kernels instead, so they are safe to call anywhere. Under the
 interpreter (CPU) they run when the installed triton's interpreter has descriptors (3.8 does), with a
@@ -77,13 +78,15 @@ def _descriptor(
     """A device-side descriptor of the (rows, cols) operand at ``ptr``: of the row-major tensor itself, or,
     ``TRANSPOSED``, of the row-major (cols, rows) tensor it is a transposed view of (its tiles load as
     (BLOCK_COLS, BLOCK_ROWS) and are transposed by the caller)."""
-    if TRANSPOSED:
-        return tl.make_tensor_descriptor(
+    if TRANSPOSED:  # (one return: triton checks that every return has one type, constexpr branches too)
+        desc = tl.make_tensor_descriptor(
             ptr, shape=[cols, rows], strides=[row_stride, 1], block_shape=[BLOCK_COLS, BLOCK_ROWS]
         )
-    return tl.make_tensor_descriptor(
-        ptr, shape=[rows, cols], strides=[row_stride, 1], block_shape=[BLOCK_ROWS, BLOCK_COLS]
-    )
+    else:
+        desc = tl.make_tensor_descriptor(
+            ptr, shape=[rows, cols], strides=[row_stride, 1], block_shape=[BLOCK_ROWS, BLOCK_COLS]
+        )
+    return desc
 
 
 @triton.jit
