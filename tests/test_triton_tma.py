@@ -1,9 +1,10 @@
 """The TMA persistent kernels (lora_kernels/ops/triton_tma.py) against the float64 reference.
 
-On the CPU they run through Triton's interpreter, which has tensor descriptors from triton 3.8 on (3.6's
-cannot run their persistent loop: ``tl.range`` over a program id fails there); with 3 programs for up to 6
-tiles, so each program walks several tiles of the grouped order. The GPU-only parts (TMA hardware, warp
-specialization, shared memory) are checked by tools/compile_kernels.py and the GPU run's sweep.
+On the CPU they run through Triton's interpreter (the ``interpreted`` tests), which has tensor descriptors
+from triton 3.8 on (3.6's cannot run their persistent loop: ``tl.range`` over a program id fails there);
+with 3 programs for up to 6 tiles, so each program walks several tiles of the grouped order. On an sm_90+
+GPU, ``test_on_hopper_bf16`` runs the compiled kernels; tools/compile_kernels.py checks that they compile
+(registers, spills, shared memory, warp specialization) without one, and the GPU run's sweep times them.
 """
 
 import pytest
@@ -17,13 +18,15 @@ from lora_kernels.reference import lora_linear_reference
 if HAS_TRITON:
     from lora_kernels.ops import triton_lora, triton_tma
 
-pytestmark = [
-    pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"),
-    pytest.mark.skipif(
-        HAS_TRITON and not triton_tma.tma_available("cpu"),
-        reason="this triton's interpreter has no tensor descriptors (triton >= 3.8 has)",
-    ),
-]
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+interpreted = pytest.mark.skipif(
+    not HAS_TRITON or not triton_tma.tma_available("cpu"),
+    reason="needs the interpreter (TRITON_INTERPRET=1) of a triton with tensor descriptors (>= 3.8)",
+)
+on_hopper = pytest.mark.skipif(
+    not HAS_TRITON or not torch.cuda.is_available() or not triton_tma.tma_available("cuda"),
+    reason="needs a GPU of compute capability >= 9.0",
+)
 
 VARIANTS = list(triton_tma.VARIANTS) if HAS_TRITON else []
 
@@ -69,6 +72,7 @@ def grad_x_reference(grad_y, weight, lora_A, lora_B, scaling, mask):
     return g @ w + (lora if mask is None else lora * mask.double())
 
 
+@interpreted
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -97,6 +101,7 @@ def test_forward_and_grad_x(variant, dtype, dropout_p, shape, launched):
     assert [c["FUSE_PROJECT"] for c in tma] == [fused and not dropout_p, fused]
 
 
+@interpreted
 @pytest.mark.parametrize("variant", ["tma", "tma_ws_t_fused"])
 def test_fp32_adapters_on_a_half_base_and_strided_operands(variant, launched):
     """fp32 adapters on fp16 x/W (the epilogue in TF32, as triton_lora's), a large scaling that would
@@ -122,6 +127,7 @@ def test_fp32_adapters_on_a_half_base_and_strided_operands(variant, launched):
     assert not launched.constexprs[-1]["DEVICE_DESC"]  # the stride-0 bias: not for TMA, host descriptors
 
 
+@interpreted
 @pytest.mark.parametrize("num_sms", [1, 2, 64])
 def test_persistent_loop_visits_every_tile_once(num_sms):
     """One program for all tiles, two, and more programs than tiles give the same output."""
@@ -132,6 +138,7 @@ def test_persistent_loop_visits_every_tile_once(num_sms):
     assert_close(y, lora_linear_reference(x, w, b, A, B, 0.5, mask, upcast=True), torch.float32, "y")
 
 
+@interpreted
 def test_given_grad_t_is_used_and_returned():
     _, w, _, A, B = problem(16, 32, 48, 8, torch.float32)
     grad_y = problem(16, 48, 1, 1, torch.float32, seed=3)[0]
@@ -144,6 +151,7 @@ def test_given_grad_t_is_used_and_returned():
     assert_close(grad_x, grad_y.double() @ w.double(), torch.float32, "grad_x")
 
 
+@interpreted
 @pytest.mark.parametrize("case", ["K unaligned", "N unaligned", "x column-major", "B rows unaligned"])
 def test_operands_tma_cannot_read_fall_back(case, launched):
     """Rows that are not 16-byte aligned (or an x that is not row-major) run triton_lora's kernel, right."""
@@ -172,6 +180,7 @@ def test_operands_tma_cannot_read_fall_back(case, launched):
     assert "_lora_linear_tma_kernel" not in launched and "_lora_linear_kernel" in launched
 
 
+@interpreted
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_path_functions_match_the_fused_path(variant):
     """Each variant's ``(forward, backward)`` pair (a routing entry) gives triton_lora's results, every
@@ -196,3 +205,22 @@ def test_availability_and_variant_names():
     x, w, b, A, B = problem(4, 16, 16, 4, torch.float32)
     with pytest.raises(ValueError, match="unknown TMA variant"):
         triton_tma.lora_forward_tma(x, w, b, A, B, LoRAParams(1.0), variant="tma_wss")
+
+
+@pytest.mark.cuda
+@on_hopper
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_on_hopper_bf16(variant, dropout_p, launched):
+    """The compiled kernels on the GPU (the GPU run's tests phase): bf16, several waves of persistent tiles,
+    the forward and dX of each variant against float64, and the TMA kernel is what ran."""
+    x, w, b, A, B = (v.cuda() for v in problem(1000, 512, 768, 16, torch.bfloat16))
+    params = LoRAParams(2.0, dropout_p, 31)
+    mask = dropout_mask(params.seed, x.shape, dropout_p, device="cuda") if dropout_p else None
+    y, _ = triton_tma.lora_forward_tma(x, w, b, A, B, params, variant=variant)
+    assert_close(y, lora_linear_reference(x, w, b, A, B, 2.0, mask, upcast=True), torch.bfloat16, "y")
+    grad_y = problem(1000, 768, 1, 1, torch.bfloat16, seed=1)[0].cuda()
+    grad_x, _ = triton_tma.lora_grad_x_tma(grad_y, w, A, B, params, variant=variant)
+    expected = grad_x_reference(grad_y, w, A, B, 2.0, mask)
+    assert_close(grad_x, expected, torch.bfloat16, "grad_x", slack=2.0)
+    assert launched.count("_lora_linear_tma_kernel") == 2
