@@ -110,8 +110,9 @@ GPU_TESTS=(tests/ --ignore=tests/test_triton_compile.py --ignore=tests/test_dist
 [ "$DRY" = 1 ] && PYTEST_ARGS+=(-m cuda)  # here: collect everything, run what is marked for the GPU (skips)
 phase tests 200 "$PY" -m pytest "${GPU_TESTS[@]}" "${PYTEST_ARGS[@]}" --junitxml="$OUT/junit.xml"
 
+# issue 21's decision sweep first after the tests: the run must decide between the GEMM paths
+phase tma 240 "$PY" benchmarks/gpu_run.py tma --work "$WORK"
 phase table 90 "$PY" benchmarks/gpu_run.py table --work "$WORK"
-phase tma 240 "$PY" benchmarks/gpu_run.py tma --work "$WORK"  # issue 21's decision sweep, before the extras
 phase overhead 40 "$PY" benchmarks/gpu_run.py overhead --work "$WORK"
 phase e2e 55 "$PY" benchmarks/gpu_run.py e2e --work "$WORK"
 phase sweep 60 "$PY" benchmarks/gpu_run.py sweep --work "$WORK"
