@@ -1,6 +1,6 @@
 """The measurements of one GPU visit, one phase per sub-command; ``benchmarks/gpu_run.sh`` runs them.
 
-    python benchmarks/gpu_run.py PHASE --work DIR      # PHASE: env, table, overhead, sweep, sanitize, e2e, summary
+    python benchmarks/gpu_run.py PHASE --work DIR      # PHASE: env, table, tma, qlora, overhead, sweep, sanitize, e2e, summary
     python benchmarks/gpu_run.py tuning --from RESULTS_JSON --out FILE [--stand-in provider=path,...]
 
 The summary also writes the routing table the table phase measured, ``tuning-<device>.json`` (to commit as
@@ -462,6 +462,15 @@ def phase_sweep(work: Path) -> None:
 # ----------------------------------------------------------------------------------------------- sanitize
 
 
+def phase_tma(work: Path) -> None:
+    """Issue 21's decision sweep (benchmarks/tma_sweep.py): today's fused kernel, the TMA persistent
+    variants and the split path against ``F.linear``, forward and dX; ``tma_table.json`` holds
+    ``{case key: {candidate: ms}}`` for the routing table."""
+    import tma_sweep
+
+    tma_sweep.run_all(work)
+
+
 def phase_sanitize(work: Path) -> None:
     """One forward and backward of every kernel variant on odd shapes (run under compute-sanitizer)."""
     dtypes = [torch.float32] if DRY else [torch.bfloat16, torch.float32]
@@ -678,6 +687,8 @@ def phase_summary(work: Path, out: Path) -> int:
         ("overhead", "Host time per eager fwd+bwd call (tiny problem)", ["provider", "host_us_per_call", "error"]),
         ("sweep", "Tile-config sweep", ["kernel", "shape", "config", "ran_config", "median_ms", "baseline_ms",
                                         "ratio_to_baseline", "max_rel_error", "error"]),
+        ("tma", "Decision sweep: GEMM paths, forward and dX (benchmarks/tma_sweep.py)",
+         ["case", "candidate", "ms", "max_rel_error", "skipped", "error"]),
         ("sanitize", "compute-sanitizer workload", ["backend", "dtype", "dropout", "lead", "dora", "ok", "error"]),
         ("qlora", "QLoRA (NF4 base; issue 23)", ["mode", "shape", "M", "dropout", "provider", "median_ms",
                                                  "saved_bytes", "peak_bytes", "max_rel_error", "skipped", "error"]),
@@ -699,7 +710,7 @@ def phase_summary(work: Path, out: Path) -> int:
         ]
     (out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    errors = [r for name in ("table", "overhead", "sweep", "sanitize", "e2e", "qlora") for r in _read(work / f"{name}.jsonl")
+    errors = [r for name in ("table", "overhead", "sweep", "tma", "sanitize", "e2e", "qlora") for r in _read(work / f"{name}.jsonl")
               if r.get("error")]  # fmt: skip
     return len(errors)
 
@@ -809,6 +820,7 @@ PHASES = {
     "qlora": phase_qlora,
     "overhead": phase_overhead,
     "sweep": phase_sweep,
+    "tma": phase_tma,
     "sanitize": phase_sanitize,
     "e2e": phase_e2e,
 }

@@ -6,9 +6,10 @@
 #   bash benchmarks/gpu_run.sh --only tests,table  # some phases only (a confirming re-run)
 #
 # Phases: env (nvidia-smi, versions, measured ceilings and floors), build (the extension for sm_90, in the
-# background), tests (the GPU tests, junit XML), table (the timing table), qlora (QLoRA, NF4 bases; skipped
-# with a recorded reason without bitsandbytes), overhead (host time per call), e2e
-# (a Llama-style training step, PEFT vs PEFT + fuse), sweep (tile configs), cuda-ext (the cuda backend's
+# background), tests (the GPU tests, junit XML), table (the timing table), tma (issue 21's GEMM paths,
+# forward and dX, each candidate in its own process), qlora (QLoRA, NF4 bases; skipped with a recorded
+# reason without bitsandbytes), overhead (host time per call), e2e (a Llama-style training step, PEFT vs
+# PEFT + fuse), sweep (tile configs), cuda-ext (the cuda backend's
 # tests, if the build finished), sanitize (compute-sanitizer memcheck), then the summary.
 # Nothing is installed: the package is imported from this checkout through PYTHONPATH. Results go to $OUT
 # (at most 8 files: SUMMARY.md, results.json, results.md, junit*.xml, tuning-<device>.json (the routing table
@@ -112,10 +113,14 @@ GPU_TESTS=(tests/ --ignore=tests/test_triton_compile.py --ignore=tests/test_dist
 [ "$DRY" = 1 ] && PYTEST_ARGS+=(-m cuda)  # here: collect everything, run what is marked for the GPU (skips)
 phase tests 200 "$PY" -m pytest "${GPU_TESTS[@]}" "${PYTEST_ARGS[@]}" --junitxml="$OUT/junit.xml"
 
+# The table (which writes the routing table) and issue 21's decision sweep come first after the tests: the
+# run must decide between the GEMM paths. Phases are ordered by what a cut-short run loses least; what the
+# budget skips is for a second call with --only (e.g. --only qlora,sweep,sanitize,cuda-ext).
 phase table 90 "$PY" benchmarks/gpu_run.py table --work "$WORK"
-phase qlora 60 "$PY" benchmarks/gpu_run.py qlora --work "$WORK"  # skips its cases without bitsandbytes
-phase overhead 40 "$PY" benchmarks/gpu_run.py overhead --work "$WORK"
+phase tma 150 "$PY" benchmarks/gpu_run.py tma --work "$WORK"
 phase e2e 55 "$PY" benchmarks/gpu_run.py e2e --work "$WORK"
+phase overhead 40 "$PY" benchmarks/gpu_run.py overhead --work "$WORK"
+phase qlora 60 "$PY" benchmarks/gpu_run.py qlora --work "$WORK"  # skips its cases without bitsandbytes
 phase sweep 60 "$PY" benchmarks/gpu_run.py sweep --work "$WORK"
 
 # --- sanitize: compute-sanitizer memcheck over every kernel variant on odd shapes, time-boxed

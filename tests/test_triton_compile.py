@@ -29,8 +29,9 @@ def test_kernels_compile_for_sm80_and_sm90():
     assert result.returncode == 0, result.stdout + result.stderr
     # 2 archs × 3 dtypes × (dropout on/off × 10 kernel variants: linear ± fused projection and its four DoRA
     # variants, project ± DoRA's stored x̃, reduce ± DoRA's Σ dY ⊙ z; + DoRA's norm kernel, no dropout; + the
-    # reduction's two single-pass variants with s·dY·B, ± Σ dY ⊙ z, no dropout)
-    assert result.stdout.count("ok ") == 2 * 3 * (2 * 10 + 1 + 2)
+    # reduction's two single-pass variants with s·dY·B, ± Σ dY ⊙ z, no dropout); + for sm_90 the TMA
+    # variants: 3 dtypes × (4 variants + the decode-sized config of one) × (forward, dX, dX with dropout)
+    assert result.stdout.count("ok ") == 2 * 3 * (2 * 10 + 1 + 2) + 3 * 5 * 3
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

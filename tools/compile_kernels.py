@@ -5,20 +5,28 @@
 Lowers each kernel (fp16, bf16, fp32 inputs; with and without dropout) to PTX and cubin through
 ``triton.compile`` for the given compute capabilities and prints one ``ok`` line per compile. This
 catches code that runs under the interpreter but does not compile (the interpreter is more lenient).
-Run it without ``TRITON_INTERPRET`` set.
+For sm_90 and newer it also compiles the TMA persistent variants (lora_kernels/ops/triton_tma.py) as their
+launchers would launch them (the forward GEMM, dX without and with the dropout mask; plus the decode-sized
+config)
+and prints each one's registers, spills and shared memory; one that needs more shared memory than an
+sm_90 SM has (227 KiB) fails, and so does a warp-specialized build that triton left unspecialized. Run it
+without ``TRITON_INTERPRET`` set.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
+import torch
 import triton
+from kernel_static_cost import record_tma_launches, static_cost
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lora_kernels.ops import triton_lora
+from lora_kernels.ops import triton_lora, triton_tma
 
 #: Per kernel: pointer args ("in" = the input dtype, else a fixed type), float scalars, constexprs, options
 #: and the variants (extra constexprs) to compile.
@@ -127,16 +135,63 @@ def compile_kernel(name: str, dtype: str, dropout: bool, variant: dict, arch: in
     triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+#: The most shared memory one block may use on sm_90 (H100/H200): 227 KiB.
+SM90_MAX_SHARED = 227 * 1024
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@contextlib.contextmanager
+def _tf32():
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
+
+
+def compile_tma(arch: int) -> int:
+    """Compile every TMA variant's launches for ``sm_<arch>``, print one line each; returns the failures."""
+    failures = 0
+    for variant in triton_tma.VARIANTS:
+        for dtype in ("fp16", "bf16", "fp32"):
+            # M = 256: the large-M configs (chosen by M > 64, dtype, variant, mask); M = 16: the decode one
+            for M in (256, 16) if variant == "tma" else (256,):
+                with _tf32():  # fp32 takes the TMA kernels only where TF32 is allowed
+                    launches = record_tma_launches(M, 256, 512, 16, 0.1, _TORCH_DTYPES[dtype], variant)
+                for (kernel, args, kwargs), what in zip(launches, ("fwd", "dX", "dX+dropout"), strict=True):
+                    tiles = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK_", "num_", "EPILOGUE"))}
+                    label = f"sm_{arch} {kernel.__name__} {variant} {dtype} M={M} {what} {tiles}"
+                    try:
+                        cost = static_cost(kernel, args, kwargs, arch)
+                    except Exception as err:
+                        failures += 1
+                        print(f"FAIL {label}: {type(err).__name__}: {err}")
+                        continue
+                    resources = " ".join(f"{k}={v}" for k, v in cost.items() if k != "mul.hi.u32")
+                    if cost["shared_bytes"] > SM90_MAX_SHARED:
+                        failures += 1
+                        print(f"FAIL {label}: {resources}: more shared memory than an SM has")
+                    elif kwargs["WARP_SPECIALIZE"] and not cost["warp_specialized"]:
+                        failures += 1
+                        print(f"FAIL {label}: {resources}: triton left the loop unspecialized")
+                    else:
+                        print(f"ok {label} {resources}")
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    parser.add_argument("--tma-only", action="store_true", help="only the TMA variants (sm_90 and newer)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     print(f"triton {triton.__version__}")
     failures = 0
     for arch in args.arch:
-        for name, spec in KERNELS.items():
+        for name, spec in KERNELS.items() if not args.tma_only else ():
             for variant in spec[-1]:
                 for dtype in ("fp16", "bf16", "fp32"):
                     kernel = getattr(triton_lora, name)
@@ -150,6 +205,8 @@ def main() -> int:
                         except Exception as err:  # report every failure, not just the first
                             failures += 1
                             print(f"FAIL {what}: {type(err).__name__}: {err}")
+        if arch >= 90:
+            failures += compile_tma(arch)
     return 1 if failures else 0
 
 

@@ -15,6 +15,7 @@ it without ``TRITON_INTERPRET``; it uses Triton internals (``create_function_fro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -27,9 +28,32 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from lora_kernels.ops import LoRAParams, triton_lora
+from lora_kernels.ops import LoRAParams, triton_lora, triton_tma
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+@contextlib.contextmanager
+def _recording():
+    """Inside, ``triton_lora._launch`` records ``(kernel, args, kwargs)`` of each launch (first config) in
+    the yielded list instead of running it."""
+    calls = []
+
+    def record(kernel, grid_of, configs, args, constexprs):
+        grid_of(configs[0])  # (sets the TMA kernels' host descriptor boxes for this config)
+        calls.append((kernel, args, {**constexprs, **configs[0]}))
+        return configs[0]
+
+    launch, triton_lora._launch = triton_lora._launch, record
+    try:
+        yield calls
+    finally:
+        triton_lora._launch = launch
+
+
+def _problem(M: int, K: int, N: int, r: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    return x, w, b, torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
 
 
 def record_launches(
@@ -37,16 +61,8 @@ def record_launches(
 ) -> list[tuple]:
     """``(kernel, args, kwargs)`` of every launch of one forward + backward (LoRA, or DoRA with its norm),
     nothing run."""
-    calls = []
-
-    def record(kernel, grid_of, configs, args, constexprs):
-        calls.append((kernel, args, {**constexprs, **configs[0]}))
-        return configs[0]
-
-    launch, triton_lora._launch = triton_lora._launch, record
-    try:
-        x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
-        A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+    with _recording() as calls:
+        x, w, b, A, B = _problem(M, K, N, r, dtype)
         params = LoRAParams(2.0, dropout_p, 12345)
         if dora:
             triton_lora.dora_weight_norm(w, A, B, 2.0)
@@ -56,8 +72,27 @@ def record_launches(
         else:
             y, t = triton_lora.lora_forward(x, w, b, A, B, params)
             triton_lora.lora_backward(torch.randn_like(y), x, w, A, B, t, params, (True,) * 5)
-    finally:
-        triton_lora._launch = launch
+    return calls
+
+
+def record_tma_launches(
+    M: int, K: int, N: int, r: int, dropout_p: float, dtype: torch.dtype, variant: str, num_sms: int = 132
+) -> list[tuple]:
+    """``(kernel, args, kwargs)`` of the forward GEMM (without dropout, so the ``*_t_fused`` variants fuse
+    ``t``) and the dX GEMM, without dropout and (``dropout_p`` > 0) with its mask, of TMA ``variant``
+    (:mod:`lora_kernels.ops.triton_tma`), nothing run; ``num_sms`` persistent programs (H100/H200: 132)."""
+    with _recording() as calls:
+        x, w, b, A, B = _problem(M, K, N, r, dtype)
+        ws, fused = triton_tma.VARIANTS[variant]
+        t = torch.empty(M, r)  # the forward as without dropout (with it, no variant fuses t)
+        stored = triton_tma._descriptor_operands(x, w.t(), A.t() if fused else None)
+        triton_tma._linear_tma(x, w.t(), t, B.t(), b, 0.0, 0, ws, stored, lora_scale=2.0, num_sms=num_sms)
+        grad_y = torch.randn(M, N, dtype=dtype)
+        stored = triton_tma._descriptor_operands(grad_y, w, B if fused else None)
+        for p in (0.0, dropout_p) if dropout_p else (0.0,):
+            triton_tma._linear_tma(
+                grad_y, w, t, A, None, p, 1, ws, stored, project_scale=2.0, num_sms=num_sms
+            )
     return calls
 
 
@@ -85,6 +120,8 @@ def static_cost(kernel, args: tuple, kwargs: dict, arch: int) -> dict:
         "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
         "shared_bytes": compiled.metadata.shared,
+        # a warp-specialized loop (tl.range(warp_specialize=True)) that triton really split into partitions
+        "warp_specialized": "ttg.warp_specialize" in compiled.asm["ttgir"],
     }
 
 
@@ -97,6 +134,11 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dora", action="store_true", help="DoRA's launches (norm, forward, backward)")
+    parser.add_argument(
+        "--tma",
+        choices=list(triton_tma.VARIANTS),
+        help="the forward and dX GEMMs of this TMA variant instead",
+    )
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
@@ -105,10 +147,15 @@ def main() -> int:
     print(
         f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, M={M} K={K} N={N} r={r} p={args.dropout}"
         + (" DoRA" if args.dora else "")
+        + (f" TMA {args.tma}" if args.tma else "")
     )
-    for kernel, call_args, kwargs in record_launches(M, K, N, r, args.dropout, dtype, args.dora):
+    if args.tma:
+        launches = record_tma_launches(M, K, N, r, args.dropout, dtype, args.tma)
+    else:
+        launches = record_launches(M, K, N, r, args.dropout, dtype, args.dora)
+    for kernel, call_args, kwargs in launches:
         cost = static_cost(kernel, call_args, kwargs, args.arch)
-        tiles = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "num_"))}
+        tiles = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "num_", "EPILOGUE", "FUSE"))}
         print(f"{kernel.__name__:26s} dropout={kwargs.get('HAS_DROPOUT', False)!s:5s} "
               + " ".join(f"{k}={v}" for k, v in cost.items()) + f" {tiles}")  # fmt: skip
     return 0
