@@ -81,7 +81,8 @@ def _launched_kernels(monkeypatch, problem, **kwargs):
 
 
 def test_registry():
-    assert offered_paths("triton") == ["split", "fused"]
+    assert offered_paths("triton") == ["split", "fused", "tma", "tma_ws"]
+    assert offered_paths("triton", "cpu") == ["split", "fused"]  # TMA paths: Hopper GPUs only
     assert offered_paths("torch") == offered_paths("cuda") == ["split"]
     assert DEFAULT_PATH == "split"
 

@@ -4,6 +4,7 @@ the choice, cached per call signature.
 A *path* is one way a backend computes the op (:mod:`lora_kernels.dispatch` still chooses the backend):
 
 ``fused``  the Triton GEMM with the LoRA term in its epilogue (:func:`~lora_kernels.ops.triton_lora.lora_forward`).
+``tma``, ``tma_ws``  the Triton persistent TMA GEMMs of :mod:`~lora_kernels.ops.triton_tma` (Hopper only).
 ``split``  the LoRA term ``bias + s·t·Bᵀ`` written into ``y``'s storage, then the base GEMM accumulated into it
            by cuBLAS (``addmm_`` with beta = 1); ``dX`` the same way. The plain composite's base GEMMs and
            no M×N temporary beyond the output: predicted never slower than the composite. The torch and
@@ -70,11 +71,24 @@ class Path:
     available: Callable[[torch.device], bool] = _always
 
 
+def _tma_on_gpu(device: torch.device) -> bool:
+    """The TMA persistent kernels (:mod:`lora_kernels.ops.triton_tma`) on a Hopper-class GPU. Not offered
+    under the interpreter, where ``tests/test_triton_tma.py`` checks them directly."""
+    if device.type != "cuda":
+        return False
+    from . import triton_tma
+
+    return triton_tma.tma_available(device)
+
+
 #: Every path of every backend; the first of a backend is what it runs when nothing else decides and
-#: :data:`DEFAULT_PATH` is not among its paths.
+#: :data:`DEFAULT_PATH` is not among its paths. ``tma`` and ``tma_ws`` (warp-specialized) are issue 21's
+#: persistent TMA kernels; their ``t_fused`` variants are timed by ``benchmarks/tma_sweep.py`` only.
 PATHS: tuple[Path, ...] = (
     Path("split", "triton", "triton_lora", "split_forward", "split_backward"),
     Path("fused", "triton", "triton_lora"),
+    Path("tma", "triton", "triton_tma", "forward_tma", "backward_tma", _tma_on_gpu),
+    Path("tma_ws", "triton", "triton_tma", "forward_tma_ws", "backward_tma_ws", _tma_on_gpu),
     Path("split", "cuda", "cuda_lora"),
     Path("split", "torch", "torch_lora"),
 )
