@@ -280,14 +280,24 @@ void apply_bits_cpu(const at::Tensor& x, const at::Tensor& bits, float scale, at
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   const uint8_t* keep = bits.const_data_ptr<uint8_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  // One byte per 8 columns; a product, not a select, as x * mask: a dropped NaN stays NaN.
+  const auto row_pass = [&](const scalar_t* x_row, int64_t step, const uint8_t* row_bits, scalar_t* out_row) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint32_t byte = row_bits[g];
+      const int64_t c0 = g * kDropoutElementsPerCall;
+      const int64_t n = std::min<int64_t>(kDropoutElementsPerCall, cols - c0);
+      for (int64_t j = 0; j < n; ++j) {
+        const float factor = ((byte >> j) & 1u) ? scale : 0.0f;
+        out_row[c0 + j] = static_cast<scalar_t>(static_cast<float>(x_row[(c0 + j) * step]) * factor);
+      }
+    }
+  };
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const uint8_t* row_bits = keep + row * groups;
-      for (int64_t col = 0; col < cols; ++col) {
-        const bool kept = (row_bits[col / kDropoutElementsPerCall] >> (col % kDropoutElementsPerCall)) & 1u;
-        // a product, not a select, as x * mask: a dropped NaN stays NaN
-        const float value = static_cast<float>(in[row * sm + col * sk]) * (kept ? scale : 0.0f);
-        dst[row * cols + col] = static_cast<scalar_t>(value);
+      if (sk == 1) {  // the common layout: a unit stride the compiler can see
+        row_pass(in + row * sm, 1, keep + row * groups, dst + row * cols);
+      } else {
+        row_pass(in + row * sm, sk, keep + row * groups, dst + row * cols);
       }
     }
   });

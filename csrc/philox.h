@@ -6,7 +6,7 @@
 // j = col % 8 takes word j / 2 of the output, its low 16 bits for even j and its high 16 bits for odd j,
 // and is kept when that value is >= round(p * 2**16) (p quantised to 2**-16). Kept elements are scaled
 // by 1 / (1 - p), with the caller's p. Every function here is __host__ __device__ so the CPU path and the
-// kernels regenerate the same mask bit for bit; nothing is stored between forward and backward.
+// kernels regenerate the same mask bit for bit. The seed itself is read from an int64 tensor (DropoutParams).
 #pragma once
 
 #include <cmath>

@@ -1,8 +1,10 @@
 """The dropout mask of the LoRA branch: one counter-based RNG shared by every backend.
 
 Every backend (Triton kernels, the CUDA extension, the torch composite) draws the LoRA-branch dropout mask
-from the same function of ``(seed, row, column)``, so a mask is never stored: the backward pass
-regenerates it, and tests reproduce it exactly with :func:`dropout_mask`.
+from the same function of ``(seed, row, column)``, so the backward pass can regenerate it (the GPU kernels
+do, inside their tiles; the torch backend on the CPU keeps it packed at one bit per element instead, one
+byte per Philox call, :func:`lora_kernels.ops.with_kept_mask`), and tests reproduce it exactly with
+:func:`dropout_mask`.
 
 The scheme, for ``x`` viewed as a 2-D ``(M, K)`` matrix (leading dims flattened, row-major). One Philox
 call gives eight mask elements, the eight columns ``8g .. 8g + 7`` of a row:
@@ -182,9 +184,24 @@ def dropout_mask(
     if len(shape) == 0:
         raise ValueError("dropout_mask needs at least one dimension")
     device = torch.device(device or "cpu")
-    if torch.compiler.is_compiling() or not extension_has("lora_dropout_mask", device):
+    if torch.compiler.is_compiling():  # one opaque op in the graph (see _mask_op)
+        return _mask_op(seed_tensor(seed, device), list(shape), float(p), dtype)
+    if not extension_has("lora_dropout_mask", device):
         return dropout_mask_torch(seed, shape, p, device, dtype)
     return torch.ops.lora_kernels.lora_dropout_mask(shape, p, seed_tensor(seed, device)).to(dtype)
+
+
+@torch.library.custom_op("lora_kernels::dropout_mask", mutates_args=(), device_types=None)
+def _mask_op(seed: torch.Tensor, shape: list[int], p: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dropout_mask` as one op for compiled graphs (DoRA's composite under ``torch.compile``): the
+    compiler sees its shape only, not some 200 int64 ops of Philox, whose inlined expressions took
+    inductor minutes to compile; the mask is made by the extension where it is loaded."""
+    return dropout_mask(seed, shape, p, device=seed.device, dtype=dtype)
+
+
+@_mask_op.register_fake
+def _(seed, shape, p, dtype):
+    return seed.new_empty(shape, dtype=dtype)
 
 
 def extension_has(op: str, device: torch.device) -> bool:

@@ -70,6 +70,8 @@ def check_dropout_seed(dropout_seed) -> int | Tensor | None:
     ``torch.compile``) is passed through unchecked: a check would be a guard on its value."""
     if dropout_seed is None or isinstance(dropout_seed, torch.SymInt):
         return dropout_seed
+    if torch.compiler.is_compiling() and not isinstance(dropout_seed, torch.Tensor):
+        return dropout_seed  # Dynamo may trace an int as a symbol, which any check here would specialise
     if isinstance(dropout_seed, torch.Tensor):
         if dropout_seed.is_floating_point() or dropout_seed.is_complex() or dropout_seed.dtype == torch.bool:
             raise TypeError(f"a dropout_seed tensor must hold an integer, got {dropout_seed.dtype}")
