@@ -72,7 +72,7 @@ class LoRAParams:
     ``seed`` is an int64 tensor of one element on the input's device, as :func:`lora_kernels.lora_linear`
     passes it (the kernels read it through its pointer: nothing is baked into a launch or a graph); an int
     is accepted too and becomes such a tensor where a kernel needs it (:func:`seed_on`). ``keep_bits`` is
-    the mask packed at one bit per element (:func:`lora_kernels.dropout.dropout_bits`' layout), made once
+    the mask packed at one bit per element (:func:`with_kept_mask`'s layout), made once
     in the forward where the backend keeps it for the backward (:func:`with_kept_mask`), else None."""
 
     scaling: float
