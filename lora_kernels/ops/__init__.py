@@ -106,6 +106,7 @@ def with_kept_mask(backend: str, x: Tensor, params: LoRAParams) -> LoRAParams:
         params.dropout_p == 0.0
         or backend != "torch"
         or x.device.type != "cpu"
+        or x.dtype == torch.float64  # the extension's ops take fp16, bf16 and fp32
         or torch.compiler.is_compiling()
         or not _extension_loaded()
         or not extension_has("lora_dropout_bits", x.device)
