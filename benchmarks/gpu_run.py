@@ -392,7 +392,10 @@ def phase_sweep(work: Path) -> None:
             for cfg in plan["skinny"]:
                 full = dict(cfg, BLOCK_R=tl_ops._block_r(r))
                 with _patched(tl_ops, _skinny_config=lambda *a, full=full: dict(full)):
-                    fn = lambda dp=dropout_p: tl_ops._project(p["x"], p["A"].t(), 2.0, dp, 7)
+                    seed = torch.full(
+                        (), 7, dtype=torch.int64, device=DEVICE
+                    )  # the kernels read it on the device
+                    fn = lambda dp=dropout_p, seed=seed: tl_ops._project(p["x"], p["A"].t(), 2.0, dp, seed)
                     record(f"project/p{dropout_p:g}", (M, K, r), cfg, fn, ref, base_ms)
         # 3. the row reduction dB = dYᵀ·t (+ dbias), against cuBLAS's dYᵀ·t
         grad_y = torch.randn(M, N, device=DEVICE, dtype=dtype)

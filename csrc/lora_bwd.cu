@@ -52,7 +52,8 @@ std::tuple<at::Tensor, at::Tensor> lora_grad_t_and_B_cuda(const at::Tensor& grad
   return {grad_t, grad_B};
 }
 
-at::Tensor lora_grad_A_cuda(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p, int64_t seed) {
+at::Tensor lora_grad_A_cuda(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p,
+                            const std::optional<at::Tensor>& seed) {
   check_grad_A_args(grad_t, x, dropout_p, seed);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t M = x.size(0);
@@ -64,7 +65,7 @@ at::Tensor lora_grad_A_cuda(const at::Tensor& grad_t, const at::Tensor& x, doubl
   }
   const at::Tensor g = grad_t.contiguous();
   at::Tensor grad_A = at::empty({r, K}, x.options().dtype(at::kFloat));
-  const DropoutParams dropout = make_dropout_params(dropout_p, seed);
+  const DropoutParams dropout = make_dropout_params(dropout_p, seed_pointer(dropout_p, seed));
   const float scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -90,7 +91,8 @@ at::Tensor lora_grad_A_cuda(const at::Tensor& grad_t, const at::Tensor& x, doubl
 }
 
 at::Tensor lora_grad_x_cuda(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_t,
-                            const at::Tensor& lora_A, double dropout_p, int64_t seed) {
+                            const at::Tensor& lora_A, double dropout_p,
+                            const std::optional<at::Tensor>& seed) {
   check_grad_x_args(grad_y, weight, grad_t, lora_A, dropout_p, seed);
   const c10::cuda::CUDAGuard device_guard(grad_y.device());
   const auto dtype = grad_y.scalar_type();
@@ -114,11 +116,10 @@ at::Tensor lora_grad_x_cuda(const at::Tensor& grad_y, const at::Tensor& weight, 
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(k_tiles));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   LORA_DISPATCH_FLOATING_TYPES(dtype, "lora_grad_x_cuda", [&] {
-    lora_grad_x_dropout_kernel<scalar_t, kGradXBM, kGradXBK, kGradXRC, kGradXTX>
-        <<<grid, kThreads, 0, stream>>>(g.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(),
-                                        grad_x.mutable_data_ptr<scalar_t>(), M, K, r,
-                                        static_cast<float>(1.0 / (1.0 - dropout_p)),
-                                        make_dropout_params(dropout_p, seed));
+    lora_grad_x_dropout_kernel<scalar_t, kGradXBM, kGradXBK, kGradXRC, kGradXTX><<<grid, kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), M, K, r,
+        static_cast<float>(1.0 / (1.0 - dropout_p)),
+        make_dropout_params(dropout_p, seed_pointer(dropout_p, seed)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   grad_x.addmm_(grad_y, weight);

@@ -24,6 +24,12 @@ inline int64_t target_blocks() {
   return 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
+// The seed tensor's device pointer for DropoutParams (the ops' argument checks made sure it is an int64
+// tensor on the input's device when dropout_p > 0), nullptr without dropout (then it is never read).
+inline const int64_t* seed_pointer(double dropout_p, const std::optional<at::Tensor>& seed) {
+  return dropout_p > 0.0 ? seed->const_data_ptr<int64_t>() : nullptr;
+}
+
 // Float16, bfloat16 and float32 only: the ops reject float64 before dispatch, so AT_DISPATCH_FLOATING_TYPES_AND2
 // would compile a fourth, unreachable copy of every kernel (about a quarter more build time).
 #define LORA_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                \

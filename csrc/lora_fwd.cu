@@ -8,7 +8,7 @@ namespace lora_kernels {
 namespace cuda {
 
 at::Tensor lora_project_cuda(const at::Tensor& x, const at::Tensor& lora_A, double scaling, double dropout_p,
-                             int64_t seed) {
+                             const std::optional<at::Tensor>& seed) {
   check_project_args(x, lora_A, dropout_p, seed);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t M = x.size(0);
@@ -23,7 +23,7 @@ at::Tensor lora_project_cuda(const at::Tensor& x, const at::Tensor& lora_A, doub
   }
   // A is r x K: casting it to x.dtype is cheap, and makes the kernel's operands those of an x.dtype GEMM.
   const at::Tensor A = lora_A.to(x.scalar_type()).contiguous();
-  const DropoutParams dropout = make_dropout_params(dropout_p, seed);
+  const DropoutParams dropout = make_dropout_params(dropout_p, seed_pointer(dropout_p, seed));
   const float scale = static_cast<float>(dropout_p > 0.0 ? scaling / (1.0 - dropout_p) : scaling);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -71,6 +71,7 @@ namespace {
 __global__ void __launch_bounds__(kThreads)
     dropout_mask_kernel(float* __restrict__ out, int64_t rows, int64_t cols, int64_t groups, float scale,
                         DropoutParams dropout) {
+  resolve_seed(dropout);
   const int64_t n = rows * groups;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -85,10 +86,9 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-at::Tensor lora_dropout_mask_cuda(at::IntArrayRef size, double dropout_p, int64_t seed,
-                                  std::optional<at::Device> device) {
+at::Tensor lora_dropout_mask_cuda(at::IntArrayRef size, double dropout_p, const at::Tensor& seed) {
   check_dropout_mask_args(size, dropout_p, seed);
-  const at::Device where = device.value_or(at::Device(at::kCUDA));
+  const at::Device where = seed.device();
   const c10::cuda::CUDAGuard device_guard(where);
   at::Tensor mask = at::empty(size, at::TensorOptions().dtype(at::kFloat).device(where));
   const int64_t n = mask.numel();
@@ -100,7 +100,7 @@ at::Tensor lora_dropout_mask_cuda(at::IntArrayRef size, double dropout_p, int64_
   const int64_t blocks = std::min(ceil_div(n / cols * groups, kThreads), 8 * target_blocks());
   dropout_mask_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       mask.mutable_data_ptr<float>(), n / cols, cols, groups, static_cast<float>(1.0 / (1.0 - dropout_p)),
-      make_dropout_params(dropout_p, seed));
+      make_dropout_params(dropout_p, seed_pointer(dropout_p, seed)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return mask;
 }

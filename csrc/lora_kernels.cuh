@@ -157,6 +157,7 @@ __global__ void __launch_bounds__(kThreads)
     lora_project_kernel(const scalar_t* __restrict__ x, int64_t x_stride_m, int64_t x_stride_k,
                         const scalar_t* __restrict__ lora_A, float* __restrict__ partial, int64_t M, int64_t K,
                         int64_t r, int64_t k_per_split, float scale, DropoutParams dropout) {
+  resolve_seed(dropout);  // one read of the seed tensor per thread
   constexpr int TY = kThreads / TX;
   constexpr int TM = BM / TY;
   constexpr int TR = RP / TX;
@@ -370,6 +371,7 @@ __global__ void __launch_bounds__(kThreads)
     lora_grad_A_kernel(const scalar_t* __restrict__ grad_t, const scalar_t* __restrict__ x, int64_t x_stride_m,
                        int64_t x_stride_k, float* __restrict__ partial, int64_t M, int64_t K, int64_t r,
                        int64_t rows_per_group, float scale, DropoutParams dropout) {
+  resolve_seed(dropout);  // one read of the seed tensor per thread
   constexpr int TX = kThreads / TY;
   constexpr int TR = RP / TY;
   constexpr int TK = BK / TX;
@@ -460,6 +462,7 @@ __global__ void __launch_bounds__(kThreads)
     lora_grad_x_dropout_kernel(const scalar_t* __restrict__ grad_t, const scalar_t* __restrict__ lora_A,
                                scalar_t* __restrict__ grad_x, int64_t M, int64_t K, int64_t r, float scale,
                                DropoutParams dropout) {
+  resolve_seed(dropout);  // one read of the seed tensor per thread
   constexpr int TY = kThreads / TX;
   constexpr int TM = BM / TY;
   constexpr int TK = BK / TX;

@@ -12,6 +12,11 @@
 // lora_linear_fwd and lora_grad_x run the split path (lora_kernels/ops/routing.py): the LoRA term is written
 // into the output's storage and the base GEMM (cuBLAS on CUDA) accumulated into it with beta = 1.
 //   lora_dropout_mask  the float32 mask of an input of a given size (tests, debugging; never stored by the ops)
+//   lora_dropout_bits  the same mask packed, one byte per Philox group of 8 columns (CPU: kept for backward)
+//   lora_dropout_apply x ⊙ mask from those bytes                (M, K) x.dtype (CPU)
+//
+// The seed is an int64 tensor of one element on the input's device (None where dropout_p is 0): the CUDA
+// kernels read it through its pointer, so a CUDA graph replays with the value the tensor holds then.
 //
 // The CPU implementation below is an ATen composite that follows lora_kernels/ops/torch_lora.py op for op,
 // with the Philox mask from philox.h; the CUDA kernels live in lora_kernels.cuh, launched from lora_fwd.cu
@@ -27,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <sstream>
 
 #include "philox.h"
@@ -104,20 +110,32 @@ void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t d
               kMaxRank, "], got ", describe(t));
 }
 
-void check_dropout(const char* op, double dropout_p, int64_t seed) {
+void check_dropout(const char* op, double dropout_p, const std::optional<at::Tensor>& seed, at::Device device) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2**63), got ", seed);
+  if (dropout_p == 0.0) {
+    return;  // no mask: the seed, if any, is not read
+  }
+  TORCH_CHECK(seed.has_value() && seed->defined(), op, ": dropout_p > 0 needs a seed tensor");
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+              ": seed must be an int64 tensor of one element, got ", describe(*seed));
+  TORCH_CHECK(seed->device() == device, op, ": seed must be on the input's device ", device, ", got ",
+              describe(*seed));
+  if (seed->device().is_cpu()) {  // a device seed is not read on the host (no sync)
+    const int64_t value = seed->item<int64_t>();
+    TORCH_CHECK(value >= 0, op, ": seed must be in [0, 2**63), got ", value);
+  }
 }
 
 }  // namespace
 
-void check_project_args(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, int64_t seed) {
+void check_project_args(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
+                        const std::optional<at::Tensor>& seed) {
   constexpr const char* op = "lora_project";
   check_reference(op, "x", x);
   check_operand(op, "lora_A", lora_A, "x", x, Dtype::kAdapter);
   check_rank(op, "lora_A", lora_A, 0);
   check_size(op, "lora_A", lora_A, 1, x.size(1), "x.size(1) (in_features)");
-  check_dropout(op, dropout_p, seed);
+  check_dropout(op, dropout_p, seed, x.device());
 }
 
 void check_linear_fwd_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -151,17 +169,18 @@ void check_grad_t_and_B_args(const at::Tensor& grad_y, const at::Tensor& lora_B,
   check_size(op, "t", t, 1, lora_B.size(1), "lora_B.size(1) (rank)");
 }
 
-void check_grad_A_args(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p, int64_t seed) {
+void check_grad_A_args(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p,
+                       const std::optional<at::Tensor>& seed) {
   constexpr const char* op = "lora_grad_A";
   check_reference(op, "x", x);
   check_operand(op, "grad_t", grad_t, "x", x, Dtype::kSame);
   check_size(op, "grad_t", grad_t, 0, x.size(0), "x.size(0) (rows)");
   check_rank(op, "grad_t", grad_t, 1);
-  check_dropout(op, dropout_p, seed);
+  check_dropout(op, dropout_p, seed, x.device());
 }
 
 void check_grad_x_args(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_t,
-                       const at::Tensor& lora_A, double dropout_p, int64_t seed) {
+                       const at::Tensor& lora_A, double dropout_p, const std::optional<at::Tensor>& seed) {
   constexpr const char* op = "lora_grad_x";
   check_reference(op, "grad_y", grad_y);
   check_operand(op, "weight", weight, "grad_y", grad_y, Dtype::kSame);
@@ -172,16 +191,16 @@ void check_grad_x_args(const at::Tensor& grad_y, const at::Tensor& weight, const
   check_operand(op, "lora_A", lora_A, "grad_y", grad_y, Dtype::kAdapter);
   check_size(op, "lora_A", lora_A, 0, grad_t.size(1), "grad_t.size(1) (rank)");
   check_size(op, "lora_A", lora_A, 1, weight.size(1), "weight.size(1) (in_features)");
-  check_dropout(op, dropout_p, seed);
+  check_dropout(op, dropout_p, seed, grad_y.device());
 }
 
-void check_dropout_mask_args(at::IntArrayRef size, double dropout_p, int64_t seed) {
+void check_dropout_mask_args(at::IntArrayRef size, double dropout_p, const at::Tensor& seed) {
   constexpr const char* op = "lora_dropout_mask";
   TORCH_CHECK(!size.empty(), op, ": size needs at least one dimension (..., in_features)");
   for (const int64_t s : size) {
     TORCH_CHECK(s >= 0, op, ": size must not be negative, got ", size);
   }
-  check_dropout(op, dropout_p, seed);
+  check_dropout(op, dropout_p, seed, seed.device());
 }
 
 at::Tensor lora_linear_fwd_aten(const at::Tensor& x, const at::Tensor& weight,
@@ -210,9 +229,16 @@ namespace {
 // ---------------------------------------------------------------------------------------------------------
 
 // The (M, K) float32 mask: 1 / (1 - p) where kept, 0 where dropped.
-at::Tensor dropout_mask_cpu(int64_t rows, int64_t cols, double dropout_p, int64_t seed) {
+// The params of a CPU seed tensor, its value read.
+DropoutParams cpu_dropout_params(double dropout_p, const at::Tensor& seed) {
+  DropoutParams params = make_dropout_params(dropout_p, seed.const_data_ptr<int64_t>());
+  resolve_seed(params);
+  return params;
+}
+
+at::Tensor dropout_mask_cpu(int64_t rows, int64_t cols, double dropout_p, const at::Tensor& seed) {
   at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
-  const DropoutParams params = make_dropout_params(dropout_p, seed);
+  const DropoutParams params = cpu_dropout_params(dropout_p, seed);
   const float scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   float* out = mask.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -230,15 +256,79 @@ at::Tensor dropout_mask_cpu(int64_t rows, int64_t cols, double dropout_p, int64_
   return mask;
 }
 
-at::Tensor dropped_cpu(const at::Tensor& x, double dropout_p, int64_t seed) {
+at::Tensor dropped_cpu(const at::Tensor& x, double dropout_p, const std::optional<at::Tensor>& seed) {
   if (dropout_p == 0.0) {
     return x;
   }
-  return x * dropout_mask_cpu(x.size(0), x.size(1), dropout_p, seed).to(x.scalar_type());
+  return x * dropout_mask_cpu(x.size(0), x.size(1), dropout_p, *seed).to(x.scalar_type());
+}
+
+// The keep bits of a (rows, cols) input: byte (row, g) bit j is column 8·g + j, one Philox call a byte.
+at::Tensor dropout_bits_cpu(int64_t rows, int64_t cols, double dropout_p, const at::Tensor& seed) {
+  const int64_t groups = (cols + kDropoutElementsPerCall - 1) / kDropoutElementsPerCall;
+  at::Tensor bits = at::empty({rows, groups}, at::TensorOptions().dtype(at::kByte));
+  const DropoutParams params = cpu_dropout_params(dropout_p, seed);
+  uint8_t* out = bits.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t g = 0; g < groups; ++g) {
+        out[row * groups + g] = static_cast<uint8_t>(dropout_keep_bits(params, row, g));
+      }
+    }
+  });
+  return bits;
+}
+
+// x ⊙ mask, the mask read from `bits` (dropout_bits_cpu's layout) and scaled by `scale`; (M, K) contiguous.
+template <typename scalar_t>
+void apply_bits_cpu(const at::Tensor& x, const at::Tensor& bits, float scale, at::Tensor& out) {
+  const int64_t rows = x.size(0);
+  const int64_t cols = x.size(1);
+  const int64_t groups = bits.size(1);
+  const int64_t sm = x.stride(0);
+  const int64_t sk = x.stride(1);
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  const uint8_t* keep = bits.const_data_ptr<uint8_t>();
+  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  // One byte per 8 columns, looked up as its 8 factors (scale or 0): a product, not a select, as x * mask
+  // (a dropped NaN stays NaN), 8 lanes the compiler vectorises.
+  constexpr int kE = kDropoutElementsPerCall;
+  std::array<std::array<float, kE>, 256> factors;
+  for (int byte = 0; byte < 256; ++byte) {
+    for (int j = 0; j < kE; ++j) {
+      factors[byte][j] = ((byte >> j) & 1) ? scale : 0.0f;
+    }
+  }
+  const auto row_pass = [&](const scalar_t* x_row, int64_t step, const uint8_t* row_bits, scalar_t* out_row) {
+    const int64_t full = cols / kE;
+    for (int64_t g = 0; g < full; ++g) {
+      const float* f = factors[row_bits[g]].data();
+      const scalar_t* src = x_row + g * kE * step;
+      scalar_t* dst_g = out_row + g * kE;
+      for (int j = 0; j < kE; ++j) {
+        dst_g[j] = static_cast<scalar_t>(static_cast<float>(src[j * step]) * f[j]);
+      }
+    }
+    if (full < groups) {  // the last, partial byte of the row
+      const float* f = factors[row_bits[full]].data();
+      for (int64_t col = full * kE; col < cols; ++col) {
+        out_row[col] = static_cast<scalar_t>(static_cast<float>(x_row[col * step]) * f[col - full * kE]);
+      }
+    }
+  };
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      if (sk == 1) {  // the common layout: a unit stride the compiler can see
+        row_pass(in + row * sm, 1, keep + row * groups, dst + row * cols);
+      } else {
+        row_pass(in + row * sm, sk, keep + row * groups, dst + row * cols);
+      }
+    }
+  });
 }
 
 at::Tensor lora_project_cpu(const at::Tensor& x, const at::Tensor& lora_A, double scaling, double dropout_p,
-                            int64_t seed) {
+                            const std::optional<at::Tensor>& seed) {
   check_project_args(x, lora_A, dropout_p, seed);
   const auto dtype = x.scalar_type();
   at::Tensor t = at::mm(dropped_cpu(x, dropout_p, seed), lora_A.to(dtype).t()).to(at::kFloat);
@@ -260,13 +350,14 @@ std::tuple<at::Tensor, at::Tensor> lora_grad_t_and_B_cpu(const at::Tensor& grad_
   return {grad_t, grad_B};
 }
 
-at::Tensor lora_grad_A_cpu(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p, int64_t seed) {
+at::Tensor lora_grad_A_cpu(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p,
+                           const std::optional<at::Tensor>& seed) {
   check_grad_A_args(grad_t, x, dropout_p, seed);
   return at::mm(grad_t.t(), dropped_cpu(x, dropout_p, seed)).to(at::kFloat);
 }
 
 at::Tensor lora_grad_x_cpu(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_t,
-                           const at::Tensor& lora_A, double dropout_p, int64_t seed) {
+                           const at::Tensor& lora_A, double dropout_p, const std::optional<at::Tensor>& seed) {
   check_grad_x_args(grad_y, weight, grad_t, lora_A, dropout_p, seed);
   const auto dtype = grad_y.scalar_type();
   // The split path: the (masked) LoRA term first, dY·W accumulated into it (beta = 1).
@@ -276,18 +367,41 @@ at::Tensor lora_grad_x_cpu(const at::Tensor& grad_y, const at::Tensor& weight, c
 }
 
 // The mask of an input of `size`, its leading dims flattened into rows as the ops see x.reshape(-1, K).
-at::Tensor lora_dropout_mask_cpu(at::IntArrayRef size, double dropout_p, int64_t seed,
-                                 std::optional<at::Device> /*device: CPU here*/) {
+at::Tensor lora_dropout_mask_cpu(at::IntArrayRef size, double dropout_p, const at::Tensor& seed) {
   check_dropout_mask_args(size, dropout_p, seed);
   const int64_t cols = size.back();
   return dropout_mask_cpu(c10::multiply_integers(size.begin(), size.end() - 1), cols, dropout_p, seed).view(size);
+}
+
+at::Tensor lora_dropout_bits_cpu(at::IntArrayRef size, double dropout_p, const at::Tensor& seed) {
+  check_dropout_mask_args(size, dropout_p, seed);
+  return dropout_bits_cpu(c10::multiply_integers(size.begin(), size.end() - 1), size.back(), dropout_p, seed);
+}
+
+void check_dropout_apply_args(const at::Tensor& x, const at::Tensor& bits) {
+  constexpr const char* op = "lora_dropout_apply";
+  check_reference(op, "x", x);
+  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.dim() == 2 && bits.is_contiguous(), op,
+              ": bits must be a contiguous 2-D uint8 tensor (lora_dropout_bits), got ", describe(bits));
+  TORCH_CHECK(bits.device() == x.device(), op, ": bits must be on x's device, got ", describe(bits));
+  TORCH_CHECK(bits.size(0) == x.size(0) && bits.size(1) == (x.size(1) + kDropoutElementsPerCall - 1) /
+                                                               kDropoutElementsPerCall,
+              op, ": bits ", describe(bits), " do not match x ", describe(x));
+}
+
+at::Tensor lora_dropout_apply_cpu(const at::Tensor& x, const at::Tensor& bits, double scale) {
+  check_dropout_apply_args(x, bits);
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout_apply_cpu",
+                                  [&] { apply_bits_cpu<scalar_t>(x, bits, static_cast<float>(scale), out); });
+  return out;
 }
 // ---------------------------------------------------------------------------------------------------------
 // Meta: shapes and dtypes only, for FakeTensor tracing (torch.compile, opcheck).
 // ---------------------------------------------------------------------------------------------------------
 
 at::Tensor lora_project_meta(const at::Tensor& x, const at::Tensor& lora_A, double scaling, double dropout_p,
-                             int64_t seed) {
+                             const std::optional<at::Tensor>& seed) {
   check_project_args(x, lora_A, dropout_p, seed);
   return at::empty({x.size(0), lora_A.size(0)}, x.options().dtype(at::kFloat));
 }
@@ -306,32 +420,33 @@ std::tuple<at::Tensor, at::Tensor> lora_grad_t_and_B_meta(const at::Tensor& grad
           at::empty({grad_y.size(1), lora_B.size(1)}, grad_y.options().dtype(at::kFloat))};
 }
 
-at::Tensor lora_grad_A_meta(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p, int64_t seed) {
+at::Tensor lora_grad_A_meta(const at::Tensor& grad_t, const at::Tensor& x, double dropout_p,
+                            const std::optional<at::Tensor>& seed) {
   check_grad_A_args(grad_t, x, dropout_p, seed);
   return at::empty({grad_t.size(1), x.size(1)}, x.options().dtype(at::kFloat));
 }
 
 at::Tensor lora_grad_x_meta(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& grad_t,
-                            const at::Tensor& lora_A, double dropout_p, int64_t seed) {
+                            const at::Tensor& lora_A, double dropout_p, const std::optional<at::Tensor>& seed) {
   check_grad_x_args(grad_y, weight, grad_t, lora_A, dropout_p, seed);
   return at::empty({grad_y.size(0), weight.size(1)}, grad_y.options());
 }
 
-at::Tensor lora_dropout_mask_meta(at::IntArrayRef size, double dropout_p, int64_t seed,
-                                  std::optional<at::Device> /*device: meta here*/) {
+at::Tensor lora_dropout_mask_meta(at::IntArrayRef size, double dropout_p, const at::Tensor& seed) {
   check_dropout_mask_args(size, dropout_p, seed);
-  return at::empty(size, at::TensorOptions().dtype(at::kFloat).device(at::kMeta));
+  return at::empty(size, seed.options().dtype(at::kFloat));
 }
 
-// lora_dropout_mask has no tensor argument to dispatch on: as for ATen's factory functions, BackendSelect
-// picks the kernel from `device` (CPU when it is None).
-at::Tensor lora_dropout_mask_backend_select(at::IntArrayRef size, double dropout_p, int64_t seed,
-                                            std::optional<at::Device> device) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_kernels::lora_dropout_mask", "")
-                             .typed<at::Tensor(at::IntArrayRef, double, int64_t, std::optional<at::Device>)>();
-  const c10::DispatchKeySet keys(c10::computeDispatchKey(std::nullopt, std::nullopt, device));
-  return op.redispatch(keys, size, dropout_p, seed, device);
+at::Tensor lora_dropout_bits_meta(at::IntArrayRef size, double dropout_p, const at::Tensor& seed) {
+  check_dropout_mask_args(size, dropout_p, seed);
+  const int64_t rows = c10::multiply_integers(size.begin(), size.end() - 1);
+  return at::empty({rows, (size.back() + kDropoutElementsPerCall - 1) / kDropoutElementsPerCall},
+                   seed.options().dtype(at::kByte));
+}
+
+at::Tensor lora_dropout_apply_meta(const at::Tensor& x, const at::Tensor& bits, double scale) {
+  check_dropout_apply_args(x, bits);
+  return at::empty({x.size(0), x.size(1)}, x.options());
 }
 }  // namespace
 }  // namespace lora_kernels
@@ -355,7 +470,7 @@ TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
     m.impl(op, torch::dispatch(DispatchKey::CUDA, cuda));
 #endif
   };
-  m.def("lora_project(Tensor x, Tensor lora_A, float scaling, float dropout_p, int seed) -> Tensor");
+  m.def("lora_project(Tensor x, Tensor lora_A, float scaling, float dropout_p, Tensor? seed) -> Tensor");
   kernels("lora_project", &lora_project_cpu, &lora_project_meta, LORA_CUDA_KERNEL(lora_project_cuda));
   m.def(
       "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor t, Tensor lora_B, float scaling=1.0) -> "
@@ -364,17 +479,23 @@ TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def("lora_grad_t_and_B(Tensor grad_y, Tensor lora_B, Tensor t, float scaling) -> (Tensor, Tensor)");
   kernels("lora_grad_t_and_B", &lora_grad_t_and_B_cpu, &lora_grad_t_and_B_meta,
           LORA_CUDA_KERNEL(lora_grad_t_and_B_cuda));
-  m.def("lora_grad_A(Tensor grad_t, Tensor x, float dropout_p, int seed) -> Tensor");
+  m.def("lora_grad_A(Tensor grad_t, Tensor x, float dropout_p, Tensor? seed) -> Tensor");
   kernels("lora_grad_A", &lora_grad_A_cpu, &lora_grad_A_meta, LORA_CUDA_KERNEL(lora_grad_A_cuda));
   m.def(
-      "lora_grad_x(Tensor grad_y, Tensor weight, Tensor grad_t, Tensor lora_A, float dropout_p, int seed) -> "
+      "lora_grad_x(Tensor grad_y, Tensor weight, Tensor grad_t, Tensor lora_A, float dropout_p, Tensor? seed) -> "
       "Tensor");
   kernels("lora_grad_x", &lora_grad_x_cpu, &lora_grad_x_meta, LORA_CUDA_KERNEL(lora_grad_x_cuda));
-  // A factory (no tensor argument): BackendSelect picks the kernel from `device`, as for torch.empty.
-  m.def("lora_dropout_mask(int[] size, float dropout_p, int seed, *, Device? device=None) -> Tensor");
+  // The mask on the seed's device (the seed tensor is what the dispatcher sees).
+  m.def("lora_dropout_mask(int[] size, float dropout_p, Tensor seed) -> Tensor");
   kernels("lora_dropout_mask", &lora_dropout_mask_cpu, &lora_dropout_mask_meta,
           LORA_CUDA_KERNEL(lora_dropout_mask_cuda));
-  m.impl("lora_dropout_mask", torch::dispatch(DispatchKey::BackendSelect, &lora_dropout_mask_backend_select));
+  // The packed mask and its use (CPU: the torch backend keeps it from the forward for the backward).
+  m.def("lora_dropout_bits(int[] size, float dropout_p, Tensor seed) -> Tensor");
+  m.impl("lora_dropout_bits", torch::dispatch(DispatchKey::CPU, &lora_dropout_bits_cpu));
+  m.impl("lora_dropout_bits", torch::dispatch(DispatchKey::Meta, &lora_dropout_bits_meta));
+  m.def("lora_dropout_apply(Tensor x, Tensor bits, float scale) -> Tensor");
+  m.impl("lora_dropout_apply", torch::dispatch(DispatchKey::CPU, &lora_dropout_apply_cpu));
+  m.impl("lora_dropout_apply", torch::dispatch(DispatchKey::Meta, &lora_dropout_apply_meta));
 }
 
 // `import lora_kernels._C` loads this library, which runs the registrations above; the module itself only

@@ -6,7 +6,7 @@
 // j = col % 8 takes word j / 2 of the output, its low 16 bits for even j and its high 16 bits for odd j,
 // and is kept when that value is >= round(p * 2**16) (p quantised to 2**-16). Kept elements are scaled
 // by 1 / (1 - p), with the caller's p. Every function here is __host__ __device__ so the CPU path and the
-// kernels regenerate the same mask bit for bit; nothing is stored between forward and backward.
+// kernels regenerate the same mask bit for bit. The seed itself is read from an int64 tensor (DropoutParams).
 #pragma once
 
 #include <cmath>
@@ -74,11 +74,20 @@ LORA_HOST_DEVICE uint32_t group_value(const uint32_t (&words)[4], int j) {
 
 // What a kernel needs to regenerate the mask. `enabled` is false for p == 0 (every element kept, no
 // Philox evaluated). The 1 / (1 - p) scale is not here: kernels fold it into their fp32 epilogue.
+// The seed is not a launch argument: `seed_ptr` points at the int64 seed tensor (device memory for a
+// kernel, host memory on the CPU), so a CUDA graph replays with whatever value the tensor holds then (a
+// fresh draw from torch's generator per replay), and `resolve_seed` reads it once where the params are used.
 struct DropoutParams {
-  uint64_t seed;
+  const int64_t* seed_ptr;
+  uint64_t seed;  // *seed_ptr once resolve_seed ran
   uint32_t threshold;
   bool enabled;
 };
+
+// Read the seed behind `seed_ptr` (at the start of a kernel, or on the host for CPU memory).
+LORA_HOST_DEVICE void resolve_seed(DropoutParams& params) {
+  params.seed = params.enabled ? static_cast<uint64_t>(*params.seed_ptr) : 0;
+}
 
 // round(p * 2**16) (0 .. 65536) with Python's round-half-to-even, which std::nearbyint gives in the default
 // rounding mode; p * 2**16 is exact in double, so this equals dropout_threshold(p) in dropout.py.
@@ -86,9 +95,11 @@ inline uint32_t dropout_threshold(double p) {
   return static_cast<uint32_t>(std::nearbyint(p * static_cast<double>(1u << kDropoutValueBits)));
 }
 
-inline DropoutParams make_dropout_params(double p, int64_t seed) {
+// The params of a launch; the seed is read later, by resolve_seed (seed_ptr may be device memory).
+inline DropoutParams make_dropout_params(double p, const int64_t* seed_ptr) {
   DropoutParams params;
-  params.seed = static_cast<uint64_t>(seed);
+  params.seed_ptr = seed_ptr;
+  params.seed = 0;
   params.threshold = dropout_threshold(p);
   params.enabled = p > 0.0;
   return params;

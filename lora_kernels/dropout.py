@@ -1,8 +1,10 @@
 """The dropout mask of the LoRA branch: one counter-based RNG shared by every backend.
 
 Every backend (Triton kernels, the CUDA extension, the torch composite) draws the LoRA-branch dropout mask
-from the same function of ``(seed, row, column)``, so a mask is never stored: the backward pass
-regenerates it, and tests reproduce it exactly with :func:`dropout_mask`.
+from the same function of ``(seed, row, column)``, so the backward pass can regenerate it (the GPU kernels
+do, inside their tiles; the torch backend on the CPU keeps it packed at one bit per element instead, one
+byte per Philox call, :func:`lora_kernels.ops.with_kept_mask`), and tests reproduce it exactly with
+:func:`dropout_mask`.
 
 The scheme, for ``x`` viewed as a 2-D ``(M, K)`` matrix (leading dims flattened, row-major). One Philox
 call gives eight mask elements, the eight columns ``8g .. 8g + 7`` of a row:
@@ -28,6 +30,14 @@ and the mask's expectation, ``(1 - T / 2**16) / (1 - p)``, differs from 1 by at 
 ``2**-17 / (1 - p)`` (``6.8e-6`` at ``p = 0.1``), about 300 times below bfloat16's rounding (``2**-9``)
 and far below the sampling noise of any dropout mask. Every backend computes the scale this way.
 
+Where the seed comes from. A call without an explicit seed draws one *on the input's device* from that
+device's torch generator (:func:`draw_seed`: one ``torch.randint`` there): on CUDA that draw is Philox of the
+generator's ``(seed, offset)``, the state torch's own dropout uses, so ``torch.manual_seed`` fixes it and a
+CUDA graph capture registers it and advances the offset on each replay. The seed stays an int64 tensor on
+the device from then on: the kernels read it through its pointer, never as a number baked into a launch,
+a CUDA graph or a compiled graph. The Philox offset therefore enters only through that one draw; the mask
+of a call is ``dropout_mask(seed, ...)`` of the seed the call drew (or was given), a pure function of it.
+
 Why 8 elements per call: Philox-4x32-10 costs about 47 instructions (25 of them integer multiplies); one
 call per element made the mask cost more than reading ``x`` on a GPU. 16 bits per element is enough for a
 dropout rate, and ``col // 8`` keeps each group inside one row, so a kernel whose column tiles start at
@@ -43,6 +53,8 @@ import torch
 
 Shape = Sequence[int] | torch.Size
 Device = torch.device | str | None
+#: A dropout seed: an int in ``[0, 2**63)`` or an int64 tensor of one element holding one.
+Seed = int | torch.Tensor
 
 PHILOX_ROUNDS = 10
 PHILOX_MUL_0 = 0xD2511F53
@@ -66,16 +78,39 @@ def quantized_dropout_p(p: float) -> float:
     return dropout_threshold(p) / (1 << VALUE_BITS)
 
 
-def split_seed(seed: int) -> tuple[int, int]:
-    """Split a 63-bit seed into the two 32-bit Philox key words (low, high)."""
+def split_seed(seed: Seed) -> tuple:
+    """Split a 63-bit seed into the two 32-bit Philox key words (low, high): ints for an int, int64 0-d
+    tensors for a tensor (read on its device, never on the host)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(torch.int64)
+        return seed & _MASK32, (seed >> 32) & _MASK32
     if not 0 <= seed < 2**63:
         raise ValueError(f"dropout seed must be in [0, 2**63), got {seed}")
     return seed & _MASK32, (seed >> 32) & _MASK32
 
 
-def new_seed(generator: torch.Generator | None = None) -> int:
-    """Draw a fresh 63-bit seed from torch's (CPU) generator, so ``torch.manual_seed`` fixes the masks."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator))
+def draw_seed(device: Device = None) -> torch.Tensor:
+    """A fresh 63-bit seed, an int64 0-d tensor drawn on ``device`` from that device's torch generator.
+
+    No host round trip: on CUDA it is one ``torch.randint`` kernel, Philox of the generator's ``(seed,
+    offset)``, which CUDA-graph capture registers (each replay draws anew) and ``torch.compile`` traces.
+    """
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=device)
+
+
+def seed_tensor(seed: Seed, device: Device = None) -> torch.Tensor:
+    """``seed`` as the int64 0-d tensor on ``device`` that the kernels read.
+
+    An int becomes a ``torch.full`` on the device (its value is a kernel argument, which a CUDA graph keeps,
+    as a user's fixed seed asks); a tensor is reshaped and moved only if it is elsewhere.
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"a dropout seed tensor must be int64 with one element, got {seed.dtype} "
+                             f"{tuple(seed.shape)}")  # fmt: skip
+        seed = seed.reshape(())
+        return seed if device is None or seed.device == torch.device(device) else seed.to(device)
+    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +141,7 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
-def philox_group_values(seed: int, rows: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def philox_group_values(seed: Seed, rows: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """The eight 16-bit values of the column groups ``groups`` (``col // 8``) of ``rows``, as int64.
 
     ``rows`` and ``groups`` broadcast to a shape ``S``; the result has shape ``(*S, 8)``, its last index
@@ -119,7 +154,7 @@ def philox_group_values(seed: int, rows: torch.Tensor, groups: torch.Tensor) -> 
     return torch.stack(halves, dim=-1)  # j = 2 * word + half
 
 
-def dropout_values(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def dropout_values(seed: Seed, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The 16-bit value of each element ``(rows, cols)`` (broadcast), compared with the threshold.
 
     Element by element (one Philox call each): for tests and small lookups. :func:`dropout_mask_torch`
@@ -131,15 +166,17 @@ def dropout_values(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.T
 
 
 def dropout_mask(
-    seed: int, shape: Shape, p: float, device: Device = None, dtype: torch.dtype = torch.float32
+    seed: Seed, shape: Shape, p: float, device: Device = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """The exact dropout mask the kernels apply to an input of ``shape`` for ``seed``.
 
     Returns a tensor of ``shape`` holding ``1 / (1 - p)`` where the element is kept and ``0`` where it is
     dropped, ready to pass as ``dropout_mask`` to :func:`lora_kernels.reference.lora_linear_reference`.
     The leading dims of ``shape`` are flattened into rows, as the kernels see ``x.reshape(-1, K)``.
-    Uses the compiled extension's Philox when it is built (30–50× faster on a 2-core CPU), else
-    :func:`dropout_mask_torch`; both give the same bits (tested).
+    ``seed`` is an int or an int64 tensor (e.g. the seed a call drew; read on the device, no sync).
+    Uses the compiled extension's Philox when it is loaded (30–50× faster on a 2-core CPU), else
+    :func:`dropout_mask_torch`; both give the same bits (tested). Under ``torch.compile`` it is
+    :func:`dropout_mask_torch`, which the compiler fuses.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
@@ -147,16 +184,38 @@ def dropout_mask(
     if len(shape) == 0:
         raise ValueError("dropout_mask needs at least one dimension")
     device = torch.device(device or "cpu")
-    from .ops import cuda_lora  # deferred: the extension is optional
-
-    usable = cuda_lora.is_available() if device.type == "cuda" else device.type == "cpu"
-    if not (usable and cuda_lora.has_extension()):
+    if torch.compiler.is_compiling():  # one opaque op in the graph (see _mask_op)
+        return _mask_op(seed_tensor(seed, device), list(shape), float(p), dtype)
+    if not extension_has("lora_dropout_mask", device):
         return dropout_mask_torch(seed, shape, p, device, dtype)
-    return torch.ops.lora_kernels.lora_dropout_mask(shape, p, seed, device=device).to(dtype)
+    return torch.ops.lora_kernels.lora_dropout_mask(shape, p, seed_tensor(seed, device)).to(dtype)
+
+
+@torch.library.custom_op("lora_kernels::dropout_mask", mutates_args=(), device_types=None)
+def _mask_op(seed: torch.Tensor, shape: list[int], p: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dropout_mask` as one op for compiled graphs (DoRA's composite under ``torch.compile``): the
+    compiler sees its shape only, not some 200 int64 ops of Philox, whose inlined expressions took
+    inductor minutes to compile; the mask is made by the extension where it is loaded."""
+    return dropout_mask(seed, shape, p, device=seed.device, dtype=dtype)
+
+
+@_mask_op.register_fake
+def _(seed, shape, p, dtype):
+    return seed.new_empty(shape, dtype=dtype)
+
+
+def extension_has(op: str, device: torch.device) -> bool:
+    """Whether the compiled extension (``lora_kernels._C``, optional) is loaded and has a kernel of ``op``
+    for ``device``. Asks the dispatcher: this module imports no backend."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    try:
+        return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels::{op}", key)
+    except RuntimeError:  # the op is not registered: the extension is not loaded
+        return False
 
 
 def dropout_mask_torch(
-    seed: int, shape: Shape, p: float, device: Device = None, dtype=torch.float32
+    seed: Seed, shape: Shape, p: float, device: Device = None, dtype=torch.float32
 ) -> torch.Tensor:
     """:func:`dropout_mask` in plain torch ops: the executable specification of the scheme.
 
@@ -164,6 +223,8 @@ def dropout_mask_torch(
     its extra values are cut off).
     """
     shape = tuple(shape)
+    if isinstance(seed, torch.Tensor):
+        seed = seed_tensor(seed, device)
     rows, cols = math.prod(shape[:-1]), shape[-1]
     groups = -(-cols // ELEMENTS_PER_CALL)
     row_ids = torch.arange(rows, device=device, dtype=torch.int64).unsqueeze(1)

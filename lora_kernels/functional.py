@@ -18,6 +18,12 @@ ops (:func:`lora_kernels.ops.torch_lora.lora_linear_composite`), whatever backen
 Under ``vmap`` the dropout mask is that of each sample's own shape (the same mask for every sample, as
 ``randomness="same"``), and ``dropout_seed`` should be given: drawing a fresh seed is a random op, which
 ``vmap``'s default ``randomness="error"`` refuses.
+
+The dropout seed is an int64 tensor on the input's device from the start (:func:`_call_seed`): drawn there
+by ``torch.randint`` (:func:`lora_kernels.dropout.draw_seed`), or made from the caller's ``dropout_seed``
+by ``torch.full``. Eager and compiled calls take the same path, so a compiled graph holds the draw (no
+graph break, no guard on a seed's value: a new ``dropout_seed`` each step does not recompile) and a CUDA
+graph replays the draw, with a fresh seed each replay.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch import Tensor
 
 from . import ops
 from .dispatch import MAX_KERNEL_RANK, interpreting, requested_backend, select_backend
-from .dropout import new_seed
+from .dropout import draw_seed, seed_tensor
 from .library import DoRALinearFunction, LoRALinearFunction, lora_linear_op
 from .ops import LoRAParams, any_autocast_enabled, autocast_available
 from .ops.torch_lora import dora_linear_composite, lora_linear_composite
@@ -59,10 +65,22 @@ def _check_real(name: str, value) -> None:
         )
 
 
-def check_dropout_seed(dropout_seed) -> int | None:
-    """``dropout_seed`` as an int in ``[0, 2**63)`` (or ``None``); else a ``TypeError``/``ValueError``."""
+def check_dropout_seed(dropout_seed) -> int | Tensor | None:
+    """``dropout_seed`` as an int in ``[0, 2**63)``, an int64 tensor of one element (its value is not read:
+    it may live on a device), or ``None``; else a ``TypeError``/``ValueError``. A traced int (a symbol under
+    ``torch.compile``) is passed through unchecked: a check would be a guard on its value."""
     if dropout_seed is None or isinstance(dropout_seed, torch.SymInt):
         return dropout_seed
+    if torch.compiler.is_compiling() and not isinstance(dropout_seed, torch.Tensor):
+        return dropout_seed  # Dynamo may trace an int as a symbol, which any check here would specialise
+    if isinstance(dropout_seed, torch.Tensor):
+        if dropout_seed.is_floating_point() or dropout_seed.is_complex() or dropout_seed.dtype == torch.bool:
+            raise TypeError(f"a dropout_seed tensor must hold an integer, got {dropout_seed.dtype}")
+        if dropout_seed.numel() != 1:
+            raise ValueError(
+                f"a dropout_seed tensor must have one element, got shape {tuple(dropout_seed.shape)}"
+            )
+        return dropout_seed.to(torch.int64)
     if isinstance(dropout_seed, bool):
         raise TypeError(f"dropout_seed must be an int in [0, 2**63), got bool {dropout_seed!r}")
     try:
@@ -224,9 +242,10 @@ def lora_linear(
         scaling: ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA).
         dropout_p: dropout probability on the LoRA branch, applied only when ``training``.
         training: whether dropout is active, as ``F.dropout``'s ``training``.
-        dropout_seed: seed of the dropout mask, an int in ``[0, 2**63)`` (see
-            :func:`lora_kernels.dropout_mask`); by default a fresh one is drawn from torch's generator, so
-            ``torch.manual_seed`` makes runs repeatable.
+        dropout_seed: seed of the dropout mask, an int in ``[0, 2**63)`` or an int64 tensor of one
+            element (see :func:`lora_kernels.dropout_mask`); by default a fresh one is drawn on ``x``'s
+            device from its torch generator (:func:`lora_kernels.dropout.draw_seed`), so
+            ``torch.manual_seed`` makes runs repeatable. Not needed under ``torch.compile`` or CUDA graphs.
 
     Returns:
         ``(..., out_features)`` in ``x.dtype``: a new tensor (not a view), which may be modified in place.
@@ -240,33 +259,33 @@ def lora_linear(
         dropout_seed = check_dropout_seed(dropout_seed)
         scaling = float(scaling)
         dropout_p = float(dropout_p) if plan.dropout else 0.0
-        seed = 0
-        if plan.dropout:
-            seed = new_seed() if dropout_seed is None else dropout_seed
+        seed = _call_seed(dropout_seed, x.device) if plan.dropout else None
         if _composite_needed(x, weight, bias, lora_A, lora_B):
             return lora_linear_composite(
-                x, weight, bias, lora_A, lora_B, LoRAParams(scaling, dropout_p, seed)
+                x, weight, bias, lora_A, lora_B, LoRAParams(scaling, dropout_p, 0 if seed is None else seed)
             )
         backend = plan.backend or _backend_for(x.device, x.dtype, lora_A.shape[0])
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
     x, weight, bias = _autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)  # traced once: no cache, no guard
     dropout_seed = check_dropout_seed(dropout_seed)
-    dropout_p = dropout_p if training else 0.0
-    # Traced: the registered op, with the seed as a tensor so the draw stays in the graph (no .item() break).
-    # The rank may be a symbol too (adapters that are not nn.Parameters, dynamic=True), which the constant
-    # _backend_for cannot take: only whether it exceeds the kernels' limit matters to it.
+    dropout_p, scaling = float(dropout_p if training else 0.0), float(scaling)
+    seed = _call_seed(dropout_seed, x.device) if dropout_p > 0.0 else None
+    # Traced: the registered op. The rank may be a symbol too (adapters that are not nn.Parameters,
+    # dynamic=True), which the constant _backend_for cannot take: only whether it exceeds the kernels'
+    # limit matters to it.
     rank = MAX_KERNEL_RANK + 1 if lora_A.shape[0] > MAX_KERNEL_RANK else 1
     backend = _backend_for(x.device, x.dtype, rank)
-    dropout_p, scaling = float(dropout_p), float(scaling)
-    seed_tensor = None
-    if dropout_p > 0.0:
-        if dropout_seed is None:
-            seed_tensor = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
-        else:
-            seed_tensor = torch.tensor(dropout_seed, dtype=torch.int64)
-    y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor, backend)
+    y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
     return y
+
+
+def _call_seed(dropout_seed: int | Tensor | None, device: torch.device) -> Tensor:
+    """The int64 seed tensor on ``device`` of one call with dropout: a fresh draw from the device's
+    generator, or the caller's ``dropout_seed`` (``torch.full`` of an int, traced or not, so no guard)."""
+    if dropout_seed is None:
+        return draw_seed(device)
+    return seed_tensor(dropout_seed, device)
 
 
 def dora_linear(
@@ -298,9 +317,7 @@ def dora_linear(
     _check_magnitude(magnitude, weight, lora_A)
     dropout_seed = check_dropout_seed(dropout_seed)
     dropout_p, scaling = float(dropout_p if training else 0.0), float(scaling)
-    seed = 0
-    if dropout_p > 0.0:
-        seed = _eager_seed() if dropout_seed is None else dropout_seed
+    seed = _call_seed(dropout_seed, x.device) if dropout_p > 0.0 else 0
     if torch.compiler.is_compiling() or _composite_needed(x, weight, bias, lora_A, lora_B, magnitude):
         params = LoRAParams(scaling, dropout_p, seed)
         return dora_linear_composite(x, weight, bias, lora_A, lora_B, magnitude, params)
@@ -317,14 +334,6 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
     # meta tensors (meta-device init) hold shapes only: no kernel can run on them
     backend = "torch" if weight.is_meta else _backend_for(weight.device, weight.dtype, lora_A.shape[0])
     return ops.dora_weight_norm(backend, weight, lora_A, lora_B, float(scaling))
-
-
-@torch.compiler.disable
-def _eager_seed() -> int:
-    """:func:`new_seed` outside any compiled graph: ``torch.compile`` breaks the graph here and the composite
-    gets a plain int (a traced draw would be a data-dependent symbol its dropout mask cannot take).
-    ``fullgraph=True`` with DoRA dropout therefore needs ``dropout_seed``."""
-    return new_seed()
 
 
 def _check_magnitude(magnitude: Tensor, weight: Tensor, lora_A: Tensor) -> None:
@@ -455,9 +464,7 @@ def qlora_linear(
     from .ops.qlora import select_path
 
     dropout_p, scaling = float(dropout_p if training else 0.0), float(scaling)
-    seed = 0
-    if dropout_p > 0.0:
-        seed = new_seed() if dropout_seed is None else dropout_seed
+    seed = _call_seed(dropout_seed, x.device) if dropout_p > 0.0 else None
     backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
     path = select_path(backend, x.numel() // max(x.shape[-1], 1) if x.shape[-1] else 0)
     y = QLoRALinearFunction.apply(x, bias, lora_A, lora_B, w, scaling, dropout_p, seed, backend, path)

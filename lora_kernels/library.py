@@ -2,7 +2,8 @@
 
 One forward (:func:`lora_kernels.ops.run_forward`), one way to keep what backward needs (:func:`_save`: ``x``,
 as ``nn.Linear`` keeps it, the frozen weight and adapters, which are parameters and not copied, and the
-``(M, r)`` float32 intermediate ``t``; never the dropout mask, which is regenerated from its seed) and one
+``(M, r)`` float32 intermediate ``t``; the dropout mask only where the backend keeps it packed at one bit
+per element, :func:`lora_kernels.ops.with_kept_mask`, else it is regenerated from its seed) and one
 backward (:func:`_backward`), reached two ways:
 
 * :class:`LoRALinearFunction`, the eager path of :func:`lora_kernels.lora_linear`;
@@ -34,17 +35,28 @@ backend, needs_grad) -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)``
     a gradient that is not needed comes back as an empty tensor (custom ops cannot return ``None``).
 
 Everything that depends on Python state is decided by the caller (:func:`lora_kernels.lora_linear`) and
-passed in: ``backend`` is a string, ``seed`` an int64 CPU scalar tensor (or ``None`` without dropout) so a
-compiled graph can draw a fresh one per call with ``torch.randint`` instead of breaking on ``int()``.
+passed in: ``backend`` is a string, ``seed`` an int64 tensor of one element on the input's device (or
+``None`` without dropout), drawn by the caller (a compiled graph holds the draw; a CUDA graph replays it).
+The kernels read it on the device: nothing here reads its value.
 Both ops have a fake (meta) implementation.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
-from .ops import LoRAParams, run_backward, run_dora_backward, run_dora_forward, run_forward, t_dtype
+from .ops import (
+    LoRAParams,
+    run_backward,
+    run_dora_backward,
+    run_dora_forward,
+    run_forward,
+    t_dtype,
+    with_kept_mask,
+)
 from .ops.routing import select_path
 
 __all__ = [
@@ -67,15 +79,17 @@ def _save(
     through_op: bool = False, path: str | None = None,
 ) -> None:  # fmt: skip
     """Keep what :func:`_backward` needs. The op passes ``through_op`` and its seed tensor ``op_seed`` (its
-    ``params.seed`` is unused: the seed stays a tensor in a compiled graph); the Function, its ``params`` and
-    the ``path`` its forward ran (the backward runs the same; the op's backward chooses its own)."""
-    ctx.save_for_backward(x, weight, lora_A, lora_B, t, op_seed)
-    ctx.params, ctx.backend, ctx.through_op, ctx.path = params, backend, through_op, path
+    ``params.seed`` is unused: the seed stays a tensor in a compiled graph); the Function, its ``params``
+    (whose packed mask, if any, is saved as a tensor, seen by saved-tensor hooks like the others) and the
+    ``path`` its forward ran (the backward runs the same; the op's backward chooses its own)."""
+    ctx.save_for_backward(x, weight, lora_A, lora_B, t, op_seed, params.keep_bits)
+    ctx.params, ctx.backend, ctx.through_op = replace(params, keep_bits=None), backend, through_op
+    ctx.path = path
 
 
 def _backward(ctx, grad_y: Tensor, *_):
     """Gradients for the inputs ``(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)``."""
-    x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, t, seed, keep_bits = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:5])
     if ctx.through_op:  # an op itself, so that a compiled backward graph holds it rather than the kernels
         params = ctx.params
@@ -84,13 +98,15 @@ def _backward(ctx, grad_y: Tensor, *_):
             list(needs),
         )  # fmt: skip
         grads = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
-    elif not torch.is_grad_enabled():  # the usual backward: no graph to build, no no_grad() to enter
-        grads = run_backward(ctx.backend, grad_y, x, weight, lora_A, lora_B, t, ctx.params, needs, ctx.path)
-    else:  # backward(create_graph=True)
-        with torch.no_grad():
-            grads = run_backward(
-                ctx.backend, grad_y, x, weight, lora_A, lora_B, t, ctx.params, needs, ctx.path
-            )
+    else:
+        params = ctx.params if keep_bits is None else replace(ctx.params, keep_bits=keep_bits)
+        if not torch.is_grad_enabled():  # the usual backward: no graph to build, no no_grad() to enter
+            grads = run_backward(ctx.backend, grad_y, x, weight, lora_A, lora_B, t, params, needs, ctx.path)
+        else:  # backward(create_graph=True)
+            with torch.no_grad():
+                grads = run_backward(
+                    ctx.backend, grad_y, x, weight, lora_A, lora_B, t, params, needs, ctx.path
+                )
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # backward(create_graph=True)
         grads = once_differentiable_grads((grad_y, x, weight, lora_A, lora_B), grads)
     return (*grads, None, None, None, None)
@@ -133,9 +149,10 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, backend: str
-    ):
-        params = LoRAParams(scaling, dropout_p, seed)
+        ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: Tensor | None,
+        backend: str,
+    ):  # fmt: skip
+        params = with_kept_mask(backend, x, LoRAParams(scaling, dropout_p, seed))
         # training: an input takes a gradient (under no_grad too: the Function cannot see the caller's mode)
         path = select_path(backend, x, weight, lora_A, dropout_p, any(ctx.needs_input_grad[:5]))
         y, t = run_forward(backend, x, weight, bias, lora_A, lora_B, params, path)
@@ -156,25 +173,27 @@ class DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float, seed: int,
-        backend: str,
+        ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
+        seed: Tensor | None, backend: str,
     ):  # fmt: skip
-        params = LoRAParams(scaling, dropout_p, seed)
+        params = with_kept_mask(backend, x, LoRAParams(scaling, dropout_p, seed))
         y, t, z, col_scale, norm = run_dora_forward(
             backend, x, weight, bias, lora_A, lora_B, magnitude, params
         )
-        ctx.save_for_backward(x, weight, lora_A, lora_B, t, z, col_scale, norm)
-        ctx.params, ctx.backend, ctx.magnitude_dtype = params, backend, magnitude.dtype
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, z, col_scale, norm, params.keep_bits)
+        ctx.params, ctx.backend = replace(params, keep_bits=None), backend
+        ctx.magnitude_dtype = magnitude.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, t, z, col_scale, norm = ctx.saved_tensors
+        x, weight, lora_A, lora_B, t, z, col_scale, norm, keep_bits = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:6])
+        params = ctx.params if keep_bits is None else replace(ctx.params, keep_bits=keep_bits)
         with torch.no_grad():
             grads = run_dora_backward(
                 ctx.backend, grad_y, x, weight, lora_A, lora_B, t, z, col_scale, norm, ctx.magnitude_dtype,
-                ctx.params, needs,
+                params, needs,
             )  # fmt: skip
         if torch.is_grad_enabled():  # backward(create_graph=True)
             grads = once_differentiable_grads((grad_y, x, weight, lora_A, lora_B), grads)
@@ -224,7 +243,7 @@ class QLoRALinearFunction(torch.autograd.Function):
 def _params(scaling: float, dropout_p: float, seed: Tensor | None) -> LoRAParams:
     if seed is None or dropout_p == 0.0:
         return LoRAParams(scaling, dropout_p)
-    return LoRAParams(scaling, dropout_p, int(seed.item()))  # a CPU scalar: no device sync
+    return LoRAParams(scaling, dropout_p, seed)  # read by the kernels, on its device
 
 
 @torch.library.custom_op("lora_kernels::lora_linear", mutates_args=(), device_types=None)

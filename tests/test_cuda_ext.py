@@ -101,6 +101,11 @@ def _inputs(M, K, N, r, dtype, device, adapter_dtype=None, bias=True):
     return x, weight, b, lora_A, lora_B
 
 
+def _seed(value: int, device="cpu") -> torch.Tensor:
+    """A seed as the ops take it: an int64 tensor of one element on the inputs' device."""
+    return torch.full((), value, dtype=torch.int64, device=device)
+
+
 def _mask64(shape, p, seed, device):
     if p == 0.0:
         return torch.ones(shape, dtype=torch.float64, device=device)
@@ -178,30 +183,46 @@ def test_cuda_kernels_emulated_on_cpu(tmp_path):
 def test_bad_arguments_name_the_argument():
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match=r"lora_project: lora_A.size\(1\) must equal .*shape \[3, 7\]"):
-        ops.lora_project(x, torch.randn(3, 7), 1.0, 0.0, 0)
+        ops.lora_project(x, torch.randn(3, 7), 1.0, 0.0, None)
     with pytest.raises(RuntimeError, match=r"lora_project: x must be float16, bfloat16 or float32.*Double"):
-        ops.lora_project(x.double(), torch.randn(3, 8), 1.0, 0.0, 0)
+        ops.lora_project(x.double(), torch.randn(3, 8), 1.0, 0.0, None)
     with pytest.raises(RuntimeError, match=r"rank lora_A.size\(0\) must be in \[1, 256\]"):
-        ops.lora_project(x, torch.randn(257, 8), 1.0, 0.0, 0)
+        ops.lora_project(x, torch.randn(257, 8), 1.0, 0.0, None)
     with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
-        ops.lora_project(x, torch.randn(3, 8), 1.0, 1.0, 0)
+        ops.lora_project(x, torch.randn(3, 8), 1.0, 1.0, _seed(0))
+    with pytest.raises(RuntimeError, match=r"lora_project: dropout_p > 0 needs a seed tensor"):
+        ops.lora_project(x, torch.randn(3, 8), 1.0, 0.5, None)
+    with pytest.raises(RuntimeError, match=r"lora_project: seed must be an int64 tensor of one element"):
+        ops.lora_project(x, torch.randn(3, 8), 1.0, 0.5, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"lora_project: seed must be in \[0, 2\*\*63\)"):
+        ops.lora_project(x, torch.randn(3, 8), 1.0, 0.5, _seed(-1))
     with pytest.raises(RuntimeError, match=r"lora_linear_fwd: t must be float32"):
         ops.lora_linear_fwd(x, torch.randn(5, 8), None, torch.randn(4, 3).half(), torch.randn(5, 3))
     with pytest.raises(RuntimeError, match=r"lora_grad_x: lora_A must have the dtype of grad_y"):
         ops.lora_grad_x(
-            x.half(), torch.randn(8, 8).half(), torch.randn(4, 3).half(), torch.randn(3, 8).double(), 0.0, 0
+            x.half(),
+            torch.randn(8, 8).half(),
+            torch.randn(4, 3).half(),
+            torch.randn(3, 8).double(),
+            0.0,
+            None,
         )
 
 
 @pytest.mark.parametrize(
     "name,args",
     [
-        ("lora_project", lambda x, w, b, A, B, t, g, gt: (x, A, 2.0, 0.25, 7)),
+        ("lora_project", lambda x, w, b, A, B, t, g, gt: (x, A, 2.0, 0.25, _seed(7))),
         ("lora_linear_fwd", lambda x, w, b, A, B, t, g, gt: (x, w, b, t, B)),
         ("lora_grad_t_and_B", lambda x, w, b, A, B, t, g, gt: (g, B, t, 2.0)),
-        ("lora_grad_A", lambda x, w, b, A, B, t, g, gt: (gt, x, 0.25, 7)),
-        ("lora_grad_x", lambda x, w, b, A, B, t, g, gt: (g, w, gt, A, 0.25, 7)),
-        ("lora_dropout_mask", lambda x, w, b, A, B, t, g, gt: ((2, 3, 10), 0.25, 7)),
+        ("lora_grad_A", lambda x, w, b, A, B, t, g, gt: (gt, x, 0.25, _seed(7))),
+        ("lora_grad_x", lambda x, w, b, A, B, t, g, gt: (g, w, gt, A, 0.25, _seed(7))),
+        ("lora_dropout_mask", lambda x, w, b, A, B, t, g, gt: ((2, 3, 10), 0.25, _seed(7))),
+        ("lora_dropout_bits", lambda x, w, b, A, B, t, g, gt: ((2, 3, 10), 0.25, _seed(7))),
+        (
+            "lora_dropout_apply",
+            lambda x, w, b, A, B, t, g, gt: (x, ops.lora_dropout_bits((6, 10), 0.25, _seed(7)), 1.5),
+        ),
     ],
 )
 def test_opcheck(name, args):
@@ -214,20 +235,44 @@ def test_opcheck(name, args):
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
-def test_dropout_mask_op_is_a_factory(device):
-    """lora_dropout_mask takes a size and a device, as torch.empty does: the kernel follows the device
-    (CPU when none is given, Meta for shapes only), and the mask has the requested size."""
-    mask = ops.lora_dropout_mask((2, 3, 5), 0.5, 9, device=device)
+def test_dropout_mask_op_follows_its_seed_tensor(device):
+    """lora_dropout_mask makes the mask on its seed tensor's device (Meta for shapes only), of the requested
+    size, and reads the seed's value on that device: a new value in the same tensor gives its mask."""
+    seed = _seed(9, device)
+    mask = ops.lora_dropout_mask((2, 3, 5), 0.5, seed)
     assert mask.shape == (2, 3, 5) and mask.dtype == torch.float32 and mask.device.type == device
-    assert torch.equal(mask.reshape(6, 5).cpu(), ops.lora_dropout_mask([6, 5], 0.5, 9))
-    assert ops.lora_dropout_mask((4, 0), 0.5, 9, device=device).shape == (4, 0)
-    meta = ops.lora_dropout_mask((7, 5), 0.5, 9, device="meta")
+    assert torch.equal(mask.reshape(6, 5).cpu(), ops.lora_dropout_mask([6, 5], 0.5, _seed(9)))
+    seed.fill_(10)
+    assert torch.equal(
+        ops.lora_dropout_mask((2, 3, 5), 0.5, seed).cpu(), dropout_mask_torch(10, (2, 3, 5), 0.5)
+    )
+    assert ops.lora_dropout_mask((4, 0), 0.5, seed).shape == (4, 0)
+    meta = ops.lora_dropout_mask((7, 5), 0.5, seed.to("meta"))
     assert meta.is_meta and meta.shape == (7, 5)
-    torch.library.opcheck(ops.lora_dropout_mask.default, ((6, 10), 0.25, 7), {"device": device})
+    torch.library.opcheck(ops.lora_dropout_mask.default, ((6, 10), 0.25, seed))
     with pytest.raises(RuntimeError, match="lora_dropout_mask: size needs at least one dimension"):
-        ops.lora_dropout_mask((), 0.5, 9, device=device)
+        ops.lora_dropout_mask((), 0.5, seed)
     with pytest.raises(RuntimeError, match="lora_dropout_mask: size must not be negative"):
-        ops.lora_dropout_mask((3, -1), 0.5, 9, device=device)
+        ops.lora_dropout_mask((3, -1), 0.5, seed)
+
+
+@pytest.mark.parametrize("seed", [5, 2**40 + 2**31 + 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_mask_bits_and_apply(seed, dtype):
+    """lora_dropout_bits packs the mask of dropout.py at one bit per element (byte (row, g), bit j: column
+    8g + j), and lora_dropout_apply gives x ⊙ mask from it, for a strided x, NaN kept where dropped."""
+    p, shape = 0.3, (7, 3, 21)  # 21 columns: the last byte of a row is partial
+    bits = ops.lora_dropout_bits(shape, p, _seed(seed))
+    assert bits.shape == (21, 3) and bits.dtype == torch.uint8
+    unpacked = (bits.unsqueeze(-1).int() >> torch.arange(8)) & 1
+    mask = dropout_mask_torch(seed, (21, 21), p)
+    assert torch.equal(unpacked.reshape(21, 24)[:, :21].bool(), mask != 0)
+    x = torch.randn(21, 40, dtype=dtype)[:, ::2]  # (21, 20), strided
+    x[0, 0] = float("nan")
+    bits = ops.lora_dropout_bits((21, 20), p, _seed(seed))
+    mask = dropout_mask_torch(seed, (21, 20), p)
+    expected = (x.float() * mask).to(dtype)
+    torch.testing.assert_close(ops.lora_dropout_apply(x, bits, 1 / (1 - p)), expected, equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,7 +286,7 @@ def test_dropout_mask_op_is_a_factory(device):
 def test_dropout_mask_bit_exact(device, seed, p):
     """The C++ / device Philox gives exactly lora_kernels.dropout.dropout_mask (incl. round-half-even, and
     p rounding to 0 or to 1 at 2**-16). 301 columns: the last group of 8 of each row is partial."""
-    got = ops.lora_dropout_mask((67, 301), p, seed, device=device)
+    got = ops.lora_dropout_mask((67, 301), p, _seed(seed, device))
     expected = dropout_mask_torch(seed, (67, 301), p, device=device, dtype=torch.float32)
     assert torch.equal(got, expected)
 
@@ -254,6 +299,7 @@ def test_dropout_mask_bit_exact(device, seed, p):
 def _check_ops(M, K, N, r, dtype, rtol, device, p, adapter_dtype=None, x=None, grad_y=None, bias=True):
     """Run the five ops once and compare each with float64 math built from the same rounded inputs."""
     seed, scaling = 1234567, 1.5
+    seed_t = _seed(seed, device)
     x_, weight, b, lora_A, lora_B = _inputs(M, K, N, r, dtype, device, adapter_dtype, bias)
     x = x_ if x is None else x
     grad_y = torch.randn(M, N, dtype=torch.float64).to(device, dtype) if grad_y is None else grad_y
@@ -261,7 +307,7 @@ def _check_ops(M, K, N, r, dtype, rtol, device, p, adapter_dtype=None, x=None, g
     A64, B64 = _as_compute(lora_A, dtype), _as_compute(lora_B, dtype)
     x64, w64, dy64 = x.double(), weight.double(), grad_y.double()
 
-    t = ops.lora_project(x, lora_A, scaling, p, seed)
+    t = ops.lora_project(x, lora_A, scaling, p, seed_t)
     assert t.dtype == torch.float32 and t.device == x.device
     _assert_close(t, scaling * (x64 * mask) @ A64.t(), rtol, "t")
 
@@ -277,11 +323,11 @@ def _check_ops(M, K, N, r, dtype, rtol, device, p, adapter_dtype=None, x=None, g
     _assert_close(grad_t, scaling * dy64 @ B64, rtol, "grad_t")
     _assert_close(grad_B, dy64.t() @ _as_compute(t, dtype), rtol, "grad_B")
 
-    grad_A = ops.lora_grad_A(grad_t, x, p, seed)
+    grad_A = ops.lora_grad_A(grad_t, x, p, seed_t)
     assert grad_A.dtype == torch.float32
     _assert_close(grad_A, grad_t.double().t() @ (x64 * mask), rtol, "grad_A")
 
-    grad_x = ops.lora_grad_x(grad_y, weight, grad_t, lora_A, p, seed)
+    grad_x = ops.lora_grad_x(grad_y, weight, grad_t, lora_A, p, seed_t)
     assert grad_x.dtype == dtype
     _assert_close(grad_x, dy64 @ w64 + mask * (grad_t.double() @ A64), rtol, "grad_x")
 

@@ -155,12 +155,19 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from lora_kernels.ops.triton_lora import _dropout_args, _dropout_keep_tile, _dropout_keep_tile_t
+    from lora_kernels.ops.triton_lora import (
+        _dropout_args,
+        _dropout_keep_tile,
+        _dropout_keep_tile_t,
+        _load_seed,
+    )
 
     @triton.jit
-    def _keep_tiles_kernel(out_ptr, out_t_ptr, row_start, col_start, seed_lo, seed_hi, threshold,
+    def _keep_tiles_kernel(out_ptr, out_t_ptr, row_start, col_start, seed_ptr, threshold,
                            ROWS: tl.constexpr, COLS: tl.constexpr):  # fmt: skip
-        """Both keep-tile helpers of the Triton backend, stored as int8 (the kernels never store them)."""
+        """Both keep-tile helpers of the Triton backend, stored as int8 (the kernels never store them); the
+        seed read from its tensor as the kernels read it."""
+        seed_lo, seed_hi = _load_seed(seed_ptr)
         rows = row_start + tl.arange(0, ROWS).to(tl.int64)
         r = tl.arange(0, ROWS)
         c = tl.arange(0, COLS)
@@ -179,10 +186,8 @@ def test_triton_keep_tiles_equal_the_independent_implementation(backend, row_sta
     ROWS, COLS, p, seed = 4, 32, 0.45, 2**40 + 2**31 + 3
     out = torch.empty((ROWS, COLS), dtype=torch.int8, device=backend.device)
     out_t = torch.empty((COLS, ROWS), dtype=torch.int8, device=backend.device)
-    seed_lo, seed_hi, threshold, _ = _dropout_args(p, seed)
-    _keep_tiles_kernel[(1,)](
-        out, out_t, row_start, col_start, seed_lo, seed_hi, threshold, ROWS=ROWS, COLS=COLS
-    )
+    seed_ptr, threshold, _ = _dropout_args(p, seed, out)
+    _keep_tiles_kernel[(1,)](out, out_t, row_start, col_start, seed_ptr, threshold, ROWS=ROWS, COLS=COLS)
     expected = torch.tensor(
         [[_keep_py(seed, row_start + m, col_start + k, p) for k in range(COLS)] for m in range(ROWS)]
     )

@@ -65,6 +65,21 @@ def test_counter_tells_inputs_from_activations():
     assert [s.shape for s in counter.activations()] == [(M, N), (M, N)]
 
 
+#: Bytes per row of the packed dropout mask: one per 8 columns.
+PACKED_K = -(-K // 8)
+
+
+def _keeps_packed_mask(backend) -> bool:
+    """Whether ``backend`` keeps the mask packed from forward to backward (lora_kernels.ops.with_kept_mask)."""
+    from lora_kernels.dropout import extension_has
+    from lora_kernels.ops import _extension_loaded
+
+    device = torch.device(backend.device)
+    return backend.name == "torch" and device.type == "cpu" and _extension_loaded() and (
+        extension_has("lora_dropout_bits", device)
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_ours_saves_no_MxN_no_extra_MxK(backend, dropout_p):
     counter, _ = _ours_saved(backend, dropout_p)
@@ -73,23 +88,28 @@ def test_ours_saves_no_MxN_no_extra_MxK(backend, dropout_p):
         assert numel != M * N, f"{backend} saved an M×N tensor {saved}"
         if numel == M * K:
             assert saved.kind == "input", f"{backend} saved an M×K tensor that is not x: {saved}"
-    # Everything new is the (M, r) fp32 projection t, plus with dropout at most the 0-dim int64 seed.
-    new = [s for s in counter.activations() if s.shape != ()]
-    assert [(s.shape, s.dtype) for s in new] == [((M, R), torch.float32)]
-    assert M * R * 4 <= counter.activation_bytes <= M * R * 4 + 8
+    # Everything new is the (M, r) fp32 projection t, plus with dropout at most the 0-dim int64 seed and,
+    # where the backend keeps it (the torch backend on the CPU), the mask packed at 1 bit per element.
+    new = [(s.shape, s.dtype) for s in counter.activations() if s.shape != ()]
+    packed = [((M, PACKED_K), torch.uint8)] if dropout_p and _keeps_packed_mask(backend) else []
+    assert new == [((M, R), torch.float32), *packed]
+    base = M * R * 4 + (M * PACKED_K if packed else 0)
+    assert base <= counter.activation_bytes <= base + 8
 
 
-def test_ours_saves_nothing_for_dropout_mask(backend):
+def test_ours_saves_at_most_one_bit_per_element_for_dropout_mask(backend):
     without, _ = _ours_saved(backend, 0.0)
     with_dropout, _ = _ours_saved(backend, 0.1)
 
-    # The mask is regenerated in backward: dropout may add its seed (one 0-dim int64), never a mask
-    # (a mask would be at least M·K bits). Non-scalar saved tensors are identical with and without dropout.
+    # The mask is regenerated in backward (GPU kernels) or kept packed at 1 bit per element (the torch
+    # backend on the CPU, where that measured faster): dropout adds its seed (one 0-dim int64) and at most
+    # M·⌈K/8⌉ bytes, never a mask of M·K elements.
     def shapes(counter):
         return [(s.shape, s.dtype, s.kind) for s in counter.saved if s.shape != ()]
 
-    assert shapes(with_dropout) == shapes(without)
-    extra = with_dropout.activation_bytes - without.activation_bytes
+    packed = [((M, PACKED_K), torch.uint8, "activation")] if _keeps_packed_mask(backend) else []
+    assert shapes(with_dropout) == shapes(without) + packed
+    extra = with_dropout.activation_bytes - without.activation_bytes - (M * PACKED_K if packed else 0)
     assert 0 <= extra <= 8, f"dropout added {extra} saved bytes: {with_dropout.saved}"
     assert all(s.dtype == torch.int64 for s in with_dropout.saved if s.shape == ())
 

@@ -44,6 +44,7 @@ KERNELS = {
             "a_scale_ptr": "fp32",
             "out_scale_ptr": "fp32",
             "z_ptr": "in",
+            "seed_ptr": "i64",
         },
         {"project_scale", "lora_scale", "dropout_scale"},
         {
@@ -70,7 +71,7 @@ KERNELS = {
         ),
     ),
     "_lora_project_kernel": (
-        {"a_ptr": "in", "b_ptr": "fp32", "out_ptr": "fp32", "dropped_ptr": "in"},
+        {"a_ptr": "in", "b_ptr": "fp32", "out_ptr": "fp32", "dropped_ptr": "in", "seed_ptr": "i64"},
         {"scale", "dropout_scale"},
         {"STORE_DROPPED": False, "BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_R": 64},
         {"num_warps": 4, "num_stages": 3},
@@ -86,6 +87,7 @@ KERNELS = {
             "prodsum_ptr": "fp32",
             "b_ptr": "fp32",
             "proj_ptr": "fp32",
+            "seed_ptr": "i64",
         },
         {"scale"},
         {

@@ -50,15 +50,17 @@ into ``t`` before ``t`` is cast to the compute dtype: with float16 inputs a larg
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from ..dispatch import backend_module
-from ..dropout import dropout_mask
+from ..dropout import Seed, dropout_mask, extension_has, seed_tensor
 from .routing import path_functions, select_path
 
 #: Autograd's ``needs_input_grad`` for ``(x, weight, bias, lora_A, lora_B)``.
@@ -71,11 +73,56 @@ DoRANeedsGrad = tuple[bool, bool, bool, bool, bool, bool]
 class LoRAParams:
     """The scalars of one fused LoRA linear call, passed as one value from the autograd layer down to the
     kernels: the scaling ``s`` of the LoRA term and the dropout on its input, ``p`` and the Philox seed of
-    the mask (:mod:`lora_kernels.dropout`; ignored when ``p`` is 0)."""
+    the mask (:mod:`lora_kernels.dropout`; ignored when ``p`` is 0).
+
+    ``seed`` is an int64 tensor of one element on the input's device, as :func:`lora_kernels.lora_linear`
+    passes it (the kernels read it through its pointer: nothing is baked into a launch or a graph); an int
+    is accepted too and becomes such a tensor where a kernel needs it (:func:`seed_on`). ``keep_bits`` is
+    the mask packed at one bit per element (:func:`with_kept_mask`'s layout), made once
+    in the forward where the backend keeps it for the backward (:func:`with_kept_mask`), else None."""
 
     scaling: float
     dropout_p: float = 0.0
-    seed: int = 0
+    seed: Seed = 0
+    keep_bits: Tensor | None = None
+
+
+def seed_on(params: LoRAParams, device: torch.device) -> Tensor | None:
+    """The seed of ``params`` as the int64 tensor on ``device`` the kernels read; None without dropout."""
+    return seed_tensor(params.seed, device) if params.dropout_p > 0.0 else None
+
+
+@functools.cache
+def _extension_loaded() -> bool:
+    """Load the optional compiled extension (its CPU ops too); whether it is there."""
+    try:
+        importlib.import_module("lora_kernels._C")
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def with_kept_mask(backend: str, x: Tensor, params: LoRAParams) -> LoRAParams:
+    """``params`` with ``keep_bits``, the mask packed at one bit per element (``(M, ⌈K/8⌉)`` uint8, byte
+    ``(row, g)`` bit ``j`` for column ``8g + j``: one Philox call a byte), where the backend keeps the mask
+    from the forward for the backward rather than making it again: the torch backend on the CPU with the
+    extension, where that measured faster (benchmarks/NOTES.md). Elsewhere ``params`` unchanged: the
+    Triton and CUDA kernels regenerate the mask inside their tiles."""
+    if (
+        params.dropout_p == 0.0
+        or backend != "torch"
+        or x.device.type != "cpu"
+        or x.dtype == torch.float64  # the extension's ops take fp16, bf16 and fp32
+        or torch.compiler.is_compiling()
+        or not _extension_loaded()
+        or not extension_has("lora_dropout_bits", x.device)
+    ):
+        return params
+    shape = [math.prod(x.shape[:-1]), x.shape[-1]]
+    bits = torch.ops.lora_kernels.lora_dropout_bits(
+        shape, params.dropout_p, seed_tensor(params.seed, x.device)
+    )
+    return replace(params, keep_bits=bits)
 
 
 class Backend(Protocol):

@@ -31,7 +31,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from . import LoRAParams, NeedsGrad, as_output, device_guard
+from . import LoRAParams, NeedsGrad, as_output, device_guard, seed_on
 from .torch_lora import project_t, scaled_grad_B, scaled_grad_t
 
 try:
@@ -67,7 +67,7 @@ def lora_forward(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     ops = _ops()
-    dropout_p, seed = float(params.dropout_p), int(params.seed)
+    dropout_p, seed = float(params.dropout_p), seed_on(params, x.device)
     with device_guard(x.device):
         # no mask to fuse without dropout: cuBLAS (t unscaled: s goes to lora_linear_fwd's alpha)
         t = project_t(x, lora_A) if dropout_p == 0.0 else ops.lora_project(x, lora_A, 1.0, dropout_p, seed)
@@ -84,7 +84,7 @@ def lora_backward(
     ``run_backward``."""
     need_x, _, _, need_A, need_B = needs_grad
     ops = _ops()
-    scaling, dropout_p, seed = float(params.scaling), float(params.dropout_p), int(params.seed)
+    scaling, dropout_p, seed = float(params.scaling), float(params.dropout_p), seed_on(params, x.device)
     grad_x = grad_A = grad_B = None
     if not (need_x or need_A or need_B):
         return grad_x, grad_A, grad_B, None

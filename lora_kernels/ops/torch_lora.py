@@ -3,10 +3,15 @@
 It is the split path (:mod:`lora_kernels.ops.routing`) in torch ops: the LoRA term ``bias + s·t·Bᵀ`` is
 written into the output's storage and the base GEMM accumulated into it (``addmm_``, beta = 1), so the only
 M×N tensor is the output itself; ``dX`` the same way (``mask ⊙ s·(dY·B)·A``, then ``dX += dY·W``). Dropout
-uses the shared Philox mask of :mod:`lora_kernels.dropout`, regenerated in backward rather than saved.
+uses the shared Philox mask of :mod:`lora_kernels.dropout`: on the CPU with the extension it is made once in
+the forward, packed at one bit per element (``params.keep_bits``, see :func:`lora_kernels.ops.with_kept_mask`)
+and applied from those bits in the backward (measured faster than making it again: benchmarks/NOTES.md);
+elsewhere it is regenerated from its seed in the backward.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +19,8 @@ from torch import Tensor
 
 from ..dropout import dropout_mask
 from . import DoRANeedsGrad, LoRAParams, NeedsGrad, as_output, t_dtype
+
+MaskFn = Callable[[Tensor], Tensor]
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -24,7 +31,7 @@ def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 def _dropped(x: Tensor, params: LoRAParams) -> Tensor:
     if params.dropout_p == 0.0:
         return x
-    return x * _mask(x, params)
+    return _masking(x, params)(x)
 
 
 def project_t(x_dropped: Tensor, lora_A: Tensor) -> Tensor:
@@ -44,13 +51,19 @@ def scaled_grad_B(grad_out: Tensor, t: Tensor, scaling: float, dtype: torch.dtyp
     return _as(_as(product, t_dtype(grad_out.dtype)).mul_(scaling), dtype)
 
 
-def _mask(x: Tensor, params: LoRAParams) -> Tensor:
-    return dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=x.dtype)
+def _masking(x: Tensor, params: LoRAParams) -> MaskFn:
+    """``tensor ↦ tensor ⊙ mask`` for tensors of ``x``'s shape: from the bits the forward kept (one pass of
+    the extension's ``lora_dropout_apply``), else from the mask made here once from the seed."""
+    if params.keep_bits is not None:
+        bits, scale = params.keep_bits, 1.0 / (1.0 - params.dropout_p)
+        return lambda tensor: torch.ops.lora_kernels.lora_dropout_apply(tensor, bits, scale)
+    mask = dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=x.dtype)
+    return lambda tensor: tensor * mask
 
 
-def _grad_A(grad_t: Tensor, x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+def _grad_A(grad_t: Tensor, x: Tensor, masked: MaskFn | None, dtype: torch.dtype) -> Tensor:
     """``dA = (s·dY·B)ᵀ·dropout(x)`` in ``dtype``."""
-    return _as(torch.mm(grad_t.t(), x if mask is None else x * mask), dtype)
+    return _as(torch.mm(grad_t.t(), x if masked is None else masked(x)), dtype)
 
 
 def lora_forward(
@@ -81,16 +94,16 @@ def lora_backward(
     grad_x = grad_A = grad_B = None
     if need_x or need_A:  # the gradient reaching t, scaled once here for both dX and dA
         grad_t = scaled_grad_t(grad_y, lora_B, params.scaling)
-    mask = None
-    if params.dropout_p > 0.0 and (need_x or need_A):  # regenerated once, shared by dX and dA
-        mask = _mask(x, params)
+    masked = None
+    if params.dropout_p > 0.0 and (need_x or need_A):  # one mask, shared by dX and dA
+        masked = _masking(x, params)
     if need_x:  # the LoRA term into dX's storage, then dY·W accumulated into it
         grad_x = torch.mm(grad_t, _as(lora_A, dtype))
-        if mask is not None:
-            grad_x.mul_(mask)
+        if masked is not None:
+            grad_x = masked(grad_x)
         grad_x.addmm_(grad_y, weight)
     if need_A:
-        grad_A = _grad_A(grad_t, x, mask, lora_A.dtype)
+        grad_A = _grad_A(grad_t, x, masked, lora_A.dtype)
     if need_B:
         grad_B = scaled_grad_B(grad_y, t, params.scaling, lora_B.dtype)
     return grad_x, grad_A, grad_B, None
@@ -194,18 +207,18 @@ def dora_backward(
     grad_x = grad_A = grad_B = None
     if need_x or need_A:
         grad_t = scaled_grad_t(grad_z, lora_B, params.scaling)
-    mask = None
-    if params.dropout_p > 0.0 and (need_x or need_A):  # regenerated once, shared by dX and dA
-        mask = _mask(x, params)
+    masked = None
+    if params.dropout_p > 0.0 and (need_x or need_A):  # one mask, shared by dX and dA
+        masked = _masking(x, params)
     if need_x:
         lora_A_ = _as(lora_A, dtype)
-        if mask is None:
+        if masked is None:
             grad_x = torch.mm(grad_z, weight).addmm_(grad_t, lora_A_)
         else:
             lora_part = torch.mm(_as(grad_y * (col_scale - 1), dtype), weight).addmm_(grad_t, lora_A_)
-            grad_x = torch.mm(grad_y, weight).addcmul_(lora_part, mask)
+            grad_x = torch.mm(grad_y, weight).add_(masked(lora_part))
     if need_A:
-        grad_A = _grad_A(grad_t, x, mask, lora_A.dtype)
+        grad_A = _grad_A(grad_t, x, masked, lora_A.dtype)
     if need_B:
         grad_B = scaled_grad_B(grad_z, t, params.scaling, lora_B.dtype)
     grad_z_colsum = (grad_y * z).sum(0, dtype=t_dtype(dtype)) if need_m else None

@@ -19,7 +19,9 @@ kernel                      computes                                         use
 ==========================  ===============================================  ==============================
 
 No M×N temporary is written: the LoRA term lives only in registers. The dropout mask is regenerated from
-``(seed, row, col)`` wherever it is needed (forward projection, ``dA``, ``dX`` epilogue) and never stored.
+``(seed, row, col)`` wherever it is needed (forward projection, ``dA``, ``dX`` epilogue) and never stored;
+the seed is read by each program from the int64 seed tensor (``seed_ptr``), never passed as a number, so
+a CUDA graph replays with the seed drawn on the device at that replay.
 All offsets are int64, so tensors over 2**31 elements do not wrap.
 """
 
@@ -36,8 +38,8 @@ from triton.runtime.errors import OutOfResources
 
 from .. import dropout
 from ..dispatch import interpreting
-from ..dropout import dropout_threshold, split_seed
-from . import _NO_GUARD, DoRANeedsGrad, LoRAParams, NeedsGrad, device_guard
+from ..dropout import dropout_threshold, seed_tensor
+from . import _NO_GUARD, DoRANeedsGrad, LoRAParams, NeedsGrad, device_guard, seed_on
 
 # Globals read inside @triton.jit functions must be constexpr.
 _PHILOX_ROUNDS = tl.constexpr(dropout.PHILOX_ROUNDS)
@@ -51,8 +53,8 @@ _PHILOX_KEY_BUMP_1 = tl.constexpr(dropout.PHILOX_KEY_BUMP_1)
 def _philox_words(rows, groups, seed_lo, seed_hi):
     """The four Philox-4x32-10 output words for counters ``(groups, rows_lo, rows_hi, 0)`` (broadcast).
 
-    The seed words arrive as int32 holding the key's bits (see :func:`_int32_word`); ``.to(tl.uint32)``
-    reinterprets them, so the key is the same as :func:`lora_kernels.dropout.split_seed`'s.
+    The seed words arrive as int64 holding the key's 32 bits (:func:`_load_seed`), so the key is the same
+    as :func:`lora_kernels.dropout.split_seed`'s.
     """
     c0 = (groups + rows * 0).to(tl.uint32)
     c1 = (rows + groups * 0).to(tl.uint32)
@@ -72,6 +74,13 @@ def _philox_words(rows, groups, seed_lo, seed_hi):
         k0 = k0 + _PHILOX_KEY_BUMP_0
         k1 = k1 + _PHILOX_KEY_BUMP_1
     return c0, c1, c2, c3
+
+
+@triton.jit
+def _load_seed(seed_ptr):
+    """The two 32-bit key words (low, high) of the int64 seed at ``seed_ptr`` (a device tensor)."""
+    seed = tl.load(seed_ptr)
+    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
 
 
 @triton.jit
@@ -131,14 +140,14 @@ def _epilogue_operands(
     return t_op, u_op
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
+@triton.jit(do_not_specialize=["dropout_threshold"])
 def _lora_linear_kernel(
     a_ptr, b_ptr, t_ptr, u_ptr, p_ptr, bias_ptr, out_ptr, a2_ptr, a_scale_ptr, out_scale_ptr, z_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_tm, stride_tr, stride_ur, stride_un, stride_pk, stride_pr,
     stride_bias, stride_om, stride_on, stride_a2m, stride_a2k,
-    project_scale, lora_scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
+    project_scale, lora_scale, seed_ptr, dropout_threshold, dropout_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_PROJECT: tl.constexpr,
     LORA_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SCALE_A: tl.constexpr, SECOND: tl.constexpr, DORA_OUT: tl.constexpr,
@@ -250,6 +259,7 @@ def _lora_linear_kernel(
             lora = tl.dot(t_op, u_op, acc2, input_precision=INPUT_PRECISION)
         else:
             lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
+        seed_lo, seed_hi = _load_seed(seed_ptr)
         keep = _dropout_keep_tile(
             offs_m, pid_n.to(tl.int64) * BLOCK_N, BLOCK_N, seed_lo, seed_hi, dropout_threshold
         )
@@ -264,12 +274,12 @@ def _lora_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
+@triton.jit(do_not_specialize=["dropout_threshold"])
 def _lora_project_kernel(
     a_ptr, b_ptr, out_ptr, dropped_ptr,
     M, K, R,
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
-    scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
+    scale, seed_ptr, dropout_threshold, dropout_scale,
     HAS_DROPOUT: tl.constexpr, STORE_DROPPED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -288,6 +298,8 @@ def _lora_project_kernel(
     in_dtype = a_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if HAS_DROPOUT:  # read once per program
+        seed_lo, seed_hi = _load_seed(seed_ptr)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k, mask_k = _tile(k * BLOCK_K, BLOCK_K, K)
         a = tl.load(
@@ -315,13 +327,13 @@ def _lora_project_kernel(
     tl.store(out_ptrs, acc * scale, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
+@triton.jit(do_not_specialize=["dropout_threshold"])
 def _lora_reduce_rows_kernel(
     a_ptr, c_ptr, out_ptr, colsum_ptr, z_ptr, prodsum_ptr, b_ptr, proj_ptr,
     M, P, R, rows_per_split,
     stride_am, stride_ap, stride_cm, stride_cr, stride_zm, stride_zp, stride_bp, stride_br,
     stride_op, stride_or,
-    scale, seed_lo, seed_hi, dropout_threshold,
+    scale, seed_ptr, dropout_threshold,
     HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, HAS_PRODSUM: tl.constexpr, PROJECT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -356,6 +368,8 @@ def _lora_reduce_rows_kernel(
         proj_ptr += pid_p.to(tl.int64) * M * R
 
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    if HAS_DROPOUT:  # read once per program
+        seed_lo, seed_hi = _load_seed(seed_ptr)
     colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     prodsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for m in range(0, tl.cdiv(rows_per_split, BLOCK_M)):
@@ -676,28 +690,13 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _int32_word(word: int) -> int:
-    """A 32-bit word as the signed int32 of the same bits, so Triton types it i32 whatever its value.
-
-    A Python int >= 2**31 would be typed i64: a second signature, hence a recompile, for half the seeds. The
-    kernels cast it back with ``.to(tl.uint32)``, which keeps the bits.
-    """
-    return word - (1 << 32) if word >= 1 << 31 else word
-
-
-def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
-    """``(seed_lo, seed_hi, threshold, 1 / (1 - p))``: the seed words as int32 bit patterns (all zero
-    without dropout: the kernels ignore them then, and they are not specialized on)."""
-    if dropout_p == 0.0:
-        return 0, 0, 0, 1.0
-    seed_lo, seed_hi = split_seed(seed)
-    scale = 1.0 / (1.0 - dropout_p)
-    return (
-        _int32_word(seed_lo),
-        _int32_word(seed_hi),
-        dropout_threshold(dropout_p),
-        scale,
-    )  # threshold <= 2**16
+def _dropout_args(
+    dropout_p: float, seed: torch.Tensor | None, dummy: torch.Tensor
+) -> tuple[torch.Tensor, int, float]:
+    """``(seed_ptr, threshold, 1 / (1 - p))``: the int64 seed tensor on ``dummy``'s device (an int seed is
+    made one); without dropout the pointer is ``dummy``, never read."""
+    seed_ptr = dummy if dropout_p == 0.0 else seed_tensor(seed, dummy.device)
+    return seed_ptr, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -724,7 +723,7 @@ def _linear_with_lora(
     u: torch.Tensor,
     bias: torch.Tensor | None,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     project: torch.Tensor | None = None,
     project_scale: float = 1.0,
     lora_scale: float = 1.0,
@@ -754,7 +753,7 @@ def _linear_with_lora(
         if project is not None and M > 0:  # N == 0: nothing to fuse into, t is still owed
             t.copy_(torch.mm(a, project.to(a.dtype)).float().mul_(project_scale))
         return out
-    seed_lo, seed_hi, threshold, scale = _dropout_args(dropout_p, seed)
+    seed_ptr, threshold, scale = _dropout_args(dropout_p, seed, out)
     p = project if project is not None else t
     a2_arg = a2 if a2 is not None else a
     configs, grid_of = _linear_plan(M, N, K, a.element_size(), second != 0)
@@ -771,7 +770,7 @@ def _linear_with_lora(
             t.stride(0), t.stride(1), u.stride(0), u.stride(1), p.stride(0), p.stride(1),
             bias.stride(0) if bias is not None else 0, N, 1,  # out (and z): contiguous, viewed as (M, N)
             a2_arg.stride(0), a2_arg.stride(1),
-            project_scale, lora_scale, seed_lo, seed_hi, threshold, scale,
+            project_scale, lora_scale, seed_ptr, threshold, scale,
         ),
         dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=project is not None,
              LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_input_precision(a.dtype),
@@ -782,7 +781,7 @@ def _linear_with_lora(
 
 
 def _project(
-    a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float, seed: int, *,
+    a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor | None, *,
     dropped: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``scale · dropout(a)·b`` in fp32, ``a`` (M, K), ``b`` (K, R); also fills ``dropped`` (M, K contiguous,
@@ -792,7 +791,7 @@ def _project(
     out = torch.empty((M, R), device=a.device, dtype=torch.float32)
     if M == 0:
         return out
-    seed_lo, seed_hi, threshold, dropout_scale = _dropout_args(dropout_p, seed)
+    seed_ptr, threshold, dropout_scale = _dropout_args(dropout_p, seed, out)
     mask_scale = dropout_scale
     if dropout_p > 0.0:
         scale = scale * dropout_scale
@@ -810,7 +809,7 @@ def _project(
             a, b, out, dropped if dropped is not None else a,
             M, K, R,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            scale, seed_lo, seed_hi, threshold, mask_scale,
+            scale, seed_ptr, threshold, mask_scale,
         ),
         dict(HAS_DROPOUT=dropout_p > 0.0, STORE_DROPPED=dropped is not None,
              INPUT_PRECISION=_input_precision(a.dtype)),
@@ -822,7 +821,7 @@ def _reduce_rows(
     a: torch.Tensor,
     c: torch.Tensor,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     with_colsum: bool,
     scale: float = 1.0,
     z: torch.Tensor | None = None,
@@ -874,7 +873,7 @@ def _reduce_rows(
     projected = None
     if project is not None:
         projected = torch.empty((_cdiv(P, configs[0]["BLOCK_P"]), M, R), device=a.device, dtype=torch.float32)
-    seed_lo, seed_hi, threshold, dropout_scale = _dropout_args(dropout_p, seed)
+    seed_ptr, threshold, dropout_scale = _dropout_args(dropout_p, seed, partial)
     if dropout_p > 0.0:
         scale = scale * dropout_scale
     if P > 0:
@@ -891,7 +890,7 @@ def _reduce_rows(
                 *(z.stride() if z is not None else (0, 0)),
                 *(project.stride() if project is not None else (0, 0)),
                 *out_strides,
-                scale, seed_lo, seed_hi, threshold,
+                scale, seed_ptr, threshold,
             ),
             dict(HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=with_colsum, HAS_PRODSUM=z is not None,
                  PROJECT=project is not None, INPUT_PRECISION=_input_precision(a.dtype)),
@@ -927,13 +926,13 @@ def _grad_y_pass(
     casts = dict(out_dtype=out_dtype, colsum_dtype=colsum_dtype)
     if b is not None and reduce and _single_pass_over_dy(b.shape[1]):
         grad_B, colsum, prodsum, grad_t = _reduce_rows(
-            grad_y, t, 0.0, 0, with_colsum, scale, z, project=b, **casts
+            grad_y, t, 0.0, None, with_colsum, scale, z, project=b, **casts
         )
         return grad_t, grad_B, colsum, prodsum
-    grad_t = _project(grad_y, b, scale, 0.0, 0) if b is not None else None
+    grad_t = _project(grad_y, b, scale, 0.0, None) if b is not None else None
     grad_B = colsum = prodsum = None
     if reduce:
-        grad_B, colsum, prodsum, _ = _reduce_rows(grad_y, t, 0.0, 0, with_colsum, scale, z, **casts)
+        grad_B, colsum, prodsum, _ = _reduce_rows(grad_y, t, 0.0, None, with_colsum, scale, z, **casts)
     return grad_t, grad_B, colsum, prodsum
 
 
@@ -948,7 +947,7 @@ def lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     M, K = x.shape
-    scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
+    scaling, dropout_p, seed = params.scaling, params.dropout_p, seed_on(params, x.device)
     with _launch_guard(), device_guard(x.device):  # Triton launches on the current device
         # t = dropout(x)·Aᵀ: in the GEMM's main loop where it can (no dropout), else by its own pass
         fuse = dropout_p == 0.0 and _fuse_projection(M, weight.shape[0], K, lora_A.shape[0])
@@ -968,7 +967,7 @@ def lora_backward(
     """``(dX, dA, dB, db)`` for :func:`lora_forward`: ``db``, the column sums of dY, rides along the pass
     that gives dB and ``s·dY·B``. ``split``: dX as :func:`split_backward` computes it."""
     need_x, _, need_bias, need_A, need_B = needs_grad
-    scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
+    scaling, dropout_p, seed = params.scaling, params.dropout_p, seed_on(params, grad_y.device)
     grad_x = grad_A = None
     with _launch_guard(), device_guard(grad_y.device):
         # s·dY·B, (M, r) fp32, and dB = s·dYᵀ·t (t carries no s) with db: one pass over dY for both, apart
@@ -1086,7 +1085,7 @@ def dora_forward(
     ``x̃·Wᵀ`` (two accumulators; ``x̃`` is written by ``t``'s kernel and freed on return)."""
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
-    scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
+    scaling, dropout_p, seed = params.scaling, params.dropout_p, seed_on(params, x.device)
     z = torch.empty((M, N), device=x.device, dtype=x.dtype)
     with _launch_guard(), device_guard(x.device):
         if dropout_p == 0.0:
@@ -1113,7 +1112,7 @@ def dora_backward(
     (``c ⊙ B`` is N×r), the dX GEMM scales its dY tiles in registers, and dB is ``c ⊙ (s·dYᵀ·t)``. One
     pass over dY gives ``s·dY·(c ⊙ B)``, dB, db and ``Σ dY ⊙ z``."""
     need_x, _, need_bias, need_A, need_B, need_m = needs_grad
-    scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
+    scaling, dropout_p, seed = params.scaling, params.dropout_p, seed_on(params, grad_y.device)
     grad_x = grad_A = None
     with _launch_guard(), device_guard(grad_y.device):
         grad_t, grad_B, grad_bias, grad_z_colsum = _grad_y_pass(

@@ -44,6 +44,7 @@ from .triton_lora import (
     _grad_y_pass,
     _input_precision,
     _launch_guard,
+    _load_seed,
     _plan,
     _pow2_clamp,
     _project,
@@ -89,14 +90,14 @@ def _dequant_4bit_kernel(
     tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
+@triton.jit(do_not_specialize=["dropout_threshold"])
 def _qlora_linear_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, t_ptr, u_ptr, bias_ptr,
     out_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_wk, stride_wn,
     stride_tm, stride_tr, stride_ur, stride_un, stride_bias, stride_om, stride_on,
-    blocksize, blocksize2, lora_scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
+    blocksize, blocksize2, lora_scale, seed_ptr, dropout_threshold, dropout_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NESTED: tl.constexpr, QDTYPE: tl.constexpr,
     LORA_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -143,6 +144,7 @@ def _qlora_linear_kernel(
     )
     if HAS_DROPOUT:
         lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
+        seed_lo, seed_hi = _load_seed(seed_ptr)
         keep = _dropout_keep_tile(
             offs_m, pid_n.to(tl.int64) * BLOCK_N, BLOCK_N, seed_lo, seed_hi, dropout_threshold
         )
@@ -224,7 +226,7 @@ def _qlinear_with_lora(
             out.view(M, N).add_(bias)
         return out
     stride_wk, stride_wn = (1, n_cols) if transposed else (n_cols, 1)
-    seed_lo, seed_hi, threshold, scale = _dropout_args(dropout_p, seed)
+    seed_ptr, threshold, scale = _dropout_args(dropout_p, seed, out)
 
     def make():
         configs = _Configs(_smaller_configs(_qlinear_config(M, N, K), ("BLOCK_N", "BLOCK_M", "BLOCK_K")))
@@ -241,7 +243,7 @@ def _qlinear_with_lora(
             a.stride(0), a.stride(1), stride_wk, stride_wn,
             t.stride(0), t.stride(1), u.stride(0), u.stride(1),
             bias.stride(0) if bias is not None else 0, N, 1,
-            w.blocksize, max(w.blocksize2, 1), lora_scale, seed_lo, seed_hi, threshold, scale,
+            w.blocksize, max(w.blocksize2, 1), lora_scale, seed_ptr, threshold, scale,
         ),
         dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, **_quant_constexprs(w),
              LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_input_precision(a.dtype), BLOCK_R=_block_r(R)),

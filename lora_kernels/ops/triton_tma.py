@@ -45,7 +45,7 @@ import triton.language as tl
 from ..dispatch import interpreting
 from . import LoRAParams, device_guard
 from . import triton_lora as _base
-from .triton_lora import _dropout_keep_tile, _tile
+from .triton_lora import _dropout_keep_tile, _load_seed, _tile
 
 try:  # triton >= 3.4: host-side descriptors; make_tensor_descriptor in the language
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -130,12 +130,12 @@ def _lora_epilogue_ptr(
     return acc
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "dropout_threshold"])
+@triton.jit(do_not_specialize=["dropout_threshold"])
 def _lora_linear_tma_kernel(
     a, b, p, out, t_ptr, u_ptr, bias_ptr,
     M, N, K, R,
     stride_am, stride_b, stride_p, stride_tm, stride_tr, stride_ur, stride_un, stride_bias,
-    project_scale, lora_scale, seed_lo, seed_hi, dropout_threshold, dropout_scale,
+    project_scale, lora_scale, seed_ptr, dropout_threshold, dropout_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_PROJECT: tl.constexpr,
     LORA_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     B_T: tl.constexpr, P_T: tl.constexpr, U_T: tl.constexpr, DEVICE_DESC: tl.constexpr,
@@ -158,6 +158,11 @@ def _lora_linear_tma_kernel(
     column of tiles), ``(R, K)`` with ``P_T`` (the forward's ``A``), else ``(K, R)`` (dX's ``B``). See
     ``_lora_linear_kernel`` for the precision contract (``LORA_FP32``).
     """
+    if HAS_DROPOUT:  # the seed's two words, read once before the tile loop (the loop's loads are TMA's)
+        seed_lo, seed_hi = _load_seed(seed_ptr)
+    else:
+        seed_lo = 0
+        seed_hi = 0
     if DEVICE_DESC:
         a_desc = _descriptor(a, M, K, stride_am, BLOCK_M, BLOCK_K, False)
         b_desc = _descriptor(b, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
@@ -394,7 +399,7 @@ def _linear_tma(
     fuse = bool(rest)
     if num_sms is None:
         num_sms = _INTERPRETER_SMS if interpreting() else _base._num_sms(a.device.index or 0)
-    seed_lo, seed_hi, threshold, scale = _base._dropout_args(dropout_p, seed)
+    seed_ptr, threshold, scale = _base._dropout_args(dropout_p, seed, out)
     block_r = _base._block_r(R)
     u_rows = _row_major(u)
     u_t = u_rows is not None and u_rows[1]
@@ -439,7 +444,7 @@ def _linear_tma(
                 M, N, K, R,
                 a_st.stride(0), b_st.stride(0), p_st.stride(0), t.stride(0), t.stride(1),
                 u.stride(0), u.stride(1), bias.stride(0) if bias is not None else 0,
-                project_scale, lora_scale, seed_lo, seed_hi, threshold, scale,
+                project_scale, lora_scale, seed_ptr, threshold, scale,
             ),
             dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=fuse,
                  LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_base._input_precision(a.dtype),

@@ -130,7 +130,7 @@ template <typename T>
 std::vector<float> project(const T* x, int64_t sm, int64_t sk, const std::vector<T>& A, int64_t M, int64_t K,
                            int64_t r, double scaling, double p, int64_t seed, int64_t target) {
   std::vector<float> t(M * r);
-  const DropoutParams dropout = make_dropout_params(p, seed);
+  const DropoutParams dropout = make_dropout_params(p, &seed);
   const float scale = static_cast<float>(p > 0.0 ? scaling / (1.0 - p) : scaling);
   dispatch_rank_tile(r, [&](auto rank_tile) {
     constexpr int RP = decltype(rank_tile)::value;
@@ -175,7 +175,7 @@ template <typename T>
 std::vector<float> grad_A(const std::vector<T>& grad_t, const T* x, int64_t sm, int64_t sk, int64_t M, int64_t K,
                           int64_t r, double p, int64_t seed, int64_t target) {
   std::vector<float> out(r * K, NAN);
-  const DropoutParams dropout = make_dropout_params(p, seed);
+  const DropoutParams dropout = make_dropout_params(p, &seed);
   const float scale = static_cast<float>(1.0 / (1.0 - p));
   dispatch_rank_tile(r, [&](auto rank_tile) {
     constexpr int RP = decltype(rank_tile)::value;
@@ -197,7 +197,7 @@ void grad_x_dropout(const std::vector<T>& grad_t, const std::vector<T>& A, std::
                     int64_t K, int64_t r, double p, int64_t seed) {
   launch(ceil_div(M, kGradXBM), ceil_div(K, kGradXBK),
          lora_grad_x_dropout_kernel<T, kGradXBM, kGradXBK, kGradXRC, kGradXTX>, grad_t.data(), A.data(),
-         grad_x.data(), M, K, r, static_cast<float>(1.0 / (1.0 - p)), make_dropout_params(p, seed));
+         grad_x.data(), M, K, r, static_cast<float>(1.0 / (1.0 - p)), make_dropout_params(p, &seed));
 }
 
 // ---- float64 references on the same rounded operands ------------------------------------------------------
@@ -281,7 +281,8 @@ void run_case(const char* dtype, int64_t M, int64_t K, int64_t N, int64_t r, dou
 
   const std::vector<T> A = randn(r * K, 1.0f / std::sqrt(static_cast<float>(K)));
   const std::vector<T> B = randn(N * r, 1.0f / std::sqrt(static_cast<float>(r)));
-  const DropoutParams dropout = make_dropout_params(p, seed);
+  DropoutParams dropout = make_dropout_params(p, &seed);  // the seed behind a pointer, as on the device
+  resolve_seed(dropout);
   const double keep_scale = 1.0 / (1.0 - p);
   auto mask = [&](int64_t m, int64_t k) { return dropout_keep(dropout, m, k) ? keep_scale : 0.0; };
   const std::string tag = std::string(dtype) + " M=" + std::to_string(M) + " K=" + std::to_string(K) +
