@@ -47,7 +47,7 @@ def compile_variant(name: str, dtype: str, nested: bool, dropout: bool, arch: in
     constexprs = dict(NESTED=nested, QDTYPE=QDTYPES[dtype])
     floats: set[str] = set()
     if name == "_qlora_linear_kernel":
-        pointers.update(a_ptr=dtype, t_ptr="fp32", u_ptr="fp32", bias_ptr=dtype)
+        pointers.update(a_ptr=dtype, t_ptr="fp32", u_ptr="fp32", bias_ptr=dtype, seed_ptr="i64")
         constexprs.update(
             HAS_BIAS=True, HAS_DROPOUT=dropout, LORA_FP32=dtype == "fp16", INPUT_PRECISION="tf32",
             BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16,
