@@ -113,6 +113,19 @@ def _dropout_keep_tile_t(row_offs, col_start, BLOCK_COLS: tl.constexpr, seed_lo,
 
 
 @triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of output tile ``tile_id`` in grouped order (Triton tutorial 03), so that
+    neighbouring programs share tiles in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _tile(start, BLOCK: tl.constexpr, end):
     """The indices ``start + [0, BLOCK)`` of one tile along a dimension, and which of them are ``< end``."""
     offs = start + tl.arange(0, BLOCK)
@@ -184,12 +197,7 @@ def _lora_linear_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m, mask_m = _tile(pid_m.to(tl.int64) * BLOCK_M, BLOCK_M, M)
     offs_n, mask_n = _tile(pid_n.to(tl.int64) * BLOCK_N, BLOCK_N, N)

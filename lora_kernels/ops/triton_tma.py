@@ -45,7 +45,7 @@ import triton.language as tl
 from ..dispatch import interpreting
 from . import LoRAParams, device_guard
 from . import triton_lora as _base
-from .triton_lora import _dropout_keep_tile, _load_seed, _tile
+from .triton_lora import _dropout_keep_tile, _load_seed, _tile, _tile_coords
 
 try:  # triton >= 3.4: host-side descriptors; make_tensor_descriptor in the language
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -57,18 +57,6 @@ _HAS_DESCRIPTORS = TensorDescriptor is not None and hasattr(tl, "make_tensor_des
 # WSDataPartition); 3.8's takes them. Before 3.8, the ``tma_ws*`` dX with dropout runs as ``tma*`` (the same
 # loop unspecialized at 4 warps spills 1.2-1.5 KB a thread).
 _WS_TAKES_MASK = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
-
-
-@triton.jit
-def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """``(pid_m, pid_n)`` of output tile ``tile_id`` in grouped order (as ``_lora_linear_kernel``'s programs)."""
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = tile_id // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
-    pid_n = (tile_id % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit
