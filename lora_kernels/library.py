@@ -83,7 +83,9 @@ def _save(
     (whose packed mask, if any, is saved as a tensor, seen by saved-tensor hooks like the others) and the
     ``path`` its forward ran (the backward runs the same; the op's backward chooses its own)."""
     ctx.save_for_backward(x, weight, lora_A, lora_B, t, op_seed, params.keep_bits)
-    ctx.params, ctx.backend, ctx.through_op = replace(params, keep_bits=None), backend, through_op
+    # (the packed mask rides in the saved tensors; the copy without it only where there is one)
+    ctx.params = params if params.keep_bits is None else replace(params, keep_bits=None)
+    ctx.backend, ctx.through_op = backend, through_op
     ctx.path = path
 
 
@@ -181,7 +183,8 @@ class DoRALinearFunction(torch.autograd.Function):
             backend, x, weight, bias, lora_A, lora_B, magnitude, params
         )
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, z, col_scale, norm, params.keep_bits)
-        ctx.params, ctx.backend = replace(params, keep_bits=None), backend
+        ctx.params = params if params.keep_bits is None else replace(params, keep_bits=None)
+        ctx.backend = backend
         ctx.magnitude_dtype = magnitude.dtype
         return y
 
