@@ -113,6 +113,30 @@ def _dropout_keep_tile_t(row_offs, col_start, BLOCK_COLS: tl.constexpr, seed_lo,
 
 
 @triton.jit
+def _masked_add(
+    acc, lora, offs_m, col_start, BLOCK_N: tl.constexpr, seed_ptr, dropout_threshold, dropout_scale
+):
+    """``acc + mask ⊙ lora / (1 − p)`` on the tile of rows ``offs_m`` and columns ``col_start + [0, BLOCK_N)``:
+    a product, not a select, so that NaN·0 stays NaN (the seed is read from ``seed_ptr``)."""
+    seed_lo, seed_hi = _load_seed(seed_ptr)
+    keep = _dropout_keep_tile(offs_m, col_start, BLOCK_N, seed_lo, seed_hi, dropout_threshold)
+    return acc + lora * (keep.to(tl.float32) * dropout_scale)
+
+
+@triton.jit
+def _store_with_bias(
+    acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_bias, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Store the fp32 tile ``acc`` (+ the bias, of any stride, 0 included: an expanded scalar) in ``out``'s
+    dtype: the one cast of a GEMM's epilogue."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """``(pid_m, pid_n)`` of output tile ``tile_id`` in grouped order (Triton tutorial 03), so that
     neighbouring programs share tiles in L2."""
@@ -267,19 +291,13 @@ def _lora_linear_kernel(
             lora = tl.dot(t_op, u_op, acc2, input_precision=INPUT_PRECISION)
         else:
             lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
-        seed_lo, seed_hi = _load_seed(seed_ptr)
-        keep = _dropout_keep_tile(
-            offs_m, pid_n.to(tl.int64) * BLOCK_N, BLOCK_N, seed_lo, seed_hi, dropout_threshold
-        )
-        acc += lora * (keep.to(tl.float32) * dropout_scale)  # a product, not a select: NaN·0 stays NaN
+        col_start = pid_n.to(tl.int64) * BLOCK_N
+        acc = _masked_add(acc, lora, offs_m, col_start, BLOCK_N, seed_ptr, dropout_threshold, dropout_scale)
     else:
         acc = tl.dot(t_op, u_op, acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        # any stride, 0 included (an expanded scalar): bias may be a strided view
-        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
+    _store_with_bias(
+        acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_bias, stride_om, stride_on, HAS_BIAS
+    )
 
 
 @triton.jit(do_not_specialize=["dropout_threshold"])

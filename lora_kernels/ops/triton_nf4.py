@@ -39,17 +39,17 @@ from .triton_lora import (
     _cdiv,
     _Configs,
     _dropout_args,
-    _dropout_keep_tile,
     _epilogue_operands,
     _grad_y_pass,
     _input_precision,
     _launch_guard,
-    _load_seed,
+    _masked_add,
     _plan,
     _pow2_clamp,
     _project,
     _reduce_rows,
     _smaller_configs,
+    _store_with_bias,
     _tile,
 )
 
@@ -144,17 +144,13 @@ def _qlora_linear_kernel(
     )
     if HAS_DROPOUT:
         lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
-        seed_lo, seed_hi = _load_seed(seed_ptr)
-        keep = _dropout_keep_tile(
-            offs_m, pid_n.to(tl.int64) * BLOCK_N, BLOCK_N, seed_lo, seed_hi, dropout_threshold
-        )
-        acc += lora * (keep.to(tl.float32) * dropout_scale)  # a product, not a select: NaN·0 stays NaN
+        col_start = pid_n.to(tl.int64) * BLOCK_N
+        acc = _masked_add(acc, lora, offs_m, col_start, BLOCK_N, seed_ptr, dropout_threshold, dropout_scale)
     else:
         acc = tl.dot(t_op, u_op, acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_with_bias(
+        acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_bias, stride_om, stride_on, HAS_BIAS
+    )
 
 
 # --------------------------------------------------------------------------------------------------
