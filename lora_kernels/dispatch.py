@@ -13,7 +13,7 @@ import contextvars
 import functools
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 
 import torch
@@ -99,16 +99,25 @@ def _parse_env(value: str | None) -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the fused LoRA linear on backend ``name`` (``auto``, ``triton``, ``cuda`` or ``torch``) inside."""
+def override(
+    var: contextvars.ContextVar[str | None], name: str, choices: Sequence[str], what: str
+) -> Iterator[None]:
+    """Set ``var`` to ``name`` (``auto`` or one of ``choices``; case and surrounding spaces ignored) inside,
+    the one mechanism behind :func:`use_backend`, ``use_path`` and ``use_qlora_path``; another name is a
+    ``ValueError`` that says which ``what`` exist."""
     name = name.strip().lower()
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
-    token = _requested.set(name)
+    if name != "auto" and name not in choices:
+        raise ValueError(f"unknown {what} {name!r}; choose one of auto, {', '.join(choices)}")
+    token = var.set(name)
     try:
         yield
     finally:
-        _requested.reset(token)
+        var.reset(token)
+
+
+def use_backend(name: str) -> contextlib.AbstractContextManager:
+    """Run the fused LoRA linear on backend ``name`` (``auto``, ``triton``, ``cuda`` or ``torch``) inside."""
+    return override(_requested, name, BACKENDS, "backend")
 
 
 # select_backend's answers (only successful ones: errors are re-derived so that their message is exact), keyed by

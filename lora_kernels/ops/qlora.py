@@ -19,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from .. import quant4bit
-from ..dispatch import interpreting
+from ..dispatch import interpreting, override
 from . import LoRAParams, _flat_grad, _flat_input, _no_autocast, run_backward, run_forward
 
 PATHS = ("fused", "dequant")
@@ -38,17 +37,9 @@ _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-@contextlib.contextmanager
-def use_qlora_path(name: str) -> Iterator[None]:
+def use_qlora_path(name: str) -> contextlib.AbstractContextManager:
     """Run 4-bit layers on path ``name`` (``auto``, ``fused`` or ``dequant``) inside."""
-    name = name.strip().lower()
-    if name != "auto" and name not in PATHS:
-        raise ValueError(f"unknown QLoRA path {name!r}; choose one of auto, {', '.join(PATHS)}")
-    token = _requested.set(name)
-    try:
-        yield
-    finally:
-        _requested.reset(token)
+    return override(_requested, name, PATHS, "QLoRA path")
 
 
 def select_path(backend: str, rows: int) -> str:

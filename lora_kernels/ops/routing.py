@@ -38,11 +38,13 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path as FilePath
 
 import torch
+
+from ..dispatch import override
 
 ENV_VAR = "LORA_KERNELS_PATH"
 #: A table file to use instead of the package's (``benchmarks/gpu_run.py`` checks the table it wrote).
@@ -167,15 +169,10 @@ def _parse_env(value: str | None) -> str:
     return _check_name(value, f"{ENV_VAR}=")
 
 
-@contextlib.contextmanager
-def use_path(name: str) -> Iterator[None]:
+def use_path(name: str) -> contextlib.AbstractContextManager:
     """Run the fused LoRA linear on path ``name`` (``auto``, ``fused``, ``split``, …) of whatever backend is
     selected, inside. For benchmarks and tests: ``auto`` is the measured-fastest path."""
-    token = _requested.set(_check_name(name, "unknown path "))
-    try:
-        yield
-    finally:
-        _requested.reset(token)
+    return override(_requested, name or "auto", _all_names(), "path")
 
 
 # --------------------------------------------------------------------------------------------------------
