@@ -44,7 +44,7 @@ from pathlib import Path as FilePath
 
 import torch
 
-from ..dispatch import override
+from ..dispatch import backend_settings, environ_reader, override
 
 ENV_VAR = "LORA_KERNELS_PATH"
 #: A table file to use instead of the package's (``benchmarks/gpu_run.py`` checks the table it wrote).
@@ -167,6 +167,21 @@ def requested_path() -> tuple[str, str]:
 @functools.lru_cache(maxsize=16)
 def _parse_env(value: str | None) -> str:
     return _check_name(value, f"{ENV_VAR}=")
+
+
+_path_env = environ_reader(ENV_VAR, TABLE_ENV_VAR)
+
+
+def path_settings() -> tuple:
+    """What besides the inputs decides the path (:func:`use_path`, ``LORA_KERNELS_PATH``,
+    ``LORA_KERNELS_TUNING``), as a value for cache keys: two lookups, no parsing."""
+    return _requested.get(), _path_env()
+
+
+def settings_key() -> tuple:
+    """Everything besides the inputs that decides which backend and path a call runs (the overrides, the
+    environment variables, ``TRITON_INTERPRET``), as a value for per-signature caches (below 1 µs)."""
+    return backend_settings(), path_settings()
 
 
 def use_path(name: str) -> contextlib.AbstractContextManager:
@@ -338,8 +353,8 @@ def select_path(
     """The path ``backend`` runs for an ``(..., K)`` input ``x`` with these operands: one dict lookup per
     call after the first of a signature. ``training``: a backward will follow (the table's ``fwd_bwd``)."""
     key = (
-        backend, _requested.get(), os.environ.get(ENV_VAR), os.environ.get(TABLE_ENV_VAR), x.device,
-        x.dtype, lora_A.dtype, dropout_p > 0.0, x.shape, weight.shape[0], lora_A.shape[0], training,
+        backend, path_settings(), x.device, x.dtype, lora_A.dtype, dropout_p > 0.0, x.shape,
+        weight.shape[0], lora_A.shape[0], training,
     )  # fmt: skip
     name = _SELECTED.get(key)
     if name is None:
