@@ -37,10 +37,11 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .dispatch import MAX_KERNEL_RANK, interpreting, requested_backend, select_backend
+from .dispatch import MAX_KERNEL_RANK, select_backend
 from .dropout import draw_seed, seed_tensor
 from .library import DoRALinearFunction, LoRALinearFunction, lora_linear_op
-from .ops import LoRAParams, any_autocast_enabled, autocast_available
+from .ops import LoRAParams, any_autocast_enabled, autocast_available, keeps_mask
+from .ops.routing import select_path, settings_key
 from .ops.torch_lora import dora_linear_composite, lora_linear_composite
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -160,18 +161,24 @@ class CallPlan:
 
     ``backend``: :func:`~lora_kernels.dispatch.select_backend`'s choice for the inputs' device, dtype and
     rank and the backend asked for; ``dropout``: whether the LoRA branch drops (``dropout_p > 0`` in
-    training). Routing that depends only on the signature belongs here too.
+    training); ``path``: :func:`~lora_kernels.ops.routing.select_path`'s choice on that backend (a backward
+    follows when an input requires a gradient, as the autograd Function's ``needs_input_grad`` says);
+    ``draws_seed``: the backend draws the dropout seed itself, with the mask, in one op
+    (:func:`~lora_kernels.ops.with_kept_mask`), where the caller gives none.
     """
 
     backend: str | None  # None: the backend asked for cannot run here (its error is raised on use)
     dropout: bool
+    path: str | None  # None: no backend, or the path asked for is invalid (its error is raised on use)
+    draws_seed: bool = False
 
 
 # Call plans per signature: the inputs' shapes, strides, dtypes, devices and requires_grad, dropout_p and
-# training, the backend asked for and TRITON_INTERPRET. Only a signature that passed
-# check_inputs is stored, so a bad input is re-checked (and raises the same error) on every call. Bounded
-# (many distinct shapes with dynamic batch sizes): when full it starts over, which is atomic, so threads
-# need no lock. Eager calls only: under torch.compile the inputs are checked while tracing, never here.
+# training, and the settings that choose a backend and a path (routing.settings_key: the overrides, the
+# environment variables, TRITON_INTERPRET). Only a signature that passed check_inputs is stored, so a bad
+# input is re-checked (and raises the same error) on every call. Bounded (many distinct shapes with dynamic
+# batch sizes): when full it starts over, which is atomic, so threads need no lock. Eager calls only: under
+# torch.compile the inputs are checked while tracing, never here.
 _CALL_PLANS: dict[tuple, CallPlan] = {}
 _MAX_CALL_PLANS = 1024
 _PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -182,10 +189,10 @@ def call_plan(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
     dropout_p: float, training: bool,
 ) -> CallPlan:  # fmt: skip
-    """:func:`check_inputs` and the backend choice, once per call signature (then a dict lookup).
+    """:func:`check_inputs`, the backend and the path, once per call signature (then a dict lookup).
 
-    Raises exactly what :func:`check_inputs` / :func:`~lora_kernels.dispatch.select_backend` raise. Tensor
-    subclasses and scalars other than Python floats and ints are checked on every call, uncached.
+    Raises exactly what :func:`check_inputs` raises. Tensor subclasses and scalars other than Python floats
+    and ints are checked on every call, uncached.
     """
     plain = (
         type(x) in _PLAIN_TENSORS and type(weight) in _PLAIN_TENSORS and type(lora_A) in _PLAIN_TENSORS
@@ -194,13 +201,9 @@ def call_plan(
     )  # fmt: skip
     if not plain:
         return _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
-    try:
-        requested = requested_backend()
-    except ValueError:  # a bad LORA_KERNELS_BACKEND: raised by _backend_for where a backend is needed
-        return _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     # one flat tuple, written out: a comprehension over the tensors costs twice as much
     key = (
-        requested, interpreting(), dropout_p, bool(training),
+        settings_key(), dropout_p, bool(training),
         x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
         weight.shape, weight.stride(), weight.dtype, weight.device, weight.requires_grad,
         lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.device, lora_A.requires_grad,
@@ -220,11 +223,17 @@ def call_plan(
 
 def _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training) -> CallPlan:
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    dropout = bool(training) and dropout_p > 0.0
     try:
         backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
     except (RuntimeError, ValueError):  # raised again where the fused path needs a backend: the composite
-        backend = None  # path (meta tensors, torch.func) runs without one, as it always did
-    return CallPlan(backend, bool(training) and dropout_p > 0.0)
+        return CallPlan(None, dropout, None)  # path (meta tensors, torch.func) runs without one
+    grad = any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    try:
+        path = select_path(backend, x, weight, lora_A, dropout_p if dropout else 0.0, grad)
+    except ValueError:  # a bad LORA_KERNELS_PATH: raised again where the fused path runs
+        path = None
+    return CallPlan(backend, dropout, path, dropout and keeps_mask(backend, x))
 
 
 def lora_linear(
@@ -259,13 +268,19 @@ def lora_linear(
         dropout_seed = check_dropout_seed(dropout_seed)
         scaling = float(scaling)
         dropout_p = float(dropout_p) if plan.dropout else 0.0
-        seed = _call_seed(dropout_seed, x.device) if plan.dropout else None
         if _composite_needed(x, weight, bias, lora_A, lora_B):
+            seed = _call_seed(dropout_seed, x.device) if plan.dropout else 0
             return lora_linear_composite(
-                x, weight, bias, lora_A, lora_B, LoRAParams(scaling, dropout_p, 0 if seed is None else seed)
+                x, weight, bias, lora_A, lora_B, LoRAParams(scaling, dropout_p, seed)
             )
+        if not plan.dropout or (plan.draws_seed and dropout_seed is None):
+            seed = None  # no dropout, or drawn by the backend with the mask (the same draw as _call_seed's)
+        else:
+            seed = _call_seed(dropout_seed, x.device)
         backend = plan.backend or _backend_for(x.device, x.dtype, lora_A.shape[0])
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        return LoRALinearFunction.apply(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, plan.path
+        )
     x, weight, bias = _autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)  # traced once: no cache, no guard
     dropout_seed = check_dropout_seed(dropout_seed)

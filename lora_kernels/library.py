@@ -43,8 +43,6 @@ Both ops have a fake (meta) implementation.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
@@ -83,25 +81,33 @@ def _save(
     (whose packed mask, if any, is saved as a tensor, seen by saved-tensor hooks like the others) and the
     ``path`` its forward ran (the backward runs the same; the op's backward chooses its own)."""
     ctx.save_for_backward(x, weight, lora_A, lora_B, t, op_seed, params.keep_bits)
-    # (the packed mask rides in the saved tensors; the copy without it only where there is one)
-    ctx.params = params if params.keep_bits is None else replace(params, keep_bits=None)
-    ctx.backend, ctx.through_op = backend, through_op
-    ctx.path = path
+    _keep_scalars(ctx, params)
+    ctx.backend, ctx.through_op, ctx.path = backend, through_op, path
+
+
+def _keep_scalars(ctx, params: LoRAParams) -> None:
+    """Keep ``params``' scalars on ``ctx``; its packed mask, a tensor, goes into the saved tensors (so
+    saved-tensor hooks see it) and comes back through :func:`_kept_params`."""
+    ctx.scaling, ctx.dropout_p, ctx.seed = params.scaling, params.dropout_p, params.seed
+
+
+def _kept_params(ctx, keep_bits: Tensor | None) -> LoRAParams:
+    """The :class:`LoRAParams` of the forward, from :func:`_keep_scalars` and the saved packed mask."""
+    return LoRAParams(ctx.scaling, ctx.dropout_p, ctx.seed, keep_bits)
 
 
 def _backward(ctx, grad_y: Tensor, *_):
-    """Gradients for the inputs ``(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)``."""
+    """Gradients for the inputs ``(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend[,
+    path])``."""
     x, weight, lora_A, lora_B, t, seed, keep_bits = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:5])
     if ctx.through_op:  # an op itself, so that a compiled backward graph holds it rather than the kernels
-        params = ctx.params
         grads = lora_linear_backward_op(
-            grad_y, x, weight, lora_A, lora_B, t, params.scaling, params.dropout_p, seed, ctx.backend,
-            list(needs),
-        )  # fmt: skip
+            grad_y, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, seed, ctx.backend, list(needs)
+        )
         grads = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
     else:
-        params = ctx.params if keep_bits is None else replace(ctx.params, keep_bits=keep_bits)
+        params = _kept_params(ctx, keep_bits)
         if not torch.is_grad_enabled():  # the usual backward: no graph to build, no no_grad() to enter
             grads = run_backward(ctx.backend, grad_y, x, weight, lora_A, lora_B, t, params, needs, ctx.path)
         else:  # backward(create_graph=True)
@@ -111,7 +117,8 @@ def _backward(ctx, grad_y: Tensor, *_):
                 )
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # backward(create_graph=True)
         grads = once_differentiable_grads((grad_y, x, weight, lora_A, lora_B), grads)
-    return (*grads, None, None, None, None)
+    # the scalars' (None): the op takes (scaling, dropout_p, seed, backend), the Function the path too
+    return (*grads, None, None, None, None) if ctx.through_op else (*grads, None, None, None, None, None)
 
 
 class OnceDifferentiable(torch.autograd.Function):
@@ -152,11 +159,12 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: Tensor | None,
-        backend: str,
+        backend: str, path: str | None,
     ):  # fmt: skip
+        """``path``: the routing's choice, made by the caller once per call signature; None: chosen here."""
         params = with_kept_mask(backend, x, LoRAParams(scaling, dropout_p, seed))
-        # training: an input takes a gradient (under no_grad too: the Function cannot see the caller's mode)
-        path = select_path(backend, x, weight, lora_A, dropout_p, any(ctx.needs_input_grad[:5]))
+        if path is None:  # training: an input takes a gradient (under no_grad too: needs_input_grad says so)
+            path = select_path(backend, x, weight, lora_A, dropout_p, any(ctx.needs_input_grad[:5]))
         y, t = run_forward(backend, x, weight, bias, lora_A, lora_B, params, path)
         _save(ctx, x, weight, lora_A, lora_B, t, params, backend, path=path)
         return y
@@ -183,7 +191,7 @@ class DoRALinearFunction(torch.autograd.Function):
             backend, x, weight, bias, lora_A, lora_B, magnitude, params
         )
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, z, col_scale, norm, params.keep_bits)
-        ctx.params = params if params.keep_bits is None else replace(params, keep_bits=None)
+        _keep_scalars(ctx, params)
         ctx.backend = backend
         ctx.magnitude_dtype = magnitude.dtype
         return y
@@ -192,7 +200,7 @@ class DoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, t, z, col_scale, norm, keep_bits = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:6])
-        params = ctx.params if keep_bits is None else replace(ctx.params, keep_bits=keep_bits)
+        params = _kept_params(ctx, keep_bits)
         with torch.no_grad():
             grads = run_dora_backward(
                 ctx.backend, grad_y, x, weight, lora_A, lora_B, t, z, col_scale, norm, ctx.magnitude_dtype,

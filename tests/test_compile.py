@@ -58,7 +58,7 @@ def test_eager_function_and_registered_op_share_one_autograd(backend, dropout_p)
     leaves = (p.x, p.weight, p.bias, p.lora_A, p.lora_B)
     y_op, t = lora_linear_op(*_forward_args(p, dropout_p, backend.name, seed=9))
     grads_op = torch.autograd.grad(y_op, leaves, grad_y)
-    y_fn = LoRALinearFunction.apply(*leaves, p.scaling, dropout_p, 9 if dropout_p else 0, backend.name)
+    y_fn = LoRALinearFunction.apply(*leaves, p.scaling, dropout_p, 9 if dropout_p else 0, backend.name, None)
     grads_fn = torch.autograd.grad(y_fn, leaves, grad_y)
     assert torch.equal(y_op, y_fn)
     for a, b in zip(grads_op, grads_fn, strict=True):
