@@ -31,6 +31,8 @@ def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 def _dropped(x: Tensor, params: LoRAParams) -> Tensor:
     if params.dropout_p == 0.0:
         return x
+    if params.x_dropped is not None:  # made with the kept mask, in the forward (with_kept_mask)
+        return params.x_dropped
     return _masking(x, params)(x)
 
 
@@ -39,14 +41,23 @@ def project_t(x_dropped: Tensor, lora_A: Tensor) -> Tensor:
     return _as(torch.mm(x_dropped, _as(lora_A, x_dropped.dtype).t()), t_dtype(x_dropped.dtype))
 
 
+def _scaled_mm(a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """``s·(a·b)`` in ``a``'s dtype, ``s`` as the GEMM's alpha: applied to its float32 accumulator, one
+    rounding (and one op: a separate ``mul_`` by a Python float costs more than the small GEMM itself)."""
+    out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
+    return out.addmm_(a, b, beta=0, alpha=scaling)  # beta = 0: the uninitialised storage is not read
+
+
 def scaled_grad_t(grad_out: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """``s·(dY·B)``, the gradient reaching ``t``, in ``dY``'s dtype; ``s`` applied in float32."""
-    dtype = grad_out.dtype
-    return _as(_as(torch.mm(grad_out, _as(lora_B, dtype)), t_dtype(dtype)).mul_(scaling), dtype)
+    return _scaled_mm(grad_out, _as(lora_B, grad_out.dtype), scaling)
 
 
 def scaled_grad_B(grad_out: Tensor, t: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
     """``dB = s·dYᵀ·t`` in ``dtype`` (``t`` carries no ``s``); ``s`` applied in float32."""
+    if t_dtype(grad_out.dtype) == grad_out.dtype:  # float32/float64: s as the GEMM's alpha
+        return _as(_scaled_mm(grad_out.t(), _as(t, grad_out.dtype), scaling), dtype)
+    # half inputs: the product rounded to dY's dtype, then s in float32 (s·dYᵀ·t could overflow float16)
     product = torch.mm(grad_out.t(), _as(t, grad_out.dtype))
     return _as(_as(product, t_dtype(grad_out.dtype)).mul_(scaling), dtype)
 
@@ -56,7 +67,7 @@ def _masking(x: Tensor, params: LoRAParams) -> MaskFn:
     the extension's ``lora_dropout_apply``), else from the mask made here once from the seed."""
     if params.keep_bits is not None:
         bits, scale = params.keep_bits, 1.0 / (1.0 - params.dropout_p)
-        return lambda tensor: torch.ops.lora_kernels.lora_dropout_apply(tensor, bits, scale)
+        return lambda tensor: torch.ops.lora_kernels.lora_dropout_apply.default(tensor, bits, scale)
     mask = dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=x.dtype)
     return lambda tensor: tensor * mask
 
