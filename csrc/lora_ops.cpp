@@ -14,6 +14,7 @@
 //   lora_dropout_mask  the float32 mask of an input of a given size (tests, debugging; never stored by the ops)
 //   lora_dropout_bits  the same mask packed, one byte per Philox group of 8 columns (CPU: kept for backward)
 //   lora_dropout_apply x ⊙ mask from those bytes                (M, K) x.dtype (CPU)
+//   lora_dropout_keep  (x ⊙ mask, its bytes, the seed) in one call, the seed drawn if none is given (CPU)
 //
 // The seed is an int64 tensor of one element on the input's device (None where dropout_p is 0): the CUDA
 // kernels read it through its pointer, so a CUDA graph replays with the value the tensor holds then.
@@ -33,6 +34,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <sstream>
 
 #include "philox.h"
@@ -396,6 +398,36 @@ at::Tensor lora_dropout_apply_cpu(const at::Tensor& x, const at::Tensor& bits, d
                                   [&] { apply_bits_cpu<scalar_t>(x, bits, static_cast<float>(scale), out); });
   return out;
 }
+// The seed of a call without one: drawn as lora_kernels.dropout.draw_seed draws it (torch.randint(0, 2**63 - 1)
+// on the device's default generator), so a call gives the same mask whichever draws it.
+at::Tensor draw_seed_like(const at::Tensor& x) {
+  return at::randint(0, std::numeric_limits<int64_t>::max(), {}, x.options().dtype(at::kLong));
+}
+
+void check_dropout_keep_args(const at::Tensor& x, double dropout_p, const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "lora_dropout_keep";
+  check_reference(op, "x", x);
+  TORCH_CHECK(dropout_p > 0.0 && dropout_p < 1.0, op, ": dropout_p must be in (0, 1), got ", dropout_p);
+  if (seed.has_value() && seed->defined()) {
+    check_dropout(op, dropout_p, seed, x.device());
+  }
+}
+
+// The forward of a call with dropout in one op: (x ⊙ mask, the mask packed as lora_dropout_bits packs it, the
+// seed), the seed drawn here when none is given. One call from Python where three were (the seed's draw,
+// the bits, their use): on a tiny problem each such call cost several µs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_dropout_keep_cpu(const at::Tensor& x, double dropout_p,
+                                                                     const std::optional<at::Tensor>& seed) {
+  check_dropout_keep_args(x, dropout_p, seed);
+  at::Tensor seed_ = seed.has_value() && seed->defined() ? *seed : draw_seed_like(x);
+  at::Tensor bits = dropout_bits_cpu(x.size(0), x.size(1), dropout_p, seed_);
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
+  const float scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout_keep_cpu",
+                                  [&] { apply_bits_cpu<scalar_t>(x, bits, scale, out); });
+  return {out, bits, seed_};
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Meta: shapes and dtypes only, for FakeTensor tracing (torch.compile, opcheck).
 // ---------------------------------------------------------------------------------------------------------
@@ -448,6 +480,14 @@ at::Tensor lora_dropout_apply_meta(const at::Tensor& x, const at::Tensor& bits, 
   check_dropout_apply_args(x, bits);
   return at::empty({x.size(0), x.size(1)}, x.options());
 }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_dropout_keep_meta(const at::Tensor& x, double dropout_p,
+                                                                      const std::optional<at::Tensor>& seed) {
+  check_dropout_keep_args(x, dropout_p, seed);
+  const int64_t groups = (x.size(1) + kDropoutElementsPerCall - 1) / kDropoutElementsPerCall;
+  return {at::empty({x.size(0), x.size(1)}, x.options()), at::empty({x.size(0), groups}, x.options().dtype(at::kByte)),
+          at::empty({}, x.options().dtype(at::kLong))};
+}
 }  // namespace
 }  // namespace lora_kernels
 
@@ -496,6 +536,9 @@ TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def("lora_dropout_apply(Tensor x, Tensor bits, float scale) -> Tensor");
   m.impl("lora_dropout_apply", torch::dispatch(DispatchKey::CPU, &lora_dropout_apply_cpu));
   m.impl("lora_dropout_apply", torch::dispatch(DispatchKey::Meta, &lora_dropout_apply_meta));
+  m.def("lora_dropout_keep(Tensor x, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
+  m.impl("lora_dropout_keep", torch::dispatch(DispatchKey::CPU, &lora_dropout_keep_cpu));
+  m.impl("lora_dropout_keep", torch::dispatch(DispatchKey::Meta, &lora_dropout_keep_meta));
 }
 
 // `import lora_kernels._C` loads this library, which runs the registrations above; the module itself only

@@ -108,6 +108,8 @@ def seed_tensor(seed: Seed, device: Device = None) -> torch.Tensor:
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise ValueError(f"a dropout seed tensor must be int64 with one element, got {seed.dtype} "
                              f"{tuple(seed.shape)}")  # fmt: skip
+        if seed.dim() == 0 and (device is None or seed.device == device):  # as draw_seed made it
+            return seed
         seed = seed.reshape(())
         return seed if device is None or seed.device == torch.device(device) else seed.to(device)
     return torch.full((), seed, dtype=torch.int64, device=device)
@@ -204,14 +206,25 @@ def _(seed, shape, p, dtype):
     return seed.new_empty(shape, dtype=dtype)
 
 
+# (op, device type) pairs the extension has a kernel for: a kernel, once registered, stays (the dispatcher
+# query costs about 3 µs, once per call with dropout otherwise). Absences are asked again: the extension may
+# be loaded later.
+_EXTENSION_KERNELS: set[tuple[str, str]] = set()
+
+
 def extension_has(op: str, device: torch.device) -> bool:
     """Whether the compiled extension (``lora_kernels._C``, optional) is loaded and has a kernel of ``op``
     for ``device``. Asks the dispatcher: this module imports no backend."""
+    if (op, device.type) in _EXTENSION_KERNELS:
+        return True
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     try:
-        return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels::{op}", key)
+        found = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels::{op}", key)
     except RuntimeError:  # the op is not registered: the extension is not loaded
         return False
+    if found:
+        _EXTENSION_KERNELS.add((op, device.type))
+    return found
 
 
 def dropout_mask_torch(

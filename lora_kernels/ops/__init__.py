@@ -53,14 +53,14 @@ import contextlib
 import functools
 import importlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from ..dispatch import backend_module
-from ..dropout import Seed, dropout_mask, extension_has, seed_tensor
+from ..dropout import Seed, draw_seed, dropout_mask, extension_has, seed_tensor
 from .routing import path_functions, select_path
 
 #: Autograd's ``needs_input_grad`` for ``(x, weight, bias, lora_A, lora_B)``.
@@ -77,14 +77,17 @@ class LoRAParams:
 
     ``seed`` is an int64 tensor of one element on the input's device, as :func:`lora_kernels.lora_linear`
     passes it (the kernels read it through its pointer: nothing is baked into a launch or a graph); an int
-    is accepted too and becomes such a tensor where a kernel needs it (:func:`seed_on`). ``keep_bits`` is
-    the mask packed at one bit per element (:func:`with_kept_mask`'s layout), made once
-    in the forward where the backend keeps it for the backward (:func:`with_kept_mask`), else None."""
+    is accepted too and becomes such a tensor where a kernel needs it (:func:`seed_on`); ``None`` only on
+    the way into :func:`with_kept_mask`, which draws it. ``keep_bits`` is the mask packed at one bit per
+    element, made once in the forward where the backend keeps it for the backward (:func:`with_kept_mask`),
+    else None; ``x_dropped`` is ``dropout(x)`` as 2-D ``(M, K)``, made in the same pass, for the forward
+    only (never kept for the backward)."""
 
     scaling: float
     dropout_p: float = 0.0
-    seed: Seed = 0
+    seed: Seed | None = 0
     keep_bits: Tensor | None = None
+    x_dropped: Tensor | None = None
 
 
 def seed_on(params: LoRAParams, device: torch.device) -> Tensor | None:
@@ -104,25 +107,38 @@ def _extension_loaded() -> bool:
 
 def with_kept_mask(backend: str, x: Tensor, params: LoRAParams) -> LoRAParams:
     """``params`` with ``keep_bits``, the mask packed at one bit per element (``(M, ⌈K/8⌉)`` uint8, byte
-    ``(row, g)`` bit ``j`` for column ``8g + j``: one Philox call a byte), where the backend keeps the mask
-    from the forward for the backward rather than making it again: the torch backend on the CPU with the
-    extension, where that measured faster (benchmarks/NOTES.md). Elsewhere ``params`` unchanged: the
-    Triton and CUDA kernels regenerate the mask inside their tiles."""
-    if (
-        params.dropout_p == 0.0
-        or backend != "torch"
-        or x.device.type != "cpu"
-        or x.dtype == torch.float64  # the extension's ops take fp16, bf16 and fp32
-        or torch.compiler.is_compiling()
-        or not _extension_loaded()
-        or not extension_has("lora_dropout_bits", x.device)
-    ):
+    ``(row, g)`` bit ``j`` for column ``8g + j``: one Philox call a byte), and ``x_dropped``, where the
+    backend keeps the mask from the forward for the backward rather than making it again
+    (:func:`keeps_mask`): one call of the extension's ``lora_dropout_keep``, which also draws the seed when
+    ``params.seed`` is None (as :func:`lora_kernels.dropout.draw_seed` would). Elsewhere ``params``
+    unchanged: the Triton and CUDA kernels regenerate the mask inside their tiles."""
+    if params.dropout_p == 0.0 or torch.compiler.is_compiling() or not keeps_mask(backend, x):
+        if params.seed is None and params.dropout_p > 0.0:  # the caller left the draw to the backend
+            return LoRAParams(params.scaling, params.dropout_p, draw_seed(x.device))
         return params
-    shape = [math.prod(x.shape[:-1]), x.shape[-1]]
-    bits = torch.ops.lora_kernels.lora_dropout_bits(
-        shape, params.dropout_p, seed_tensor(params.seed, x.device)
-    )
-    return replace(params, keep_bits=bits)
+    x2d = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    seed = None if params.seed is None else seed_tensor(params.seed, x.device)
+    x_dropped, bits, seed = torch.ops.lora_kernels.lora_dropout_keep.default(x2d, params.dropout_p, seed)
+    return LoRAParams(params.scaling, params.dropout_p, seed, bits, x_dropped)
+
+
+# keeps_mask's answers per (backend, device type, dtype): none of its conditions changes while a program runs
+_KEEPS_MASK: dict[tuple[str, str, torch.dtype], bool] = {}
+
+
+def keeps_mask(backend: str, x: Tensor) -> bool:
+    """Whether ``backend`` keeps the dropout mask of inputs like ``x`` packed from the forward for the
+    backward: the torch backend on the CPU with the compiled extension (its ops take fp16, bf16 and fp32),
+    where that measured faster than making the mask again (benchmarks/NOTES.md)."""
+    key = (backend, x.device.type, x.dtype)
+    keeps = _KEEPS_MASK.get(key)
+    if keeps is None:
+        keeps = _KEEPS_MASK[key] = (
+            backend == "torch" and x.device.type == "cpu" and x.dtype != torch.float64
+            and _extension_loaded() and extension_has("lora_dropout_keep", x.device)
+            and extension_has("lora_dropout_apply", x.device)
+        )  # fmt: skip
+    return keeps
 
 
 class Backend(Protocol):
