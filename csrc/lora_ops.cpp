@@ -414,12 +414,12 @@ void check_dropout_keep_args(const at::Tensor& x, double dropout_p, const std::o
 }
 
 // The forward of a call with dropout in one op: (x ⊙ mask, the mask packed as lora_dropout_bits packs it, the
-// seed), the seed drawn here when none is given. One call from Python where three were (the seed's draw,
+// seed), the seed drawn here when none is given (a copy of the given one otherwise: outputs never alias inputs). One call from Python where three were (the seed's draw,
 // the bits, their use): on a tiny problem each such call cost several µs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_dropout_keep_cpu(const at::Tensor& x, double dropout_p,
                                                                      const std::optional<at::Tensor>& seed) {
   check_dropout_keep_args(x, dropout_p, seed);
-  at::Tensor seed_ = seed.has_value() && seed->defined() ? *seed : draw_seed_like(x);
+  at::Tensor seed_ = seed.has_value() && seed->defined() ? seed->reshape({}).clone() : draw_seed_like(x);
   at::Tensor bits = dropout_bits_cpu(x.size(0), x.size(1), dropout_p, seed_);
   at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
   const float scale = static_cast<float>(1.0 / (1.0 - dropout_p));

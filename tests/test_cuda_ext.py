@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_kernels.dropout import dropout_mask, dropout_mask_torch
+from lora_kernels.dropout import draw_seed, dropout_mask, dropout_mask_torch
 from lora_kernels.ops import LoRAParams, cuda_lora
 from lora_kernels.reference import lora_linear_reference
 from lora_kernels.testing import TOLERANCE
@@ -223,6 +223,7 @@ def test_bad_arguments_name_the_argument():
             "lora_dropout_apply",
             lambda x, w, b, A, B, t, g, gt: (x, ops.lora_dropout_bits((6, 10), 0.25, _seed(7)), 1.5),
         ),
+        ("lora_dropout_keep", lambda x, w, b, A, B, t, g, gt: (x, 0.25, _seed(7))),
     ],
 )
 def test_opcheck(name, args):
@@ -273,6 +274,33 @@ def test_packed_mask_bits_and_apply(seed, dtype):
     mask = dropout_mask_torch(seed, (21, 20), p)
     expected = (x.float() * mask).to(dtype)
     torch.testing.assert_close(ops.lora_dropout_apply(x, bits, 1 / (1 - p)), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dropout_keep_is_bits_and_apply_in_one_call(dtype):
+    """lora_dropout_keep gives (x ⊙ mask, the bits of lora_dropout_bits, the seed): with a seed, that seed's
+    mask; without one, the seed draw_seed would have drawn from the same generator state, for a strided x,
+    a partial last byte, NaN kept where dropped, and empty inputs."""
+    p = 0.3
+    x = torch.randn(9, 42, dtype=dtype)[:, ::2]  # (9, 21), strided
+    x[0, 0] = float("nan")
+    dropped, bits, seed = ops.lora_dropout_keep(x, p, _seed(11))
+    assert seed.item() == 11
+    assert torch.equal(bits, ops.lora_dropout_bits((9, 21), p, _seed(11)))
+    torch.testing.assert_close(
+        dropped, ops.lora_dropout_apply(x, bits, 1 / (1 - p)), equal_nan=True, rtol=0, atol=0
+    )
+    torch.manual_seed(3)
+    dropped, bits, seed = ops.lora_dropout_keep(x, p, None)
+    torch.manual_seed(3)
+    expected_seed = draw_seed("cpu")
+    assert seed.dtype == torch.int64 and seed.dim() == 0 and seed.item() == expected_seed.item()
+    expected = (x.float() * dropout_mask_torch(expected_seed, (9, 21), p)).to(dtype)
+    torch.testing.assert_close(dropped, expected, equal_nan=True, rtol=0, atol=0)
+    empty, empty_bits, _ = ops.lora_dropout_keep(torch.randn(0, 5, dtype=dtype), p, None)
+    assert empty.shape == (0, 5) and empty_bits.shape == (0, 1)
+    with pytest.raises(RuntimeError, match=r"lora_dropout_keep: dropout_p must be in \(0, 1\)"):
+        ops.lora_dropout_keep(x, 0.0, None)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 from helpers import make_problem
 
 from lora_kernels import functional, lora_linear, use_backend
+from lora_kernels.ops.routing import use_path
 
 TRITON_ONLY = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 
@@ -129,6 +130,102 @@ def test_results_are_identical_with_and_without_the_cache(backend, dropout_p):
         cached = run()
         for a, b in zip(cached, uncached, strict=True):
             assert torch.equal(a, b)
+
+
+def _paths_run(monkeypatch) -> list[tuple[str, str]]:
+    """The (backend, path) of each forward and backward that runs from now on."""
+    from lora_kernels import ops
+
+    runs = []
+    real = ops.path_functions
+    monkeypatch.setattr(
+        ops, "path_functions", lambda backend, path: runs.append((backend, path)) or real(backend, path)
+    )
+    return runs
+
+
+def test_settings_changed_after_a_cached_call_take_effect(monkeypatch):
+    """The plan caches the backend and the path per signature; changing what chooses them (use_path,
+    LORA_KERNELS_PATH, use_backend, LORA_KERNELS_BACKEND) between calls of one signature changes them."""
+    monkeypatch.delenv("LORA_KERNELS_PATH", raising=False)
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    runs = _paths_run(monkeypatch)
+    p = make_problem((4,), 6, 5, 3)  # CPU, fp32: auto takes triton (the interpreter) and its split path
+    lora_linear(*_args(p))
+    assert runs[-1] == ("triton", "split")
+    with use_path("fused"):
+        lora_linear(*_args(p))
+    assert runs[-1] == ("triton", "fused")
+    monkeypatch.setenv("LORA_KERNELS_PATH", "fused")
+    lora_linear(*_args(p))
+    assert runs[-1] == ("triton", "fused")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")  # which offers the split path only
+    with pytest.raises(RuntimeError, match="path 'fused' was requested"):
+        lora_linear(*_args(p))
+    monkeypatch.delenv("LORA_KERNELS_PATH")
+    lora_linear(*_args(p))
+    assert runs[-1] == ("torch", "split")
+    monkeypatch.delenv("LORA_KERNELS_BACKEND")
+    lora_linear(*_args(p))
+    assert runs[-1] == ("triton", "split")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_environ_reader_follows_os_environ(monkeypatch, fast):
+    """dispatch.environ_reader (for cache keys) sees every change made through os.environ, with the dict
+    behind os.environ or, where that is not there, os.environ.get."""
+    from lora_kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_FAST_ENVIRON", fast)
+    monkeypatch.delenv("LORA_KERNELS_TEST_A", raising=False)
+    monkeypatch.setenv("LORA_KERNELS_TEST_B", "x")
+    read = dispatch.environ_reader("LORA_KERNELS_TEST_A", "LORA_KERNELS_TEST_B")
+    first = read()
+    assert first[0] is None and first[1] is not None
+    monkeypatch.setenv("LORA_KERNELS_TEST_A", "1")
+    second = read()
+    assert second[0] is not None and second != first
+    monkeypatch.setenv("LORA_KERNELS_TEST_A", "2")
+    assert read() != second
+    monkeypatch.delenv("LORA_KERNELS_TEST_A")
+    monkeypatch.delenv("LORA_KERNELS_TEST_B")
+    assert read() == (None, None)
+
+
+def test_interpreting_follows_triton_interpret(monkeypatch):
+    from lora_kernels.dispatch import interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not interpreting()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not interpreting()
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_a_seed_drawn_by_the_backend_is_the_seed_the_caller_would_draw(backend, dropout_p):
+    """Without a dropout_seed, the torch backend on the CPU draws the seed with the mask in one op
+    (lora_dropout_keep), the other backends take the caller's draw (draw_seed): either way the draw of
+    draw_seed from the same generator state, so the output and gradients equal a call given that seed."""
+    from lora_kernels.dropout import draw_seed
+
+    p = make_problem((2, 3), 12, 10, 4, device=backend.device)
+
+    def run(**seed):
+        with use_backend(backend.name):
+            y = lora_linear(*_args(p), dropout_p=dropout_p, training=True, **seed)
+        return (y, *torch.autograd.grad(y.square().sum(), [p.x, p.lora_A, p.lora_B]))
+
+    torch.manual_seed(11)
+    drawn = run()
+    torch.manual_seed(11)
+    seed = draw_seed(p.x.device)
+    given = run(dropout_seed=seed)
+    for a, b in zip(drawn, given, strict=True):
+        assert torch.equal(a, b)
+    torch.manual_seed(12)
+    assert not torch.equal(run()[0], drawn[0])  # another generator state, another mask
 
 
 def test_a_requested_backend_that_cannot_run_still_raises_each_time():
