@@ -13,7 +13,7 @@ import contextvars
 import functools
 import importlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
@@ -131,21 +131,35 @@ def _parse_env(value: str | None) -> str:
     return name
 
 
-@contextlib.contextmanager
+class Override(contextlib.AbstractContextManager):
+    """A context manager that sets a context variable to a name inside (see :func:`override`). A class
+    rather than ``@contextmanager``: entering and leaving cost about 1 µs instead of several, for code that
+    sets a backend around every call. Reusable and reentrant (each ``with`` keeps its own token)."""
+
+    __slots__ = ("_name", "_tokens", "_var")
+
+    def __init__(
+        self, var: contextvars.ContextVar[str | None], name: str, choices: Sequence[str], what: str
+    ) -> None:  # fmt: skip
+        name = name.strip().lower()
+        if name != "auto" and name not in choices:
+            raise ValueError(f"unknown {what} {name!r}; choose one of auto, {', '.join(choices)}")
+        self._var, self._name, self._tokens = var, name, []
+
+    def __enter__(self) -> None:
+        self._tokens.append(self._var.set(self._name))
+
+    def __exit__(self, *exc_info) -> None:
+        self._var.reset(self._tokens.pop())
+
+
 def override(
     var: contextvars.ContextVar[str | None], name: str, choices: Sequence[str], what: str
-) -> Iterator[None]:
+) -> Override:
     """Set ``var`` to ``name`` (``auto`` or one of ``choices``; case and surrounding spaces ignored) inside,
     the one mechanism behind :func:`use_backend`, ``use_path`` and ``use_qlora_path``; another name is a
     ``ValueError`` that says which ``what`` exist."""
-    name = name.strip().lower()
-    if name != "auto" and name not in choices:
-        raise ValueError(f"unknown {what} {name!r}; choose one of auto, {', '.join(choices)}")
-    token = var.set(name)
-    try:
-        yield
-    finally:
-        var.reset(token)
+    return Override(var, name, choices, what)
 
 
 def use_backend(name: str) -> contextlib.AbstractContextManager:

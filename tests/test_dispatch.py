@@ -68,3 +68,22 @@ def test_ranks_above_256_fall_back_to_torch_under_auto(monkeypatch):
         problem.x, problem.weight, problem.bias, problem.lora_A, problem.lora_B, 0.5
     )
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_override_is_reusable_reentrant_and_restored_on_errors(monkeypatch):
+    """use_backend's context manager (dispatch.override) may be entered again while active, and every exit,
+    an exception's included, restores what was asked before."""
+    from lora_kernels.dispatch import requested_backend
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    torch_backend = use_backend(" Torch ")
+    with torch_backend:
+        with use_backend("triton"):
+            with torch_backend:
+                assert requested_backend() == "torch"
+            assert requested_backend() == "triton"
+        assert requested_backend() == "torch"
+    assert requested_backend() == "auto"
+    with pytest.raises(KeyError), torch_backend:
+        raise KeyError("inside")
+    assert requested_backend() == "auto"
