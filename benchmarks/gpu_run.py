@@ -207,9 +207,10 @@ def phase_overhead(work: Path) -> None:
     """
     case = Case(16, 256, 256, 8, 0.0, "bf16" if DEVICE.type == "cuda" else "fp32", "fwd_bwd")
     calls, repeats = (5, 2) if DRY else (200, 3)
-    providers = [*harness.BASELINES, *available_backends(DEVICE)]
-    if DRY:
-        providers = [p for p in providers if p != "triton"]  # the interpreter's time is not host overhead
+    ours = available_backends(DEVICE)
+    providers = [*harness.BASELINES, "auto", *ours, *harness.path_providers(ours, DEVICE)]
+    if DRY:  # the interpreter's time is not host overhead
+        providers = [p for p in providers if not p.startswith("triton") and p != "auto"]
     for provider in providers:
         if provider == "peft" and harness.peft_import_error():
             continue
