@@ -760,8 +760,11 @@ def _linear_with_lora(
     a2: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
+    lora_only: bool = False,
 ) -> torch.Tensor:
     """``a·b + [mask ⊙] lora_scale·t·u + bias`` with ``a`` (M, K), ``b`` (K, N), ``t`` (M, R), ``u`` (R, N).
+
+    ``lora_only``: without the main product (K taken as 0, ``a`` and ``b`` give only M, N and the dtype).
 
     With ``project`` (K, R), ``t`` is an output: the kernel fills it with ``project_scale · a·project``.
     ``bias`` may have any stride (0 included). The result is a new contiguous tensor of ``out_shape``
@@ -774,6 +777,8 @@ def _linear_with_lora(
     M, K = a.shape
     N = b.shape[1]
     R = t.shape[1]
+    if lora_only:
+        K = 0
     out = torch.empty((M, N) if out_shape is None else out_shape, device=a.device, dtype=a.dtype)
     if out.numel() == 0:
         if project is not None and M > 0:  # N == 0: nothing to fuse into, t is still owed
@@ -792,10 +797,9 @@ def _linear_with_lora(
             a_scale if a_scale is not None else out, out_scale if out_scale is not None else out,
             z if z is not None else out,
             M, N, K, R,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            t.stride(0), t.stride(1), u.stride(0), u.stride(1), p.stride(0), p.stride(1),
+            *a.stride(), *b.stride(), *t.stride(), *u.stride(), *p.stride(),
             bias.stride(0) if bias is not None else 0, N, 1,  # out (and z): contiguous, viewed as (M, N)
-            a2_arg.stride(0), a2_arg.stride(1),
+            *a2_arg.stride(),
             project_scale, lora_scale, seed_ptr, threshold, scale,
         ),
         dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=project is not None,
@@ -834,7 +838,7 @@ def _project(
         (
             a, b, out, dropped if dropped is not None else a,
             M, K, R,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            *a.stride(), *b.stride(), *out.stride(),
             scale, seed_ptr, threshold, mask_scale,
         ),
         dict(HAS_DROPOUT=dropout_p > 0.0, STORE_DROPPED=dropped is not None,
@@ -1037,8 +1041,8 @@ def _lora_term(
     ``t``, ``u`` and the bias.
     """
     return _linear_with_lora(
-        like[:, :0], u[:0], t, u, bias, dropout_p, seed, None, 1.0, scale, out_shape
-    )  # fmt: skip
+        like, u, t, u, bias, dropout_p, seed, None, 1.0, scale, out_shape, lora_only=True
+    )
 
 
 def split_forward(
@@ -1052,7 +1056,7 @@ def split_forward(
     with _launch_guard(), device_guard(x.device):
         t = _project(x, lora_A.t(), 1.0, dropout_p, seed)
         y = _lora_term(x, t, lora_B.t(), bias, scaling, 0.0, seed, out_shape)
-    y.view(M, N).addmm_(x, weight.t())
+    (y if out_shape is None else y.view(M, N)).addmm_(x, weight.t())
     return y, t
 
 
