@@ -128,9 +128,10 @@ def _variants() -> list[tuple]:
     storage = torch.zeros(64 * 48 + 8, dtype=torch.float16)
     aligned = storage[: 64 * 48].view(64, 48)
     misaligned = storage[1 : 64 * 48 + 1].view(64, 48)  # 2 bytes off: not a multiple of 16
+    off8 = storage[4 : 64 * 48 + 4].view(64, 48)  # 8 bytes off: not a multiple of 16 either
     shifted = storage[8 : 64 * 48 + 8].view(64, 48)  # 16 bytes off: aligned, another address
     base = (_reduce_args(aligned), _CONSTEXPRS, _CFG)
-    out = [base, (_reduce_args(misaligned), _CONSTEXPRS, _CFG), (_reduce_args(shifted), _CONSTEXPRS, _CFG)]
+    out = [base, *((_reduce_args(view), _CONSTEXPRS, _CFG) for view in (misaligned, off8, shifted))]
     out.append((_reduce_args(aligned.float()), _CONSTEXPRS, _CFG))
     out.append((_reduce_args(aligned.to(torch.bfloat16)), _CONSTEXPRS, _CFG))
     for M in (1, 16, 17, 32, 2**31 - 16, 2**31, -(2**31), -(2**31) - 1, 2**40, 2**63, 2**64 - 16):
@@ -158,7 +159,7 @@ def test_arg_key_at_least_as_fine_as_triton():
     from triton._C.libtriton import native_specialize_impl
 
     t = torch.zeros(64, dtype=torch.float16)
-    values = [t, t[1:], t[8:], t.float(), t.to(torch.bfloat16), t.int(), 0, 1, -1, 2, 15, 16, 17, -16, 48,
+    values = [t, t[1:], t[4:], t[8:], t.float(), t.to(torch.bfloat16), t.int(), 0, 1, -1, 2, 15, 16, 17, -16, 48,
               2**31 - 16, 2**31 - 1, 2**31, 2**32, -(2**31), -(2**31) - 1, -(2**31) - 16, 2**62, 2**63 - 16,
               2**63, 2**64 - 16, 2**64 - 1, 0.0, 1.0, -0.0, 2.5, True, False, None]  # fmt: skip
     for a, b in itertools.combinations(values, 2):

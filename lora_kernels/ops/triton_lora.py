@@ -674,16 +674,19 @@ def _init_direct() -> bool:
 
 
 def _arg_key(a) -> object:
-    """What Triton's specialization reads of a positional argument (native_specialize_impl, 3.6 and 3.8):
-    a tensor's dtype and whether its address is a multiple of 16; an int's ``== 1``, ``% 16 == 0`` and
-    whether it fits int32 / int64; a float, bool or None's type. Raises TypeError for anything else."""
-    cls = type(a)
+    """What Triton's specialization reads of a positional argument (native_specialize_impl, 3.6 and 3.8): an
+    int's ``== 1``, ``% 16 == 0`` and whether it fits int32 / int64 (2, True or False inside int32, a pair
+    outside: never equal to one another); a tensor's dtype and whether its address is a multiple of 16; a
+    float, bool or None's type. Raises TypeError for anything else."""
+    cls = a.__class__
     if cls is int:
-        return (a == 1, not a & 15, -0x80000000 <= a <= 0x7FFFFFFF, -(1 << 63) <= a < (1 << 63))
+        if -0x80000000 <= a <= 0x7FFFFFFF:
+            return 2 if a == 1 else not a & 15
+        return (not a & 15, -(1 << 63) <= a < (1 << 63))
+    if cls is torch.Tensor or isinstance(a, torch.Tensor):
+        return (a.dtype, not a.data_ptr() & 15)
     if cls is float or cls is bool or a is None:
         return cls
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, not a.data_ptr() & 15)
     raise TypeError(f"no direct-launch key for a {cls.__name__}")
 
 
