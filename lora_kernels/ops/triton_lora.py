@@ -447,6 +447,40 @@ def _lora_reduce_rows_kernel(
 
 
 @triton.jit
+def _sum_parts_segment(src_ptr, dst_ptr, n, parts, block, BLOCK: tl.constexpr):
+    """Elements ``block·BLOCK + [0, BLOCK)`` of one :func:`_sum_parts_kernel` segment: ``dst[i] = Σ_s
+    src[s, i]``, the ``parts`` fp32 slices of ``n`` elements summed in order, cast to ``dst``'s dtype
+    (both contiguous)."""
+    offs, mask = _tile(block.to(tl.int64) * BLOCK, BLOCK, n)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    src = src_ptr + offs
+    for _ in range(0, parts):
+        acc += tl.load(src, mask=mask, other=0.0)
+        src += n
+    tl.store(dst_ptr + offs, acc.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_parts_kernel(
+    src0, dst0, n0, parts0, end0, src1, dst1, n1, parts1, end1,
+    src2, dst2, n2, parts2, end2, src3, dst3, n3, parts3,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The finalize step of :func:`_lora_reduce_rows_kernel` (:func:`_sum_parts`): up to four partial-sum
+    buffers summed over their first axis and cast into their results, in one launch. Segment ``k`` has the
+    programs from ``end(k-1)`` to ``end(k)``; a segment without blocks is never entered."""
+    pid = tl.program_id(0)
+    if pid < end0:
+        _sum_parts_segment(src0, dst0, n0, parts0, pid, BLOCK)
+    elif pid < end1:
+        _sum_parts_segment(src1, dst1, n1, parts1, pid - end0, BLOCK)
+    elif pid < end2:
+        _sum_parts_segment(src2, dst2, n2, parts2, pid - end1, BLOCK)
+    else:
+        _sum_parts_segment(src3, dst3, n3, parts3, pid - end2, BLOCK)
+
+
+@triton.jit
 def _dora_norm_kernel(
     w_ptr, a_ptr, b_ptr, out_ptr,
     N, K, R,
@@ -1062,9 +1096,10 @@ def _reduce_rows(
     when ``transposed``, the column sums in ``colsum_dtype``: computed in fp32 and cast once, in the kernel
     when the rows are not split (no launch for the cast), else after the fixed-order sum of the splits.
 
-    The kernel writes partial sums, which are summed here over their first axis (``torch.sum``, a fixed
-    order: the result does not change from run to run): per row split, ``(splits, P, R)`` and ``(splits,
-    P)``; per block of ``BLOCK_P`` columns, the projection's ``(P / BLOCK_P, M, R)``. At 8192x4096, r = 16
+    The kernel writes partial sums, which one launch of :func:`_sum_parts_kernel` sums over their first axis
+    and casts (:func:`_sum_parts`; a fixed order: the result does not change from run to run): per row
+    split, ``(splits, P, R)`` (``(splits, R, P)`` when ``transposed``) and ``(splits, P)``; per block of
+    ``BLOCK_P`` columns, the projection's ``(P / BLOCK_P, M, R)``. At 8192x4096, r = 16
     (bf16 backward, ``project``: 16 splits of 512 rows × 16 blocks of 256 columns, 256 programs) that is
     4 MiB + 256 KiB (+ 256 KiB with ``z``) and 8 MiB, written once and read once by the sums.
     """
@@ -1090,9 +1125,10 @@ def _reduce_rows(
         partial = torch.empty(shape, device=a.device, dtype=out_dtype)
         out_strides = partial.stride()[::-1] if transposed else partial.stride()
         colsum = torch.empty((P,), device=a.device, dtype=colsum_dtype) if with_colsum else None
-    else:
-        partial = torch.empty((splits, P, R), device=a.device, dtype=torch.float32)
-        out_strides = (R, 1)
+    else:  # partial sums, (R, P) per split when transposed: the finalize step sums them in that layout
+        partial = torch.empty((splits, R, P) if transposed else (splits, P, R), device=a.device,
+                              dtype=torch.float32)  # fmt: skip
+        out_strides = (1, P) if transposed else (R, 1)
         colsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if with_colsum else None
     prodsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if z is not None else None
     projected = None
@@ -1120,20 +1156,41 @@ def _reduce_rows(
             dict(HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=with_colsum, HAS_PRODSUM=z is not None,
                  PROJECT=project is not None, INPUT_PRECISION=_input_precision(a.dtype)),
         )  # fmt: skip
-    projected = _sum_parts(projected)
-    prodsum = _sum_parts(prodsum)
     if splits == 1:
+        projected, prodsum = _sum_parts((projected, torch.float32), (prodsum, torch.float32))
         return partial, colsum, prodsum, projected
-    out = _sum_parts(partial)
-    out = (out.t() if transposed else out).to(out_dtype)
-    return out, None if colsum is None else _sum_parts(colsum).to(colsum_dtype), prodsum, projected
+    partial, colsum, prodsum, projected = _sum_parts(
+        (partial, out_dtype), (colsum, colsum_dtype), (prodsum, torch.float32), (projected, torch.float32)
+    )
+    return partial, colsum, prodsum, projected
 
 
-def _sum_parts(parts: torch.Tensor | None) -> torch.Tensor | None:
-    """The sum of a kernel's partial sums over their first axis, in a fixed order (None stays None)."""
-    if parts is None:
-        return None
-    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
+def _sum_parts(*buffers: tuple[torch.Tensor | None, torch.dtype]) -> list[torch.Tensor | None]:
+    """Each ``(parts, dtype)``'s fp32 partial sums summed over their first axis in a fixed order and cast to
+    ``dtype`` (None stays None, a single part of that dtype is a view): all of them in one launch of
+    :func:`_sum_parts_kernel`, the casts in its stores, not a sum and a cast per buffer. No part: zeros."""
+    results, segments = [], []
+    for parts, dtype in buffers:
+        if parts is None or (parts.shape[0] == 1 and dtype == parts.dtype):
+            results.append(None if parts is None else parts[0])
+            continue
+        out = torch.empty(parts.shape[1:], device=parts.device, dtype=dtype)
+        results.append(out)
+        if out.numel() > 0:
+            segments.append((parts, out))
+    if segments:
+        args, end = [], 0
+        for parts, out in segments:
+            end += _cdiv(out.numel(), _SUM_PARTS_CONFIGS[0]["BLOCK"])
+            args += [parts, out, out.numel(), parts.shape[0], end]
+        while len(args) < 20:  # unused segments: no blocks (their end repeats the last), never entered
+            args += [*segments[0], 0, 0, end]
+        _launch(_sum_parts_kernel, lambda cfg: (end,), _SUM_PARTS_CONFIGS, tuple(args[:19]), {})
+    return results
+
+
+# The finalize kernel's one config: a plain loop over the partial sums, memory-bound.
+_SUM_PARTS_CONFIGS = _Configs([dict(BLOCK=1024, num_warps=4, num_stages=1)])
 
 
 def _grad_y_pass(
