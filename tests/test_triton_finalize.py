@@ -8,9 +8,14 @@ their own, so the fixture forces three splits and 16-row / 16-column blocks.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import make_problem
+from helpers import HAS_TRITON, make_problem
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_kernels.ops import LoRAParams
@@ -117,3 +122,27 @@ def test_backward_with_split_rows_matches_float64(split_rows, launches, device, 
     for got, leaf, name in zip(grads, (leaves[0], leaves[3], leaves[4], leaves[2]), names, strict=True):
         assert got.dtype == dtype, name
         assert_close(got, leaf.grad, dtype, name, slack=4.0)
+
+
+_COMPILE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import compile_kernels
+pointers = {f"src{i}": "fp32" for i in range(4)} | {f"dst{i}": "in" for i in range(4)}
+compile_kernels.KERNELS["_sum_parts_kernel"] = (pointers, set(), {"BLOCK": 1024}, {"num_warps": 4}, ({},))
+for arch in (80, 90):
+    for dtype in ("fp16", "bf16", "fp32"):
+        compile_kernels.compile_kernel("_sum_parts_kernel", dtype, False, {}, arch)
+        print("ok", arch, dtype)
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_finalize_kernel_compiles_for_sm80_and_sm90():
+    """The finalize kernel lowers to cubin for each result dtype (tools/compile_kernels.py's way)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    result = subprocess.run([sys.executable, "-c", _COMPILE, str(tools)], env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok ") == 6

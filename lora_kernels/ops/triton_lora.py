@@ -1397,9 +1397,10 @@ def dora_backward(
     scaling, dropout_p, seed = params.scaling, params.dropout_p, seed_on(params, grad_y.device)
     grad_x = grad_A = None
     with _launch_guard(), device_guard(grad_y.device):
-        grad_t, grad_B, grad_bias, grad_z_colsum = _grad_y_pass(
+        grad_t, grad_B, grad_bias, grad_z_colsum = _grad_y_pass(  # db cast in the kernels' stores
             grad_y, lora_B * col_scale[:, None] if need_x or need_A else None, t, scaling,
             need_B or need_bias or need_m, need_bias, z if need_m else None,
+            dtypes=(torch.float32, grad_y.dtype),
         )  # fmt: skip
         if need_x:
             if dropout_p == 0.0:  # (dY ⊙ c)·W + s·(dY ⊙ c)·B·A
@@ -1409,8 +1410,9 @@ def dora_backward(
                     grad_y, weight, grad_t, lora_A, None, dropout_p, seed, a_scale=col_scale - 1.0, second=2
                 )
         if need_A:
-            grad_A_t = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)[0]
-            grad_A = grad_A_t.t().to(lora_A.dtype)
+            grad_A = _reduce_rows(
+                x, grad_t, dropout_p, seed, with_colsum=False, out_dtype=lora_A.dtype, transposed=True
+            )[0]
         grad_B = (grad_B * col_scale[:, None]).to(lora_B.dtype) if need_B else None
-        grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
+        grad_bias = grad_bias if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias, grad_z_colsum
