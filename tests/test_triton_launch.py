@@ -337,34 +337,36 @@ def test_interpreter_never_takes_the_direct_path(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("M", [1, 16, 33, 257])
-@pytest.mark.parametrize("offset", [0, 1])  # views starting 0 and 2-4 bytes into their storage
-def test_direct_launch_matches_kernel_grid_bitwise(monkeypatch, dtype, M, offset):
-    """On a GPU: forward and backward through direct launches give the bits of kernel[grid] launches."""
+@pytest.mark.parametrize("M", [1, 16, 33, 700])  # 700: the row reduction splits its rows (finalize kernel)
+def test_direct_launch_matches_kernel_grid_bitwise(monkeypatch, dtype, M):
+    """On a GPU: forward and backward through direct launches give the bits of kernel[grid] launches, with
+    16-byte-aligned inputs and with views 2-4 bytes off, the aligned ones launched first (a key that mixed
+    them up would run the aligned build on misaligned pointers)."""
+    torch.manual_seed(0)
+    x, weight, bias, lora_A, lora_B, scaling = _detached(make_problem((M,), 72, 40, 8, dtype, device="cuda"))
+    grad_y = torch.randn(M, 40, device="cuda", dtype=dtype)
 
-    def view(t):
+    def view(t, offset):
         flat = torch.empty(t.numel() + offset, device=t.device, dtype=t.dtype)
         return flat[offset:].view(t.shape).copy_(t)
 
-    x, weight, bias, lora_A, lora_B, scaling = _detached(make_problem((M,), 72, 40, 8, dtype, device="cuda"))
-    x, weight, lora_A, lora_B = view(x), view(weight), view(lora_A), view(lora_B)
-    grad_y = view(torch.randn(M, 40, device="cuda", dtype=dtype))
+    inputs = {off: [view(t, off) for t in (x, weight, lora_A, lora_B, grad_y)] for off in (0, 1)}
 
-    def step(params):
+    def step(params, off):
+        x, weight, lora_A, lora_B, grad_y = inputs[off]
         y, t = tl_ops.lora_forward(x, weight, bias, lora_A, lora_B, params)
         return (y, t, *tl_ops.lora_backward(grad_y, x, weight, lora_A, lora_B, t, params, _NEEDS))
 
     for dropout_p in (0.0, 0.25):
         params = LoRAParams(scaling, dropout_p, 1234)
         monkeypatch.setattr(tl_ops._DirectState, "off", True)
-        slow = step(params)
+        slow = {off: step(params, off) for off in (0, 1)}
         monkeypatch.setattr(tl_ops._DirectState, "off", False)
         monkeypatch.setattr(tl_ops, "_DIRECT", {})
-        step(params)  # first launch of each key: kernel[grid], remembered
-        direct = step(params)
-        assert any(e is not None and e.tried for e in tl_ops._DIRECT.values()), "no direct launch happened"
-        for a, b in zip(slow, direct, strict=True):
-            if a is None:
-                assert b is None
-            else:
-                assert torch.equal(a, b), (dropout_p, a.shape)
+        for off in (0, 1):
+            step(params, off)  # each key's first launch: kernel[grid], its compiled kernel remembered
+            direct = step(params, off)
+            assert any(e is not None and e.tried for e in tl_ops._DIRECT.values()), "no direct launch"
+            for a, b in zip(slow[off], direct, strict=True):
+                assert (a is None and b is None) or torch.equal(a, b), (dropout_p, off)
+        assert not tl_ops._DirectState.off
