@@ -663,8 +663,8 @@ def _fitting_key(kernel, configs: list[dict], args: tuple, constexprs: dict) -> 
 # --------------------------------------------------------------------------------------------------
 # Direct launch (issue 19): the first launch of a kernel with a given specialization goes through
 # ``kernel[grid]`` (JITFunction.run: binding, specialization of every argument, knobs, cache lookup, global
-# checks, launch metadata); it returns the compiled kernel, whose launcher later launches with that
-# specialization call directly. The key holds everything Triton specializes on, at least as finely
+# checks, launch metadata); it returns the compiled kernel, and later launches with that specialization
+# call its launcher directly. The key holds everything Triton specializes on, at least as finely
 # (tests/test_triton_launch.py checks it against Triton's own binder on 3.6 and 3.8). Under the interpreter,
 # with launch hooks, pre-run hooks, a changed global, another backend than CUDA or anything the key does not
 # model, launches take ``kernel[grid]``. ``LORA_KERNELS_DIRECT_LAUNCH=0`` turns it off (read when a key is
