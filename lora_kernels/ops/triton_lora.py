@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
+import warnings
 
 import torch
 import triton
@@ -445,6 +447,40 @@ def _lora_reduce_rows_kernel(
 
 
 @triton.jit
+def _sum_parts_segment(src_ptr, dst_ptr, n, parts, block, BLOCK: tl.constexpr):
+    """Elements ``block·BLOCK + [0, BLOCK)`` of one :func:`_sum_parts_kernel` segment: ``dst[i] = Σ_s
+    src[s, i]``, the ``parts`` fp32 slices of ``n`` elements summed in order, cast to ``dst``'s dtype
+    (both contiguous)."""
+    offs, mask = _tile(block.to(tl.int64) * BLOCK, BLOCK, n)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    src = src_ptr + offs
+    for _ in range(0, parts):
+        acc += tl.load(src, mask=mask, other=0.0)
+        src += n
+    tl.store(dst_ptr + offs, acc.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_parts_kernel(
+    src0, dst0, n0, parts0, end0, src1, dst1, n1, parts1, end1,
+    src2, dst2, n2, parts2, end2, src3, dst3, n3, parts3,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The finalize step of :func:`_lora_reduce_rows_kernel` (:func:`_sum_parts`): up to four partial-sum
+    buffers summed over their first axis and cast into their results, in one launch. Segment ``k`` has the
+    programs from ``end(k-1)`` to ``end(k)``; a segment without blocks is never entered."""
+    pid = tl.program_id(0)
+    if pid < end0:
+        _sum_parts_segment(src0, dst0, n0, parts0, pid, BLOCK)
+    elif pid < end1:
+        _sum_parts_segment(src1, dst1, n1, parts1, pid - end0, BLOCK)
+    elif pid < end2:
+        _sum_parts_segment(src2, dst2, n2, parts2, pid - end1, BLOCK)
+    else:
+        _sum_parts_segment(src3, dst3, n3, parts3, pid - end2, BLOCK)
+
+
+@triton.jit
 def _dora_norm_kernel(
     w_ptr, a_ptr, b_ptr, out_ptr,
     N, K, R,
@@ -624,9 +660,206 @@ def _fitting_key(kernel, configs: list[dict], args: tuple, constexprs: dict) -> 
             *(t.dtype for t in tensors), preferred)  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------------
+# Direct launch (issue 19): the first launch of a kernel with a given specialization goes through
+# ``kernel[grid]`` (JITFunction.run: binding, specialization of every argument, knobs, cache lookup, global
+# checks, launch metadata); it returns the compiled kernel, and later launches with that specialization
+# call its launcher directly. The key holds everything Triton specializes on, at least as finely
+# (tests/test_triton_launch.py checks it against Triton's own binder on 3.6 and 3.8). Under the interpreter,
+# with launch hooks, pre-run hooks, a changed global, another backend than CUDA or anything the key does not
+# model, launches take ``kernel[grid]``. ``LORA_KERNELS_DIRECT_LAUNCH=0`` turns it off (read when a key is
+# first seen); so does any error of a first direct launch (with one warning).
+# --------------------------------------------------------------------------------------------------
+
+_DIRECT_LAUNCH_ENV = "LORA_KERNELS_DIRECT_LAUNCH"
+_MISSING = object()
+# Constexpr and option values whose str() (Triton's cache key) is fixed by their type and equality; floats
+# are not (0.0 == -0.0), nor are other objects: a key with one never launches directly.
+_PLAIN_TYPES = frozenset((int, bool, str, type(None)))
+
+
+class _DirectState:
+    """Module state: ``off`` (the direct path disabled for good), the driver's device and stream queries and
+    Triton's knobs, looked up at the first compiled launch (never at import)."""
+
+    off = False
+    ready = False
+    get_device = get_stream = runtime = compilation = hook_chain = None
+
+
+def _init_direct() -> bool:
+    """Look up what direct launches need; ``False`` (and off for good) where this Triton lacks any of it."""
+    try:
+        from triton import knobs
+        from triton.runtime import driver
+
+        active, runtime = driver.active, knobs.runtime
+        get_device, get_stream = active.get_current_device, active.get_current_stream
+        if not hasattr(runtime, "launch_enter_hook") or not hasattr(runtime, "launch_exit_hook"):
+            raise AttributeError("launch hooks")
+    except Exception:  # an older or other Triton: keep kernel[grid]
+        _DirectState.off = True
+        return False
+    _DirectState.get_device, _DirectState.get_stream = get_device, get_stream
+    _DirectState.runtime, _DirectState.compilation = runtime, knobs.compilation
+    _DirectState.hook_chain = getattr(knobs, "HookChain", None)
+    _DirectState.ready = True
+    return True
+
+
+def _arg_key(a) -> object:
+    """What Triton's specialization reads of a positional argument (native_specialize_impl, 3.6 and 3.8): an
+    int's ``== 1``, ``% 16 == 0`` and whether it fits int32 / int64 (2, True or False inside int32, a pair
+    outside: never equal to one another); a tensor's dtype and whether its address is a multiple of 16; a
+    float, bool or None's type. Raises TypeError for anything else."""
+    cls = a.__class__
+    if cls is int:
+        if -0x80000000 <= a <= 0x7FFFFFFF:
+            return 2 if a == 1 else not a & 15
+        return (not a & 15, -(1 << 63) <= a < (1 << 63))
+    if cls is torch.Tensor or isinstance(a, torch.Tensor):
+        return (a.dtype, not a.data_ptr() & 15)
+    if cls is float or cls is bool or a is None:
+        return cls
+    raise TypeError(f"no direct-launch key for a {cls.__name__}")
+
+
+def _direct_key(kernel, device, args: tuple, constexprs: dict, cfg: dict) -> tuple:
+    """The direct-launch key: the kernel, the device, the options JITFunction.run adds (debug, instrumentation
+    mode), each positional argument's :func:`_arg_key`, and the constexprs and config values with their types
+    (True == 1 == 1.0 as keys, not in Triton's). Raises TypeError where it cannot be formed."""
+    return (
+        id(kernel), device, getattr(kernel, "debug", None), _DirectState.runtime.debug,
+        getattr(_DirectState.compilation, "instrumentation_mode", None), tuple(map(_arg_key, args)),
+        tuple(constexprs.items()), tuple(map(type, constexprs.values())),
+        tuple(cfg.items()), tuple(map(type, cfg.values())),
+    )  # fmt: skip
+
+
+class _Direct:
+    """A compiled kernel launched directly: its launcher, function handle and packed metadata; ``tail``, the
+    arguments JITFunction.run passes after the positional ones (constexprs and defaults, in the signature's
+    order, from Triton's own binder); ``globals``, the global values it was compiled with; ``tried``, whether a
+    direct launch already succeeded."""
+
+    __slots__ = ("compiled", "function", "globals", "kernel", "packed", "run", "tail", "tried")
+
+    def __init__(self, kernel, compiled, tail: tuple, pinned: tuple):
+        self.kernel, self.compiled, self.tail, self.globals = kernel, compiled, tail, pinned
+        self.tried = False
+        self.run, self.function, self.packed = compiled.run, compiled.function, compiled.packed_metadata
+
+
+# Per direct-launch key: a :class:`_Direct`, or None where that key always takes kernel[grid]. Bounded like
+# the plans (cleared when full; a cleared key takes kernel[grid] once more).
+_DIRECT: dict[tuple, _Direct | None] = {}
+_MAX_DIRECT = 4096
+
+
+def _make_direct(kernel, device, compiled, args: tuple, constexprs: dict, cfg: dict) -> _Direct | None:
+    """The :class:`_Direct` for what ``kernel[grid](*args, **constexprs, **cfg)`` just compiled and launched
+    (``compiled``, its return value), or None where a direct launch could differ from it in any way."""
+    if os.environ.get(_DIRECT_LAUNCH_ENV, "1") == "0":
+        _DirectState.off = True
+        return None
+    run, function = getattr(compiled, "run", None), getattr(compiled, "function", None)
+    packed = getattr(compiled, "packed_metadata", None)
+    if run is None or function is None or packed is None:  # not a loaded CompiledKernel
+        return None
+    if any(type(v) not in _PLAIN_TYPES for v in (*constexprs.values(), *cfg.values())):
+        return None
+    params, caches = getattr(kernel, "params", None), getattr(kernel, "device_caches", None)
+    if params is None or caches is None or device not in caches or len(args) > len(params):
+        return None
+    if not isinstance(getattr(kernel, "pre_run_hooks", None), list):
+        return None
+    if any(p.is_constexpr for p in params[: len(args)]):  # Triton keys those on their value, the key does not
+        return None
+    _, _, target, _, binder = caches[device]
+    if getattr(target, "backend", None) != "cuda":  # other backends' specialization is not modelled
+        return None
+    bound = tuple(binder(*args, **constexprs, **cfg)[0].values())  # what run passes to the launcher
+    if len(bound) < len(args) or any(b is not a for a, b in zip(args, bound[: len(args)], strict=True)):
+        return None
+    pinned = []
+    for (name, _), (value, namespace) in getattr(kernel, "used_global_vals", {}).items():
+        current = namespace.get(name, _MISSING)
+        if current is _MISSING or current != value:  # run raises here: let it, on the slow path
+            return None
+        pinned.append((namespace, name, current))
+    return _Direct(kernel, compiled, bound[len(args) :], tuple(pinned))
+
+
+def _quiet(kernel, entry: _Direct) -> bool:
+    """Whether JITFunction.run would launch ``entry`` as a direct launch does: no launch hook (an empty
+    HookChain calls nothing), no pipeline-inspection or pre-run hook, the kernel's globals unchanged."""
+    runtime, chain = _DirectState.runtime, _DirectState.hook_chain
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if not (enter is None or (type(enter) is chain and not enter.calls)):
+        return False
+    if not (leave is None or (type(leave) is chain and not leave.calls)):
+        return False
+    if getattr(runtime, "add_stages_inspection_hook", None) is not None or kernel.pre_run_hooks:
+        return False
+    return all(namespace.get(name, _MISSING) is value for namespace, name, value in entry.globals)
+
+
+def _disable_direct(err: Exception) -> None:
+    _DirectState.off = True
+    warnings.warn(
+        f"lora_kernels: a direct launch of a compiled Triton kernel failed ({type(err).__name__}: {err}); "
+        f"launching through kernel[grid] from now on (set {_DIRECT_LAUNCH_ENV}=0 to skip the attempt)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _call_direct(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict) -> None:
+    """:func:`_call_kernel` outside the interpreter: directly where :data:`_DIRECT` holds the key's compiled
+    kernel, else through ``kernel[grid]`` (remembering its compiled kernel the first time a key is seen)."""
+    if not _DirectState.ready and not _init_direct():
+        kernel[grid](*args, **constexprs, **cfg)
+        return
+    device = _DirectState.get_device()  # per launch, as JITFunction.run does (and the stream below)
+    try:
+        key = _direct_key(kernel, device, args, constexprs, cfg)
+        entry = _DIRECT.get(key, _MISSING)
+    except TypeError:  # an argument the key does not model, or an unhashable value
+        kernel[grid](*args, **constexprs, **cfg)
+        return
+    if entry is _MISSING:
+        compiled = kernel[grid](*args, **constexprs, **cfg)  # raises OutOfResources before any entry exists
+        if len(_DIRECT) >= _MAX_DIRECT:
+            _DIRECT.clear()
+        try:
+            _DIRECT[key] = _make_direct(kernel, device, compiled, args, constexprs, cfg)
+        except Exception:  # a Triton whose internals differ from 3.6 / 3.8's: this key keeps kernel[grid]
+            _DIRECT[key] = None
+        return
+    if entry is None or type(grid) is not tuple or not _quiet(kernel, entry):
+        kernel[grid](*args, **constexprs, **cfg)
+        return
+    n = len(grid)
+    try:  # the launcher's arguments as JITFunction.run passes them, hooks and launch metadata None
+        entry.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _DirectState.get_stream(device),
+                  entry.function, entry.packed, None, None, None, *args, *entry.tail)  # fmt: skip
+    except Exception as err:
+        if entry.tried:  # it worked before: an error of this launch, as kernel[grid] would raise it
+            raise
+        # (a failed launch raises before the kernel runs; our kernels only store, so a retry is safe)
+        _disable_direct(err)
+        kernel[grid](*args, **constexprs, **cfg)
+        return
+    entry.tried = True
+
+
 def _call_kernel(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict) -> None:
-    """The one place where a launch reaches Triton (``tools/host_overhead.py`` stubs it out)."""
-    kernel[grid](*args, **constexprs, **cfg)
+    """The one place where a launch reaches Triton (``tools/host_overhead.py`` stubs it out): through
+    ``kernel[grid]``, or directly through the compiled kernel once a key has one (:func:`_call_direct`)."""
+    if _DirectState.off or interpreting():
+        kernel[grid](*args, **constexprs, **cfg)
+    else:
+        _call_direct(kernel, grid, args, constexprs, cfg)
 
 
 def _launch(kernel, grid_of, configs: list[dict], args: tuple, constexprs: dict) -> dict:
@@ -867,9 +1100,10 @@ def _reduce_rows(
     when ``transposed``, the column sums in ``colsum_dtype``: computed in fp32 and cast once, in the kernel
     when the rows are not split (no launch for the cast), else after the fixed-order sum of the splits.
 
-    The kernel writes partial sums, which are summed here over their first axis (``torch.sum``, a fixed
-    order: the result does not change from run to run): per row split, ``(splits, P, R)`` and ``(splits,
-    P)``; per block of ``BLOCK_P`` columns, the projection's ``(P / BLOCK_P, M, R)``. At 8192x4096, r = 16
+    The kernel writes partial sums, which one launch of :func:`_sum_parts_kernel` sums over their first axis
+    and casts (:func:`_sum_parts`; a fixed order: the result does not change from run to run): per row
+    split, ``(splits, P, R)`` (``(splits, R, P)`` when ``transposed``) and ``(splits, P)``; per block of
+    ``BLOCK_P`` columns, the projection's ``(P / BLOCK_P, M, R)``. At 8192x4096, r = 16
     (bf16 backward, ``project``: 16 splits of 512 rows × 16 blocks of 256 columns, 256 programs) that is
     4 MiB + 256 KiB (+ 256 KiB with ``z``) and 8 MiB, written once and read once by the sums.
     """
@@ -895,9 +1129,10 @@ def _reduce_rows(
         partial = torch.empty(shape, device=a.device, dtype=out_dtype)
         out_strides = partial.stride()[::-1] if transposed else partial.stride()
         colsum = torch.empty((P,), device=a.device, dtype=colsum_dtype) if with_colsum else None
-    else:
-        partial = torch.empty((splits, P, R), device=a.device, dtype=torch.float32)
-        out_strides = (R, 1)
+    else:  # partial sums, (R, P) per split when transposed: the finalize step sums them in that layout
+        partial = torch.empty((splits, R, P) if transposed else (splits, P, R), device=a.device,
+                              dtype=torch.float32)  # fmt: skip
+        out_strides = (1, P) if transposed else (R, 1)
         colsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if with_colsum else None
     prodsum = torch.empty((splits, P), device=a.device, dtype=torch.float32) if z is not None else None
     projected = None
@@ -925,20 +1160,41 @@ def _reduce_rows(
             dict(HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=with_colsum, HAS_PRODSUM=z is not None,
                  PROJECT=project is not None, INPUT_PRECISION=_input_precision(a.dtype)),
         )  # fmt: skip
-    projected = _sum_parts(projected)
-    prodsum = _sum_parts(prodsum)
     if splits == 1:
+        projected, prodsum = _sum_parts((projected, torch.float32), (prodsum, torch.float32))
         return partial, colsum, prodsum, projected
-    out = _sum_parts(partial)
-    out = (out.t() if transposed else out).to(out_dtype)
-    return out, None if colsum is None else _sum_parts(colsum).to(colsum_dtype), prodsum, projected
+    partial, colsum, prodsum, projected = _sum_parts(
+        (partial, out_dtype), (colsum, colsum_dtype), (prodsum, torch.float32), (projected, torch.float32)
+    )
+    return partial, colsum, prodsum, projected
 
 
-def _sum_parts(parts: torch.Tensor | None) -> torch.Tensor | None:
-    """The sum of a kernel's partial sums over their first axis, in a fixed order (None stays None)."""
-    if parts is None:
-        return None
-    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
+def _sum_parts(*buffers: tuple[torch.Tensor | None, torch.dtype]) -> list[torch.Tensor | None]:
+    """Each ``(parts, dtype)``'s fp32 partial sums summed over their first axis in a fixed order and cast to
+    ``dtype`` (None stays None, a single part of that dtype is a view): all of them in one launch of
+    :func:`_sum_parts_kernel`, the casts in its stores, not a sum and a cast per buffer. No part: zeros."""
+    results, segments = [], []
+    for parts, dtype in buffers:
+        if parts is None or (parts.shape[0] == 1 and dtype == parts.dtype):
+            results.append(None if parts is None else parts[0])
+            continue
+        out = torch.empty(parts.shape[1:], device=parts.device, dtype=dtype)
+        results.append(out)
+        if out.numel() > 0:
+            segments.append((parts, out))
+    if segments:
+        args, end = [], 0
+        for parts, out in segments:
+            end += _cdiv(out.numel(), _SUM_PARTS_CONFIGS[0]["BLOCK"])
+            args += [parts, out, out.numel(), parts.shape[0], end]
+        while len(args) < 20:  # unused segments: no blocks (their end repeats the last), never entered
+            args += [*segments[0], 0, 0, end]
+        _launch(_sum_parts_kernel, lambda cfg: (end,), _SUM_PARTS_CONFIGS, tuple(args[:19]), {})
+    return results
+
+
+# The finalize kernel's one config: a plain loop over the partial sums, memory-bound.
+_SUM_PARTS_CONFIGS = _Configs([dict(BLOCK=1024, num_warps=4, num_stages=1)])
 
 
 def _grad_y_pass(
@@ -1145,9 +1401,10 @@ def dora_backward(
     scaling, dropout_p, seed = params.scaling, params.dropout_p, seed_on(params, grad_y.device)
     grad_x = grad_A = None
     with _launch_guard(), device_guard(grad_y.device):
-        grad_t, grad_B, grad_bias, grad_z_colsum = _grad_y_pass(
+        grad_t, grad_B, grad_bias, grad_z_colsum = _grad_y_pass(  # db cast in the kernels' stores
             grad_y, lora_B * col_scale[:, None] if need_x or need_A else None, t, scaling,
             need_B or need_bias or need_m, need_bias, z if need_m else None,
+            dtypes=(torch.float32, grad_y.dtype),
         )  # fmt: skip
         if need_x:
             if dropout_p == 0.0:  # (dY ⊙ c)·W + s·(dY ⊙ c)·B·A
@@ -1157,8 +1414,9 @@ def dora_backward(
                     grad_y, weight, grad_t, lora_A, None, dropout_p, seed, a_scale=col_scale - 1.0, second=2
                 )
         if need_A:
-            grad_A_t = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)[0]
-            grad_A = grad_A_t.t().to(lora_A.dtype)
+            grad_A = _reduce_rows(
+                x, grad_t, dropout_p, seed, with_colsum=False, out_dtype=lora_A.dtype, transposed=True
+            )[0]
         grad_B = (grad_B * col_scale[:, None]).to(lora_B.dtype) if need_B else None
-        grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
+        grad_bias = grad_bias if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias, grad_z_colsum

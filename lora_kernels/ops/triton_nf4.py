@@ -273,13 +273,16 @@ def lora_backward_4bit(
     scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
     grad_x = grad_A = None
     with _launch_guard(), device_guard(grad_y.device):
-        grad_t, grad_B, grad_bias, _ = _grad_y_pass(
-            grad_y, lora_B if need_x or need_A else None, t, scaling, need_B or need_bias, need_bias
-        )
+        grad_t, grad_B, grad_bias, _ = _grad_y_pass(  # dB and db cast in the kernels' stores
+            grad_y, lora_B if need_x or need_A else None, t, scaling, need_B or need_bias, need_bias,
+            dtypes=(lora_B.dtype, grad_y.dtype),
+        )  # fmt: skip
         if need_x:
             grad_x = _qlinear_with_lora(grad_y, w, False, grad_t, lora_A, None, 1.0, dropout_p, seed)
         if need_A:
-            grad_A = _reduce_rows(x, grad_t, dropout_p, seed, with_colsum=False)[0].t().to(lora_A.dtype)
-        grad_B = grad_B.to(lora_B.dtype) if need_B else None
-        grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
+            grad_A = _reduce_rows(
+                x, grad_t, dropout_p, seed, with_colsum=False, out_dtype=lora_A.dtype, transposed=True
+            )[0]
+        grad_B = grad_B if need_B else None
+        grad_bias = grad_bias if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias

@@ -520,17 +520,20 @@ def lora_backward_tma(
     if not need_x or not tma_available(grad_y.device):
         return _base.lora_backward(grad_y, x, weight, lora_A, lora_B, t, params, needs_grad)
     with _base._launch_guard(), device_guard(grad_y.device):
-        grad_t, grad_B, grad_bias, _ = _base._grad_y_pass(
-            grad_y, None if fused else lora_B, t, params.scaling, need_B or need_bias, need_bias
-        )
+        grad_t, grad_B, grad_bias, _ = _base._grad_y_pass(  # dB and db cast in the kernels' stores
+            grad_y, None if fused else lora_B, t, params.scaling, need_B or need_bias, need_bias,
+            dtypes=(lora_B.dtype, grad_y.dtype),
+        )  # fmt: skip
     grad_x, grad_t = lora_grad_x_tma(grad_y, weight, lora_A, lora_B, params, grad_t=grad_t, variant=variant)
     grad_A = None
     with _base._launch_guard(), device_guard(grad_y.device):
         if need_A:
-            grad_A = _base._reduce_rows(x, grad_t, params.dropout_p, params.seed, with_colsum=False)[0]
-            grad_A = grad_A.t().to(lora_A.dtype)
-    grad_B = grad_B.to(lora_B.dtype) if need_B else None
-    grad_bias = grad_bias.to(grad_y.dtype) if need_bias else None
+            grad_A = _base._reduce_rows(
+                x, grad_t, params.dropout_p, params.seed, with_colsum=False, out_dtype=lora_A.dtype,
+                transposed=True,
+            )[0]  # fmt: skip
+    grad_B = grad_B if need_B else None
+    grad_bias = grad_bias if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias
 
 
