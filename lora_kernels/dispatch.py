@@ -134,7 +134,8 @@ def _parse_env(value: str | None) -> str:
 class Override(contextlib.AbstractContextManager):
     """A context manager that sets a context variable to a name inside (see :func:`override`). A class
     rather than ``@contextmanager``: entering and leaving cost about 1 µs instead of several, for code that
-    sets a backend around every call. Reusable and reentrant (each ``with`` keeps its own token)."""
+    sets a backend around every call. Reusable and reentrant within a thread (each ``with`` keeps its own
+    token); threads should each make their own."""
 
     __slots__ = ("_name", "_tokens", "_var")
 
