@@ -260,7 +260,10 @@ def test_casts_folded_into_the_kernels_give_the_same_bits(monkeypatch, backend, 
     after the sum of the splits: bitwise what fp32 results cast afterwards give."""
     from lora_kernels.ops import LoRAParams, triton_lora
 
+    config = triton_lora._reduce_config  # 16-row blocks: 70 rows can be split in 3 (128-row blocks cannot)
+    monkeypatch.setattr(triton_lora, "_reduce_config", lambda *a: dict(config(*a), BLOCK_M=16))
     monkeypatch.setattr(triton_lora, "_row_splits", lambda M, num_blocks, block_m, device: splits)
+    monkeypatch.setattr(triton_lora, "_PLANS", {})
     M, K, N, r = 70, 40, 36, 5
     dev = backend.device
     x, w = torch.randn(M, K, device=dev, dtype=dtype), torch.randn(N, K, device=dev, dtype=dtype) / 8
@@ -279,6 +282,8 @@ def test_casts_folded_into_the_kernels_give_the_same_bits(monkeypatch, backend, 
     assert torch.equal(grad_bias, colsum.to(dtype))
     if splits == 1:
         assert grad_A.is_contiguous()  # stored as (r, K) by the kernel
+    reduce_plans = [plan for key, plan in triton_lora._PLANS.items() if key[0] == "reduce"]
+    assert reduce_plans and all(plan[2] == splits for plan in reduce_plans)  # the rows were split as asked
 
 
 def _module_and_input():
