@@ -660,7 +660,9 @@ def phase_summary(work: Path, out: Path) -> int:
         lines += ["## Phases", "", "| phase | status | seconds |", "|---|---|---|"]
         lines += ["| " + " | ".join(line.split("\t")) + " |" for line in phases.read_text().splitlines()]
         lines.append("")
-    lines += _junit_lines(out / "junit.xml", "Tests on the device", work / "tests.log")
+    lines += _junit_lines(work / "junit-gpu.xml", "Tests marked cuda (run first)", work / "tests-gpu.log")
+    if not DRY:
+        lines += _junit_lines(out / "junit.xml", "The other tests, on the device", work / "tests.log")
     lines += _junit_lines(
         out / "junit-cuda-ext.xml", "Tests of the cuda backend (extension built there)", work / "cuda-ext.log"
     )
