@@ -331,3 +331,25 @@ def test_module_reads_hook_based_weight_norm():
     y = layer(x)  # its pre-hook sets lora_B as a plain attribute; _parameters has lora_B_g / lora_B_v
     assert "lora_B" not in layer._parameters
     torch.testing.assert_close(y, _by_hand(layer, x, lora_B=layer.lora_B), rtol=0, atol=0)
+
+
+def test_the_tf32_query_answers_as_torch_backends_does():
+    """triton_lora._tf32_allowed reads the C getter behind torch.backends' fp32_precision attributes: the
+    same answer as the attributes for every setting of the matmul and the global precision."""
+    from lora_kernels.ops import triton_lora
+
+    matmul, backends = torch.backends.cuda.matmul, torch.backends
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9: no fp32_precision API")
+    saved = matmul.fp32_precision, backends.fp32_precision
+    try:
+        for global_precision in ("none", "ieee", "tf32"):
+            for matmul_precision in ("none", "ieee", "tf32"):
+                backends.fp32_precision = global_precision
+                matmul.fp32_precision = matmul_precision
+                resolved = matmul.fp32_precision
+                expected = (backends.fp32_precision if resolved == "none" else resolved) == "tf32"
+                assert triton_lora._tf32_allowed() is expected, (global_precision, matmul_precision)
+                assert triton_lora._input_precision(torch.float32) == ("tf32" if expected else "ieee")
+    finally:
+        backends.fp32_precision, matmul.fp32_precision = saved[1], saved[0]
