@@ -170,8 +170,10 @@ def test_input_precision_follows_fp32_precision_without_warnings(restore_fp32_pr
 def test_input_precision_falls_back_to_allow_tf32_on_old_torch(monkeypatch):
     from types import SimpleNamespace
 
+    from lora_kernels.ops import triton_lora
     from lora_kernels.ops.triton_lora import _input_precision
 
+    monkeypatch.setattr(triton_lora, "_fp32_precision", None)  # old torch: no C getter either
     monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=True))  # no fp32_precision
     assert _input_precision(torch.float32) == "tf32"
     monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=False))
