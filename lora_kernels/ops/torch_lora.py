@@ -38,7 +38,15 @@ def _dropped(x: Tensor, params: LoRAParams) -> Tensor:
 
 def project_t(x_dropped: Tensor, lora_A: Tensor) -> Tensor:
     """``t = dropout(x)·Aᵀ`` in float32 (float64 for float64 inputs), the product in ``x``'s dtype."""
-    return _as(torch.mm(x_dropped, _as(lora_A, x_dropped.dtype).t()), t_dtype(x_dropped.dtype))
+    return _projection(x_dropped, lora_A)[1]
+
+
+def _projection(x_dropped: Tensor, lora_A: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dropout(x)·Aᵀ in x's dtype, t)``: the product, which the LoRA GEMM takes as it is (``t`` cast back
+    to ``x``'s dtype would give the same values: one cast kernel fewer for half inputs), and ``t``, its float32
+    copy (float64 for float64 inputs) that the backward keeps."""
+    product = torch.mm(x_dropped, _as(lora_A, x_dropped.dtype).t())
+    return product, _as(product, t_dtype(x_dropped.dtype))
 
 
 def _scaled_mm(a: Tensor, b: Tensor, scaling: float) -> Tensor:
@@ -83,9 +91,9 @@ def lora_forward(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``y = x·Wᵀ + b + s·(t·Bᵀ)`` with ``t = dropout(x)·Aᵀ`` (float32, returned for backward)."""
     dtype = x.dtype
-    t = project_t(_dropped(x, params), lora_A)
+    t_, t = _projection(_dropped(x, params), lora_A)
     # s as the GEMM's alpha: applied to the float32 accumulator, after t's cast (no fp16 overflow of s·t)
-    t_, B_t = _as(t, dtype), _as(lora_B, dtype).t()
+    B_t = _as(lora_B, dtype).t()
     if bias is None:  # beta = 0: the uninitialised storage is not read
         y = torch.empty((x.shape[0], lora_B.shape[0]), device=x.device, dtype=dtype)
         y.addmm_(t_, B_t, beta=0, alpha=params.scaling)
@@ -189,9 +197,9 @@ def dora_forward(
     ``x.dtype``."""
     dtype = x.dtype
     x_dropped = _dropped(x, params)
-    t = project_t(x_dropped, lora_A)
+    t_, t = _projection(x_dropped, lora_A)
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    t_, lora_B_t = _as(t, dtype), _as(lora_B, dtype).t()
+    lora_B_t = _as(lora_B, dtype).t()
     if params.dropout_p > 0.0:
         z = torch.mm(x_dropped, weight.t()).addmm_(t_, lora_B_t, alpha=params.scaling)
         y.addmm_(t_, lora_B_t, alpha=params.scaling)
