@@ -63,9 +63,9 @@ def scaled_grad_t(grad_out: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
 
 def scaled_grad_B(grad_out: Tensor, t: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
     """``dB = s·dYᵀ·t`` in ``dtype`` (``t`` carries no ``s``); ``s`` applied in float32."""
-    if t_dtype(grad_out.dtype) == grad_out.dtype:  # float32/float64: s as the GEMM's alpha
+    if grad_out.dtype != torch.float16:  # s as the GEMM's alpha: one op, one rounding
         return _as(_scaled_mm(grad_out.t(), _as(t, grad_out.dtype), scaling), dtype)
-    # half inputs: the product rounded to dY's dtype, then s in float32 (s·dYᵀ·t could overflow float16)
+    # float16: the product rounded to float16, then s in float32 (s·dYᵀ·t itself could overflow float16)
     product = torch.mm(grad_out.t(), _as(t, grad_out.dtype))
     return _as(_as(product, t_dtype(grad_out.dtype)).mul_(scaling), dtype)
 
