@@ -70,14 +70,11 @@ PACKED_K = -(-K // 8)
 
 
 def _keeps_packed_mask(backend) -> bool:
-    """Whether ``backend`` keeps the mask packed from forward to backward (lora_kernels.ops.with_kept_mask)."""
-    from lora_kernels.dropout import extension_has
-    from lora_kernels.ops import _extension_loaded
+    """Whether ``backend`` keeps the mask packed from forward to backward (lora_kernels.ops.keeps_mask, for
+    this module's fp32 inputs)."""
+    from lora_kernels.ops import keeps_mask
 
-    device = torch.device(backend.device)
-    return backend.name == "torch" and device.type == "cpu" and _extension_loaded() and (
-        extension_has("lora_dropout_bits", device)
-    )  # fmt: skip
+    return keeps_mask(backend.name, torch.empty(0, device=backend.device))
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
