@@ -115,14 +115,41 @@ def _dropout_keep_tile_t(row_offs, col_start, BLOCK_COLS: tl.constexpr, seed_lo,
 
 
 @triton.jit
+def _seed_words(seed_ptr, HAS_DROPOUT: tl.constexpr):
+    """:func:`_load_seed` with dropout; without it ``(0, 0)`` and nothing read (``seed_ptr`` is a dummy)."""
+    if HAS_DROPOUT:
+        seed_lo, seed_hi = _load_seed(seed_ptr)
+    else:
+        seed_lo = 0
+        seed_hi = 0
+    return seed_lo, seed_hi
+
+
+@triton.jit
 def _masked_add(
-    acc, lora, offs_m, col_start, BLOCK_N: tl.constexpr, seed_ptr, dropout_threshold, dropout_scale
+    acc, lora, offs_m, col_start, WIDTH: tl.constexpr, seed_lo, seed_hi, dropout_threshold, dropout_scale
 ):
-    """``acc + mask ⊙ lora / (1 − p)`` on the tile of rows ``offs_m`` and columns ``col_start + [0, BLOCK_N)``:
-    a product, not a select, so that NaN·0 stays NaN (the seed is read from ``seed_ptr``)."""
-    seed_lo, seed_hi = _load_seed(seed_ptr)
-    keep = _dropout_keep_tile(offs_m, col_start, BLOCK_N, seed_lo, seed_hi, dropout_threshold)
+    """``acc + mask ⊙ lora / (1 − p)`` on the tile of rows ``offs_m`` and columns ``col_start + [0, WIDTH)``:
+    a product, not a select, so that NaN·0 stays NaN (the seed's words from :func:`_seed_words`)."""
+    keep = _dropout_keep_tile(offs_m, col_start, WIDTH, seed_lo, seed_hi, dropout_threshold)
     return acc + lora * (keep.to(tl.float32) * dropout_scale)
+
+
+@triton.jit
+def _add_lora(
+    acc, t_op, u_op, offs_m, col_start, seed_lo, seed_hi, dropout_threshold, dropout_scale,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
+):  # fmt: skip
+    """``acc + [mask ⊙] t_op·u_op`` for the ``WIDTH`` output columns from ``col_start``, fp32: the LoRA
+    epilogue of every GEMM here (``t_op``, ``u_op`` from :func:`_epilogue_operands` or its equivalent)."""
+    if HAS_DROPOUT:
+        lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
+        acc = _masked_add(
+            acc, lora, offs_m, col_start, WIDTH, seed_lo, seed_hi, dropout_threshold, dropout_scale
+        )
+    else:
+        acc = tl.dot(t_op, u_op, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -288,15 +315,17 @@ def _lora_linear_kernel(
         tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask_mn)
         col_scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
         acc += z * col_scale[None, :]
-    elif HAS_DROPOUT:
-        if SECOND == 2:
-            lora = tl.dot(t_op, u_op, acc2, input_precision=INPUT_PRECISION)
-        else:
-            lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
-        col_start = pid_n.to(tl.int64) * BLOCK_N
-        acc = _masked_add(acc, lora, offs_m, col_start, BLOCK_N, seed_ptr, dropout_threshold, dropout_scale)
     else:
-        acc = tl.dot(t_op, u_op, acc, input_precision=INPUT_PRECISION)
+        seed_lo, seed_hi = _seed_words(seed_ptr, HAS_DROPOUT)
+        col_start = pid_n.to(tl.int64) * BLOCK_N
+        if HAS_DROPOUT and SECOND == 2:  # the masked term is s·t·Bᵀ plus the second accumulator
+            lora = tl.dot(t_op, u_op, acc2, input_precision=INPUT_PRECISION)
+            acc = _masked_add(
+                acc, lora, offs_m, col_start, BLOCK_N, seed_lo, seed_hi, dropout_threshold, dropout_scale
+            )
+        else:
+            acc = _add_lora(acc, t_op, u_op, offs_m, col_start, seed_lo, seed_hi, dropout_threshold,
+                            dropout_scale, HAS_DROPOUT, INPUT_PRECISION, BLOCK_N)  # fmt: skip
     _store_with_bias(
         acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_bias, stride_om, stride_on, HAS_BIAS
     )

@@ -35,6 +35,7 @@ from ..dispatch import interpreting
 from ..quant4bit import Weight4bit
 from . import LoRAParams, device_guard, triton_lora
 from .triton_lora import (
+    _add_lora,
     _block_r,
     _cdiv,
     _Configs,
@@ -43,11 +44,11 @@ from .triton_lora import (
     _grad_y_pass,
     _input_precision,
     _launch_guard,
-    _masked_add,
     _plan,
     _pow2_clamp,
     _project,
     _reduce_rows,
+    _seed_words,
     _smaller_configs,
     _store_with_bias,
     _tile,
@@ -142,12 +143,9 @@ def _qlora_linear_kernel(
     t_op, u_op = _epilogue_operands(
         t, u_ptr, offs_r, mask_r, offs_n, mask_n, stride_ur, stride_un, lora_scale, in_dtype, LORA_FP32
     )
-    if HAS_DROPOUT:
-        lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
-        col_start = pid_n.to(tl.int64) * BLOCK_N
-        acc = _masked_add(acc, lora, offs_m, col_start, BLOCK_N, seed_ptr, dropout_threshold, dropout_scale)
-    else:
-        acc = tl.dot(t_op, u_op, acc, input_precision=INPUT_PRECISION)
+    seed_lo, seed_hi = _seed_words(seed_ptr, HAS_DROPOUT)
+    acc = _add_lora(acc, t_op, u_op, offs_m, pid_n.to(tl.int64) * BLOCK_N, seed_lo, seed_hi, dropout_threshold,
+                    dropout_scale, HAS_DROPOUT, INPUT_PRECISION, BLOCK_N)  # fmt: skip
     _store_with_bias(
         acc, out_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_bias, stride_om, stride_on, HAS_BIAS
     )

@@ -45,7 +45,7 @@ import triton.language as tl
 from ..dispatch import interpreting
 from . import LoRAParams, device_guard
 from . import triton_lora as _base
-from .triton_lora import _dropout_keep_tile, _load_seed, _tile, _tile_coords
+from .triton_lora import _add_lora, _seed_words, _tile, _tile_coords
 
 try:  # triton >= 3.4: host-side descriptors; make_tensor_descriptor in the language
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -78,24 +78,6 @@ def _descriptor(
 
 
 @triton.jit
-def _add_lora(
-    acc, t_op, u, offs_m, col_start, seed_lo, seed_hi, dropout_threshold, dropout_scale,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
-):  # fmt: skip
-    """``acc + [mask ⊙] t_op·u`` for the ``WIDTH`` output columns from ``col_start`` (a multiple of
-    ``WIDTH``), fp32: ``_lora_linear_kernel``'s LoRA epilogue. ``t_op`` is ``lora_scale·t`` already in the
-    epilogue's operand dtype (fp32 for fp16 inputs, see ``LORA_FP32`` there); ``u`` is (BLOCK_R, WIDTH)."""
-    u_op = u.to(t_op.dtype)
-    if HAS_DROPOUT:
-        lora = tl.dot(t_op, u_op, input_precision=INPUT_PRECISION)
-        keep = _dropout_keep_tile(offs_m, col_start, WIDTH, seed_lo, seed_hi, dropout_threshold)
-        acc += lora * (keep.to(tl.float32) * dropout_scale)  # a product, not a select: NaN·0 stays NaN
-    else:
-        acc = tl.dot(t_op, u_op, acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _lora_epilogue_ptr(
     acc, t_op, u_ptr, bias_ptr, offs_m, col_start, N, R,
     stride_ur, stride_un, stride_bias,
@@ -111,8 +93,8 @@ def _lora_epilogue_ptr(
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
     )
-    acc = _add_lora(acc, t_op, u, offs_m, col_start, seed_lo, seed_hi, dropout_threshold, dropout_scale,
-                    HAS_DROPOUT, INPUT_PRECISION, WIDTH)  # fmt: skip
+    acc = _add_lora(acc, t_op, u.to(t_op.dtype), offs_m, col_start, seed_lo, seed_hi, dropout_threshold,
+                    dropout_scale, HAS_DROPOUT, INPUT_PRECISION, WIDTH)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -146,11 +128,8 @@ def _lora_linear_tma_kernel(
     column of tiles), ``(R, K)`` with ``P_T`` (the forward's ``A``), else ``(K, R)`` (dX's ``B``). See
     ``_lora_linear_kernel`` for the precision contract (``LORA_FP32``).
     """
-    if HAS_DROPOUT:  # the seed's two words, read once before the tile loop (the loop's loads are TMA's)
-        seed_lo, seed_hi = _load_seed(seed_ptr)
-    else:
-        seed_lo = 0
-        seed_hi = 0
+    # the seed's two words, read once before the tile loop (the loop's loads are TMA's)
+    seed_lo, seed_hi = _seed_words(seed_ptr, HAS_DROPOUT)
     if DEVICE_DESC:
         a_desc = _descriptor(a, M, K, stride_am, BLOCK_M, BLOCK_K, False)
         b_desc = _descriptor(b, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
@@ -213,8 +192,8 @@ def _lora_linear_tma_kernel(
         col_start = start_n.to(tl.int64)
         if DEVICE_DESC:  # no subtiling here: triton 3.6's warp specialization rejects the split
             u = u_desc.load([start_n, 0]).T if U_T else u_desc.load([0, start_n])
-            acc = _add_lora(acc, t_op, u, offs_m, col_start, seed_lo, seed_hi, dropout_threshold,
-                            dropout_scale, HAS_DROPOUT, INPUT_PRECISION, BLOCK_N)  # fmt: skip
+            acc = _add_lora(acc, t_op, u.to(t_op.dtype), offs_m, col_start, seed_lo, seed_hi,
+                            dropout_threshold, dropout_scale, HAS_DROPOUT, INPUT_PRECISION, BLOCK_N)  # fmt: skip
             if HAS_BIAS:
                 acc += bias_desc.load([start_n]).to(tl.float32)[None, :]
             out_desc.store([start_m, start_n], acc.to(out_dtype))
