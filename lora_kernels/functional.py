@@ -297,10 +297,17 @@ def lora_linear(
 
 def _call_seed(dropout_seed: int | Tensor | None, device: torch.device) -> Tensor:
     """The int64 seed tensor on ``device`` of one call with dropout: a fresh draw from the device's
-    generator, or the caller's ``dropout_seed`` (``torch.full`` of an int, traced or not, so no guard)."""
+    generator, or the caller's ``dropout_seed`` (``torch.full`` of an int, traced or not, so no guard).
+
+    A caller's seed tensor is copied (one element, on its device, no host sync): the call keeps the value it
+    had when the forward ran, so a tensor changed in place before the backward (a step counter) cannot give
+    the backward another mask than the forward's."""
     if dropout_seed is None:
         return draw_seed(device)
-    return seed_tensor(dropout_seed, device)
+    seed = seed_tensor(dropout_seed, device)
+    if isinstance(dropout_seed, Tensor) and seed.device == dropout_seed.device:  # else .to() copied it
+        seed = seed.clone()
+    return seed
 
 
 def dora_linear(

@@ -89,6 +89,55 @@ def test_seed_tensor_is_read_when_the_call_runs(backend, dora):
         assert_close(grad_x, expected_grad, x.dtype, f"grad_x, seed {value}")
 
 
+def _seeded_call(kind: str, device: str):
+    """A LoRA, DoRA or QLoRA call with dropout on a small problem, as ``call(seed) -> y``, and its inputs
+    that take gradients."""
+    p = make_problem((3, 5), 16, 12, 4, device=device)
+    magnitude = (torch.rand(12, device=device) + 0.5).requires_grad_()
+    if kind == "qlora":
+        pytest.importorskip("bitsandbytes")
+        from lora_kernels import qlora_linear
+        from lora_kernels.testing import to_4bit
+
+        base = to_4bit(nn.Linear(16, 12).to(device))
+        return (
+            lambda seed: qlora_linear(p.x, base.weight, base.bias, p.lora_A, p.lora_B, p.scaling, P, True,
+                                      dropout_seed=seed),
+            (p.x, p.lora_A, p.lora_B),
+        )  # fmt: skip
+    if kind == "dora":
+        return (
+            lambda seed: dora_linear(p.x, p.weight, p.bias, p.lora_A, p.lora_B, magnitude, p.scaling, P, True,
+                                     dropout_seed=seed),
+            (p.x, p.lora_A, p.lora_B, magnitude),
+        )  # fmt: skip
+    return (
+        lambda seed: lora_linear(p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, P, True,
+                                 dropout_seed=seed),
+        (p.x, p.lora_A, p.lora_B),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
+def test_seed_tensor_changed_after_the_forward_keeps_the_forward_mask(backend, kind):
+    """A seed tensor changed in place between forward and backward (a step counter bumped as CUDA-graph
+    training loops do) does not change the backward: every gradient is that of the mask the forward applied,
+    on every backend (the call keeps the seed's value, a one-element copy on its device)."""
+    if kind == "qlora" and backend.name == "cuda":
+        pytest.skip("QLoRA runs on the triton and torch backends")
+    call, inputs = _seeded_call(kind, backend.device)
+    grad_y = torch.randn(3, 5, 12, device=backend.device)
+    with use_backend(backend.name):
+        seed = torch.full((), 11, dtype=torch.int64, device=backend.device)
+        expected = torch.autograd.grad(call(seed), inputs, grad_y)
+        bumped = torch.full((), 11, dtype=torch.int64, device=backend.device)
+        y = call(bumped)
+        bumped += 1  # in place, after the forward
+        grads = torch.autograd.grad(y, inputs, grad_y)
+    for name, got, want in zip(("x", "lora_A", "lora_B", "magnitude"), grads, expected, strict=False):
+        assert torch.equal(got, want), f"grad_{name} used another mask than the forward ({kind})"
+
+
 def test_seed_tensor_of_the_wrong_kind_is_refused():
     p = make_problem((4,), 16, 8, 4)
     args = (p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, P, True)
