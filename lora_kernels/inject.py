@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from .modules import FusedLoRALinear, LoRAOptions, lora_options
+from .modules import FusedLoRALinear, LoRAOptions, lora_options, lost_behaviour
 from .quant4bit import quantized_base_error
 
 __all__ = [
@@ -99,6 +99,28 @@ def _keep_adapters_called(model: nn.Module, names: Iterable[str]) -> None:
                 parent.register_forward_pre_hook(_keep_off_fast_path)
 
 
+#: The hook dicts of an ``nn.Module``; :func:`_move_hooks` hands the very dicts over, so the handles that
+#: ``register_*_hook`` returned still remove their hooks from the new module.
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hooks",
+    "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)  # fmt: skip
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` every module hook registered on ``old`` (forward, pre-forward, backward, state dict), in
+    their order, so that they run on the layer that now stands in the model."""
+    for attr in _HOOK_DICTS:
+        hooks, own = getattr(old, attr, None), getattr(new, attr, None)
+        if hooks is None or own is None or not hooks:
+            continue
+        hooks.update(own)  # (the new module's own hooks, if any, after the moved ones)
+        setattr(new, attr, hooks)
+    if old._backward_hooks:
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
 def _linear_names(model: nn.Module, limit: int = 12) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
     if not names:
@@ -130,7 +152,9 @@ def inject_lora(
 
     Raises:
         ValueError: no module matches (the message lists some ``nn.Linear`` names to pick from).
-        TypeError: a matching module is neither ``nn.Linear`` nor :class:`FusedLoRALinear`.
+        TypeError: a matching module is neither ``nn.Linear`` nor :class:`FusedLoRALinear`, or is an
+            ``nn.Linear`` subclass with its own ``forward`` (the fused layer would not run it; the message
+            names the module). Hooks on a replaced module move to its fused layer (see :func:`attach_lora`).
     """
     options = lora_options(options, "inject_lora")
     if not isinstance(target_modules, str):
@@ -163,12 +187,15 @@ def attach_lora(
     trains, as ``get_peft_model`` leaves a model. Warns where a parent never calls the module (see
     :func:`warn_if_never_called`; ``stacklevel`` as ``warnings.warn`` counts it, from this function); an
     ``nn.TransformerEncoderLayer`` whose ``linear1``/``linear2`` take an adapter gets a no-op forward
-    pre-hook, which keeps it off its eval fast path (that path never calls them).
-    Returns the layers of ``options`` by name.
+    pre-hook, which keeps it off its eval fast path (that path never calls them). Hooks registered on a
+    replaced module (forward, pre-forward, backward, state dict) move to its fused layer, handles included:
+    they then see the fused layer's output, base plus adapter term (with a fresh adapter, ``B = 0``, the
+    base output as before). Returns the layers of ``options`` by name.
 
     Raises:
-        ValueError: a name the model does not have; TypeError: a module that is not ``nn.Linear``. Both
-            before anything changes.
+        ValueError: a name the model does not have; TypeError: a module that is not ``nn.Linear``, or whose
+            own behaviour the fused layer would drop (:func:`~lora_kernels.modules.lost_behaviour`: an ``nn.Linear`` subclass with
+            its own ``forward``, a replaced ``forward``). Both before anything changes.
     """
     named = dict(model.named_modules())
     missing = [repr(name) for name in options if name not in named]
@@ -182,15 +209,19 @@ def attach_lora(
     ]
     if bad:
         raise TypeError(f"only nn.Linear modules can take a fused LoRA adapter, not {', '.join(bad[:8])}")
-    quantized = [f"{n}: {why}" for n, m in modules.items() if (why := quantized_base_error(m)) is not None]
-    if quantized:
-        raise TypeError(f"these modules cannot take a fused LoRA adapter: {'; '.join(quantized[:8])}")
+    refused = [
+        f"{n}: {why}" for n, m in modules.items() if (why := quantized_base_error(m) or lost_behaviour(m))
+    ]
+    if refused:
+        raise TypeError(f"these modules cannot take a fused LoRA adapter: {'; '.join(refused[:8])}")
     new = [name for name, module in modules.items() if not isinstance(module, FusedLoRALinear)]
     warn_if_never_called(model, new, stacklevel=stacklevel + 1)
     for param in model.parameters():
         param.requires_grad_(False)
     for name in new:
-        modules[name] = FusedLoRALinear.from_linear(modules[name], **options[name])
+        linear = modules[name]
+        modules[name] = FusedLoRALinear.from_linear(linear, **options[name])
+        _move_hooks(linear, modules[name])
         _set_submodule(model, name, modules[name])
     _keep_adapters_called(model, new)
     for layer in lora_layers(model).values():

@@ -132,11 +132,12 @@ class FusedLoRALinear(nn.Module):
         layer keeps its 4-bit ``weight`` (a ``Params4bit``) and ``compute_dtype``, computes as
         ``Linear4bit`` does (input cast to the compute dtype, output in the input's dtype), and its
         adapters default to float32, as PEFT's. Merging into a 4-bit weight is refused (see :meth:`merge`).
-        An 8-bit ``Linear8bitLt`` is a ``TypeError``.
+        An 8-bit ``Linear8bitLt`` is a ``TypeError``, and so is an ``nn.Linear`` subclass with its own
+        ``forward`` (:func:`lost_behaviour`), which the fused layer would not run.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        why = quant4bit.quantized_base_error(linear)
+        why = quant4bit.quantized_base_error(linear) or lost_behaviour(linear)
         if why is not None:
             raise TypeError(f"from_linear cannot wrap this layer: {why}")
         options = lora_options(options, "from_linear")
@@ -424,6 +425,27 @@ class FusedLoRALinear(nn.Module):
 _MERGED_KEY = "lora_merged"
 _MERGED_NORM_KEY = "lora_merged_norm"
 _EXTRA_STATE = "_extra_state"
+
+
+def lost_behaviour(module: nn.Module) -> str | None:
+    """Why swapping ``module`` (an ``nn.Linear``) for a :class:`FusedLoRALinear` would lose what it computes,
+    or ``None``: a subclass whose own ``forward`` (an output scale, a cast, a float8 GEMM) the fused layer
+    would not run, or an instance whose ``forward`` was replaced (accelerate's hooks). A subclass that keeps
+    ``nn.Linear``'s forward (``NonDynamicallyQuantizableLinear``) and bitsandbytes' ``Linear4bit`` (a QLoRA
+    base, computed as it computes) lose nothing. Module hooks are not a loss: :func:`lora_kernels.inject.attach_lora` moves them."""
+    if "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None:
+        return "its forward was replaced on the instance (an accelerate hook?), which the fused layer would not run"
+    cls = type(module)
+    if cls is nn.Linear or isinstance(module, FusedLoRALinear) or quant4bit.is_linear4bit(module):
+        return None
+    for method in ("forward", "__call__", "_call_impl"):
+        if getattr(cls, method) is not getattr(nn.Linear, method):
+            return (
+                f"{cls.__module__}.{cls.__qualname__} overrides nn.Linear.{method}, which the fused layer would "
+                "not run; wrap the fused layer in that behaviour yourself, or use PEFT (lora_kernels.peft.fuse "
+                "keeps PEFT's forward for such bases)"
+            )
+    return None
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

@@ -147,3 +147,78 @@ def test_attach_lora_gives_each_module_its_own_options():
         attach_lora(model, {"layers.7.q_proj": {}})
     with pytest.raises(TypeError, match=r"layers.0.norm \(LayerNorm\)"):
         attach_lora(model, {"layers.0.norm": {}})
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass with its own forward (an output scale), as float8 or cast wrappers have."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_subclass_with_its_own_forward_is_refused_by_name_before_anything_changes():
+    model = Net()
+    model.layers[0].q_proj = ScaledLinear(16, 16)
+    x = torch.randn(3, 16)
+    before = _run(model, x)
+    with pytest.raises(TypeError, match=r"layers\.0\.q_proj.*ScaledLinear overrides nn\.Linear\.forward"):
+        inject_lora(model, ["q_proj"], r=4)
+    assert type(model.layers[0].q_proj) is ScaledLinear and not any(
+        isinstance(m, FusedLoRALinear) for m in model.modules()
+    )
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(_run(model, x), before)
+    with pytest.raises(TypeError, match=r"overrides nn\.Linear\.forward"):
+        FusedLoRALinear.from_linear(ScaledLinear(4, 4), r=2)
+    replaced = nn.Linear(16, 16)
+    replaced.forward = lambda x: x  # as accelerate's add_hook_to_module replaces it
+    model.layers[1].q_proj = replaced
+    with pytest.raises(TypeError, match=r"layers\.1\.q_proj.*forward was replaced"):
+        inject_lora(model, ["layers.1.q_proj"], r=4)
+
+
+def test_subclass_keeping_linear_forward_is_replaced():
+    """``NonDynamicallyQuantizableLinear`` (nn.MultiheadAttention's out_proj class) keeps nn.Linear's forward."""
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    model = nn.Sequential(NonDynamicallyQuantizableLinear(8, 8))
+    inject_lora(model, ["0"], r=2)
+    assert isinstance(model[0], FusedLoRALinear)
+
+
+def test_hooks_on_a_replaced_module_move_to_its_fused_layer():
+    """Forward, pre-forward (with kwargs too), backward and state-dict hooks on a replaced nn.Linear keep
+    running on its fused layer, in order, and their handles still remove them: with a fresh adapter the
+    model computes what it computed before."""
+    model = Net()
+    linear = model.layers[0].q_proj
+    calls = []
+    handles = [
+        linear.register_forward_pre_hook(lambda m, args: (args[0] * 2.0,)),
+        linear.register_forward_hook(lambda m, args, out: out + 1.0),
+        linear.register_forward_hook(
+            lambda m, args, kwargs, out: calls.append("kw") or out, with_kwargs=True
+        ),
+        linear.register_full_backward_hook(lambda m, gin, gout: calls.append("backward")),
+        linear._register_state_dict_hook(lambda m, sd, prefix, local: calls.append("state_dict")),
+    ]
+    x = torch.randn(3, 16, requires_grad=True)
+    before = _run(model, x)
+    inject_lora(model, ["q_proj"], r=4)
+    fused = model.layers[0].q_proj
+    assert isinstance(fused, FusedLoRALinear)
+    calls.clear()
+    after = _run(model, x)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    after.sum().backward()
+    model.state_dict()
+    assert calls == ["kw", "backward", "state_dict"]
+    for handle in handles:
+        handle.remove()
+    for attr in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_state_dict_hooks"):
+        assert not getattr(fused, attr), attr
+    plain = Net()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    inject_lora(plain, ["q_proj"], r=4)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_run(model, x), _run(plain, x))
