@@ -313,6 +313,13 @@ class FusedLoRALinear(nn.Module):
                 "in bf16 and load the adapters with lora_kernels.adapter_io.load_adapter), or merge with PEFT"
             )
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (``torch.load`` of a saved module, pickle): a 4-bit weight gets its ``Params4bit`` class
+        back, which ``nn.Parameter``'s pickling drops (:func:`lora_kernels.quant4bit.restore_4bit_weight`)."""
+        super().__setstate__(state)
+        if self.__dict__.get("is_4bit"):
+            quant4bit.restore_4bit_weight(self)
+
     # ---------------------------------------------------------------------------------------- state dict
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

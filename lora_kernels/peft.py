@@ -97,6 +97,7 @@ def _why_not_fused(layer: nn.Module) -> tuple[str | None, bool]:
     if type(base) is nn.Linear:
         pass
     elif quant4bit.is_linear4bit(base):
+        quant4bit.restore_4bit_weight(base)  # a model loaded with torch.load: its Params4bit class back
         try:
             quant4bit.describe(base.weight)
         except (ValueError, TypeError, ImportError) as err:

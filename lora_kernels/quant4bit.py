@@ -78,6 +78,37 @@ def quantized_base_error(module) -> str | None:
     return None
 
 
+#: The attributes of a ``Params4bit`` beyond its data (its constructor's keyword arguments).
+_PARAMS4BIT_FIELDS = (
+    "quant_state", "blocksize", "compress_statistics", "quant_type", "quant_storage", "module", "bnb_quantized",
+)  # fmt: skip
+
+
+def restore_4bit_weight(module) -> None:
+    """Give ``module.weight`` its ``Params4bit`` class back where pickling lost it (no copy of the data).
+
+    ``torch.save(module)`` and pickle rebuild a parameter through ``nn.Parameter.__reduce_ex__``, which keeps
+    its attributes (``quant_state``, ``blocksize``, ...) but not its subclass: a ``Params4bit`` comes back as a
+    plain ``Parameter``. bitsandbytes' ``Linear4bit`` reads the attributes and still runs; the fused kernels
+    check the class (:func:`describe`), so :class:`~lora_kernels.FusedLoRALinear` calls this as it unpickles
+    and :mod:`lora_kernels.peft` before it reads a ``Linear4bit`` base. Anything else is left as it is."""
+    params = getattr(module, "_parameters", None)
+    weight = params.get("weight") if params is not None else None
+    if weight is None or is_4bit_weight(weight) or getattr(weight, "quant_state", None) is None:
+        return
+    bnb = bnb_module()
+    if bnb is None:
+        return
+    state = weight.__dict__
+    restored = bnb.nn.Params4bit(
+        weight.data,
+        requires_grad=weight.requires_grad,
+        **{k: state[k] for k in _PARAMS4BIT_FIELDS if k in state},
+    )
+    restored.__dict__.update({k: v for k, v in state.items() if k not in restored.__dict__})
+    params["weight"] = restored
+
+
 @dataclass(frozen=True, eq=False)
 class Weight4bit:
     """What the kernels read of one 4-bit weight (see the module docstring). Tensors are views, not copies."""

@@ -419,3 +419,58 @@ def test_weight_repacked_by_bitsandbytes_cpu_inference_is_refused():
         pytest.skip("bitsandbytes did not repack the weight on this CPU (no AVX-512 bf16)")
     with pytest.raises(ValueError, match="repacked"):
         layer(x)
+
+
+# ------------------------------------------------------------------------------------ pickling, torch.save
+
+
+def _round_trip(obj, how: str):
+    if how == "pickle":
+        import pickle
+
+        return pickle.loads(pickle.dumps(obj))
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_4bit_layer_survives_torch_save_and_pickle(how, dora):
+    """A FusedLoRALinear over a Linear4bit (from_linear and inject_lora) reloads with its Params4bit weight and
+    computes what it computed, gradients included, as bitsandbytes' own Linear4bit round-trips."""
+    layer = FusedLoRALinear.from_linear(_linear4bit(nested=True), r=4, init_lora_weights=False, use_dora=dora)
+    net = inject_lora(nn.Sequential(_linear4bit(), nn.ReLU()), ["0"], r=4, init_lora_weights=False)
+    x = torch.randn(2, 3, 64)
+    for model in (layer, net):
+        again = _round_trip(model, how)
+        loaded = again if isinstance(again, FusedLoRALinear) else again[0]
+        assert quant4bit.is_4bit_weight(loaded.weight) and loaded.weight.dtype == torch.uint8
+        y, y_again = model(x), again(x)
+        torch.testing.assert_close(y_again, y, rtol=0, atol=0)
+        grads = torch.autograd.grad(y.sum(), [p for p in model.parameters() if p.requires_grad])
+        grads_again = torch.autograd.grad(y_again.sum(), [p for p in again.parameters() if p.requires_grad])
+        for g, g_again in zip(grads, grads_again, strict=True):
+            torch.testing.assert_close(g_again, g, rtol=0, atol=0)
+
+
+def test_fused_peft_qlora_model_reloads_and_runs_fused(monkeypatch):
+    """A fuse()d PEFT QLoRA model saved with torch.save runs fused after torch.load (not PEFT's forward with
+    a warning), with the same outputs."""
+    from lora_kernels import peft as lk_peft
+
+    base = _linear4bit(quant_type="nf4", nested=True, compute_dtype=torch.float32)
+    _, fused = _peft_pair(base)
+    x = torch.randn(5, 64)
+    y = fused(x)
+    again = _round_trip(fused, "torch.save")
+    calls, fused_call = [], lk_peft.qlora_linear
+    monkeypatch.setattr(lk_peft, "qlora_linear", lambda *a, **k: calls.append(1) or fused_call(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to PEFT's forward would warn
+        y_again = again(x)
+    assert calls == [1]
+    torch.testing.assert_close(y_again, y, rtol=0, atol=0)
