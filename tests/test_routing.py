@@ -88,8 +88,20 @@ def test_registry():
 
 
 def test_no_table_takes_the_default(triton_backend, monkeypatch, tmp_path):
+    """A device without a table in the package takes the default silently; a LORA_KERNELS_TUNING that names
+    a file that does not exist (a typo) takes it with a warning."""
+    monkeypatch.delenv(TABLE_ENV_VAR, raising=False)
+    monkeypatch.setattr(routing, "TABLE_DIR", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path, why = _choose()
+    assert path == "split" and "no routing table" in why
+    routing.clear_caches()
     monkeypatch.setenv(TABLE_ENV_VAR, str(tmp_path / "absent.json"))
-    path, why = _choose()
+    with pytest.warns(
+        UserWarning, match=r"LORA_KERNELS_TUNING=.*absent\.json names a file that does not exist"
+    ):
+        path, why = _choose()
     assert path == "split" and "no routing table" in why
 
 
@@ -142,10 +154,14 @@ def test_unknown_candidates_are_skipped(triton_backend, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     "kind",
-    ["not_json", "wrong_format", "foreign_device", "list", "bad_times"],
+    ["not_json", "wrong_format", "foreign_device", "list", "bad_times", "huge_int", "deep", "cases_list"],
 )
 def test_corrupt_or_foreign_table_warns_and_takes_the_default(triton_backend, monkeypatch, tmp_path, kind):
+    """Any table that cannot be read or validated is no table, with one warning: never an error in a call
+    (a time too large for a float, JSON nested past the parser's recursion limit included)."""
     cases = {_key(): {"fused": 1.0, "split": 2.0}}
+    name = routing.device_name(torch.device("cpu"))
+    head = f'{{"format": "{TABLE_FORMAT}", "device": "{name}", "cases": '
     if kind == "not_json":
         _table(tmp_path, monkeypatch, cases, text='{"format": "lora_kernels.tuning/1", "cases": {')
     elif kind == "wrong_format":
@@ -154,9 +170,16 @@ def test_corrupt_or_foreign_table_warns_and_takes_the_default(triton_backend, mo
         _table(tmp_path, monkeypatch, cases, device="NVIDIA A100-SXM4-80GB")
     elif kind == "list":
         _table(tmp_path, monkeypatch, cases, text="[1, 2, 3]")
-    else:
+    elif kind == "bad_times":
         _table(tmp_path, monkeypatch, {_key(): {"fused": "fast", "split": -1}})
-    with pytest.warns(UserWarning, match="lora_kernels routing: .*default path 'split'"):
+    elif kind == "huge_int":  # an int no float can hold: math.isfinite and float() overflow on it
+        _table(tmp_path, monkeypatch, cases, text=head + f'{{"{_key()}": {{"fused": 1{"0" * 400}}}}}}}')
+    elif kind == "deep":  # the parser's RecursionError
+        _table(tmp_path, monkeypatch, cases, text=head + "[" * 100_000 + "]" * 100_000 + "}")
+    else:
+        _table(tmp_path, monkeypatch, [{_key(): {"fused": 1.0}}])
+    message = {"cases_list": r"no cases: 'cases' is list", "huge_int": "without a valid time"}.get(kind, "")
+    with pytest.warns(UserWarning, match=f"lora_kernels routing: .*{message}.*default path 'split'"):
         path, _ = _choose()
     assert path == DEFAULT_PATH
     # the op runs, and the warning is given once, not per call

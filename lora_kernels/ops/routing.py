@@ -15,8 +15,10 @@ Adding a path is one :class:`Path` line in :data:`PATHS`. ``auto`` takes, for ea
 that the device's table (``lora_kernels/tuning/<device>.json``, written by ``benchmarks/gpu_run.sh`` from its
 own timings) measured fastest, among the paths the backend offers that can run here; a device without a
 table, or a case the table lacks, takes :data:`DEFAULT_PATH`. ``LORA_KERNELS_PATH`` or :func:`use_path`
-force a path (benchmarks); a forced path the backend does not offer is a clear error. A table that does not
-parse, is of another format or of another device is ignored with one warning, never an error.
+force a path (benchmarks); a forced path the backend does not offer is a clear error. A table that cannot
+be read or validated (any error: it does not parse, is nested too deeply, holds a time no float can hold, is
+of another format or of another device) is no table, with one warning, never an error; so is a
+``LORA_KERNELS_TUNING`` that names a file that does not exist.
 
 The table (format :data:`TABLE_FORMAT`)::
 
@@ -245,46 +247,73 @@ def _warn(message: str) -> None:
     warnings.warn(f"lora_kernels routing: {message}; using the default path {DEFAULT_PATH!r}", stacklevel=3)
 
 
-@functools.lru_cache(maxsize=16)
-def _load_table(file: str, name: str) -> Table | None:
-    """The table in ``file`` for the device called ``name``; None (with one warning) when it is missing for a
-    reason other than not existing, does not parse, is of another format or of another device."""
-    path = FilePath(file)
-    if not path.exists():
+def _time_ms(value) -> float | None:
+    """``value`` as a time in ms (a positive finite number), or None: bools, strings, NaN, infinities and ints
+    too large for a float are no times."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        _warn(f"the table {path} cannot be read ({type(err).__name__}: {err})")
+        ms = float(value)
+    except OverflowError:
         return None
+    return ms if 0 < ms < math.inf else None
+
+
+class _BadTable(ValueError):
+    """Why a table file cannot be used (the message of its one warning)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _load_table(file: str, name: str, named_by_env: bool = False) -> Table | None:
+    """The table in ``file`` for the device called ``name``; None (with one warning) when it cannot be used:
+    any failure to read, parse or validate it (a deeply nested or huge JSON, a time too large for a float,
+    another format or device) means no table, never an error. A missing file is the usual "no table for
+    this device", silent, except when ``LORA_KERNELS_TUNING`` (``named_by_env``) names it: a typo warns."""
+    path = FilePath(file)
+    if not path.exists():
+        if named_by_env:
+            _warn(f"{TABLE_ENV_VAR}={file} names a file that does not exist")
+        return None
+    try:
+        return _read_table(path, name)
+    except _BadTable as err:
+        _warn(str(err))
+    except Exception as err:  # OSError, JSON errors, RecursionError, OverflowError, ...
+        _warn(f"the table {path} cannot be read ({type(err).__name__}: {str(err)[:200]})")
+    return None
+
+
+def _read_table(path: FilePath, name: str) -> Table:
+    """The checked :class:`Table` in ``path``; :class:`_BadTable` (or the parser's error) if it is unusable."""
+    data = json.loads(path.read_text())
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        _warn(f"the table {path} is not a {TABLE_FORMAT} table (format {found!r})")
-        return None
+        raise _BadTable(f"the table {path} is not a {TABLE_FORMAT} table (format {found!r})")
     if data.get("device") != name:
-        _warn(f"the table {path} is for device {data.get('device')!r}, not {name!r}")
-        return None
-    cases, bad = {}, 0
+        raise _BadTable(f"the table {path} is for device {data.get('device')!r}, not {name!r}")
     raw = data.get("cases")
-    for key, times in (raw if isinstance(raw, dict) else {}).items():
-        clean = {
-            str(c): float(ms)
-            for c, ms in (times.items() if isinstance(times, dict) else ())
-            if isinstance(ms, int | float) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0
-        }
+    if not isinstance(raw, dict):
+        raise _BadTable(
+            f"the table {path} has no cases: 'cases' is {type(raw).__name__}, not an object of case keys "
+            "to {path: ms}"
+        )
+    cases, bad = {}, 0
+    for key, times in raw.items():
+        valid = ((c, _time_ms(ms)) for c, ms in (times.items() if isinstance(times, dict) else ()))
+        clean = {str(c): ms for c, ms in valid if ms is not None}
         if clean:
             cases[str(key)] = clean
         else:
             bad += 1
-    if not isinstance(raw, dict) or bad:
-        _warn(f"the table {path} has {bad or 'no'} case(s) without a valid time, skipped")
+    if bad:
+        _warn(f"the table {path} has {bad} case(s) without a valid time, skipped")
     return Table(str(path), cases)
 
 
 def load_table(device: torch.device) -> Table | None:
     """The routing table of ``device`` (None where it has none that can be used); read once per file."""
     name = device_name(device)
-    return _load_table(str(table_file(name)), name)
+    return _load_table(str(table_file(name)), name, bool(os.environ.get(TABLE_ENV_VAR)))
 
 
 # --------------------------------------------------------------------------------------------------------
