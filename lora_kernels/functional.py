@@ -40,7 +40,7 @@ from . import ops
 from .dispatch import MAX_KERNEL_RANK, select_backend
 from .dropout import draw_seed, seed_tensor
 from .library import DoRALinearFunction, LoRALinearFunction, lora_linear_op
-from .ops import LoRAParams, any_autocast_enabled, autocast_available, keeps_mask
+from .ops import LoRAParams, any_autocast_enabled, autocast_available, keeps_mask, records_backward
 from .ops.routing import select_path, settings_key
 from .ops.torch_lora import dora_linear_composite, lora_linear_composite
 
@@ -162,7 +162,8 @@ class CallPlan:
     ``backend``: :func:`~lora_kernels.dispatch.select_backend`'s choice for the inputs' device, dtype and
     rank and the backend asked for; ``dropout``: whether the LoRA branch drops (``dropout_p > 0`` in
     training); ``path``: :func:`~lora_kernels.ops.routing.select_path`'s choice on that backend (a backward
-    follows when an input requires a gradient, as the autograd Function's ``needs_input_grad`` says);
+    follows when autograd records the call: grad mode on and an input requiring a gradient,
+    :func:`~lora_kernels.ops.records_backward`; under ``no_grad``/``inference_mode`` the call is a ``fwd``);
     ``draws_seed``: the backend draws the dropout seed itself, with the mask, in one op
     (:func:`~lora_kernels.ops.with_kept_mask`), where the caller gives none.
     """
@@ -173,8 +174,8 @@ class CallPlan:
     draws_seed: bool = False
 
 
-# Call plans per signature: the inputs' shapes, strides, dtypes, devices and requires_grad, dropout_p and
-# training, and the settings that choose a backend and a path (routing.settings_key: the overrides, the
+# Call plans per signature: the inputs' shapes, strides, dtypes, devices and requires_grad, dropout_p,
+# training, grad mode, and the settings that choose a backend and a path (routing.settings_key: the overrides, the
 # environment variables, TRITON_INTERPRET). Only a signature that passed check_inputs is stored, so a bad
 # input is re-checked (and raises the same error) on every call. Bounded (many distinct shapes with dynamic
 # batch sizes): when full it starts over, which is atomic, so threads need no lock. Eager calls only: under
@@ -203,7 +204,7 @@ def call_plan(
         return _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     # one flat tuple, written out: a comprehension over the tensors costs twice as much
     key = (
-        settings_key(), dropout_p, bool(training),
+        settings_key(), dropout_p, bool(training), torch.is_grad_enabled(),
         x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
         weight.shape, weight.stride(), weight.dtype, weight.device, weight.requires_grad,
         lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.device, lora_A.requires_grad,
@@ -228,7 +229,7 @@ def _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training) ->
         backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
     except (RuntimeError, ValueError):  # raised again where the fused path needs a backend: the composite
         return CallPlan(None, dropout, None)  # path (meta tensors, torch.func) runs without one
-    grad = any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    grad = records_backward(x, weight, bias, lora_A, lora_B)
     try:
         path = select_path(backend, x, weight, lora_A, dropout_p if dropout else 0.0, grad)
     except ValueError:  # a bad LORA_KERNELS_PATH: raised again where the fused path runs

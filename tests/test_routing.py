@@ -137,6 +137,43 @@ def test_the_case_decides(triton_backend, monkeypatch, tmp_path):
     assert _choose(training=True, m=M + 20)[0] == "fused"  # 57 is in the bucket of 37 (64)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_calls_autograd_does_not_record_take_the_fwd_entry(triton_backend, monkeypatch, tmp_path, mode):
+    """Under no_grad / inference_mode (evaluation inside a training script: the adapters still require
+    grad) no backward can follow, so the call is keyed ``fwd``, as ``python -m lora_kernels check`` lists
+    it; with autograd on, the same signature is keyed ``fwd_bwd`` (the per-signature plan tells them apart)."""
+    _table(
+        tmp_path,
+        monkeypatch,
+        {
+            _key(training=False): {"fused": 1.0, "split": 2.0},
+            _key(training=True): {"fused": 2.0, "split": 1.0},
+        },
+    )
+    problem = make_problem((M,), K, N, R)
+    from lora_kernels import lora_linear
+    from lora_kernels.ops import triton_lora
+
+    def launched(context) -> list[str]:
+        names, launch = [], triton_lora._launch
+
+        def recording(kernel, grid_of, configs, args, constexprs):
+            names.append(kernel.__name__)
+            return launch(kernel, grid_of, configs, args, constexprs)
+
+        monkeypatch.setattr(triton_lora, "_launch", recording)
+        p = problem
+        with use_backend("triton"), context():
+            lora_linear(p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling)
+        monkeypatch.setattr(triton_lora, "_launch", launch)
+        return names
+
+    no_autograd = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    for _ in range(2):  # each mode after the other, both ways round: the cached plans must not mix
+        assert "_lora_project_kernel" in launched(torch.enable_grad)  # split: t by the skinny kernel
+        assert launched(no_autograd) == ["_lora_linear_kernel"]  # fused: one GEMM with the LoRA epilogue
+
+
 def test_missing_case_takes_the_default(triton_backend, monkeypatch, tmp_path):
     _table(tmp_path, monkeypatch, {_key(m=4096): {"fused": 1.0, "split": 2.0}})
     path, why = _choose()

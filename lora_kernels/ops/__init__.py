@@ -234,6 +234,13 @@ def _flat_grad(x: Tensor, grad_y: Tensor, out_features: int) -> tuple[Tensor, Te
     return x, grad_y
 
 
+def records_backward(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors``, so that a backward may follow: grad mode is on (not
+    ``no_grad``, not ``inference_mode``) and one of them requires a gradient. The routing keys such a call
+    ``fwd_bwd``, any other ``fwd``. (Inside an autograd Function's ``forward`` grad mode is off: ask before.)"""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def run_forward(
     backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
     params: LoRAParams, path: str | None = None,
@@ -245,7 +252,7 @@ def run_forward(
     it in place as it may nn.Linear's output.
     """
     if path is None:
-        training = any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+        training = records_backward(x, weight, bias, lora_A, lora_B)
         path = select_path(backend, x, weight, lora_A, params.dropout_p, training)
     forward, _ = path_functions(backend, path)
     x2d, out_shape = _flat_input(x, weight.shape[0])
