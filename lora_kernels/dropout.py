@@ -89,6 +89,17 @@ def split_seed(seed: Seed) -> tuple:
     return seed & _MASK32, (seed >> 32) & _MASK32
 
 
+def check_seed_value(seed: torch.Tensor) -> None:
+    """A ``ValueError`` for a seed tensor holding a negative value, where reading it costs no host sync: on
+    the CPU (eager). A negative int is refused as early (:func:`split_seed`), so every backend refuses a
+    negative seed the same way before any kernel runs. On a GPU the value is not read (that would stall the
+    host): the kernels and :func:`dropout_mask` all take its 64 bits as they are, so they still agree."""
+    if seed.device.type == "cpu" and not torch.compiler.is_compiling():
+        value = int(seed.reshape(()))
+        if value < 0:
+            raise ValueError(f"dropout seed must be in [0, 2**63), got a tensor holding {value}")
+
+
 def draw_seed(device: Device = None) -> torch.Tensor:
     """A fresh 63-bit seed, an int64 0-d tensor drawn on ``device`` from that device's torch generator.
 
@@ -186,6 +197,8 @@ def dropout_mask(
     if len(shape) == 0:
         raise ValueError("dropout_mask needs at least one dimension")
     device = torch.device(device or "cpu")
+    if isinstance(seed, torch.Tensor):
+        check_seed_value(seed)
     if torch.compiler.is_compiling():  # one opaque op in the graph (see _mask_op)
         return _mask_op(seed_tensor(seed, device), list(shape), float(p), dtype)
     if not extension_has("lora_dropout_mask", device):

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import ops
 from .dispatch import MAX_KERNEL_RANK, select_backend
-from .dropout import draw_seed, seed_tensor
+from .dropout import check_seed_value, draw_seed, seed_tensor
 from .library import DoRALinearFunction, LoRALinearFunction, lora_linear_op
 from .ops import LoRAParams, any_autocast_enabled, autocast_available, keeps_mask, records_backward
 from .ops.routing import select_path, settings_key
@@ -67,8 +67,9 @@ def _check_real(name: str, value) -> None:
 
 
 def check_dropout_seed(dropout_seed) -> int | Tensor | None:
-    """``dropout_seed`` as an int in ``[0, 2**63)``, an int64 tensor of one element (its value is not read:
-    it may live on a device), or ``None``; else a ``TypeError``/``ValueError``. A traced int (a symbol under
+    """``dropout_seed`` as an int in ``[0, 2**63)``, an int64 tensor of one element (its value is read only
+    on the CPU, where that costs no host sync: :func:`~lora_kernels.dropout.check_seed_value`), or ``None``;
+    else a ``TypeError``/``ValueError``. A traced int (a symbol under
     ``torch.compile``) is passed through unchecked: a check would be a guard on its value."""
     if dropout_seed is None or isinstance(dropout_seed, torch.SymInt):
         return dropout_seed
@@ -81,7 +82,9 @@ def check_dropout_seed(dropout_seed) -> int | Tensor | None:
             raise ValueError(
                 f"a dropout_seed tensor must have one element, got shape {tuple(dropout_seed.shape)}"
             )
-        return dropout_seed.to(torch.int64)
+        seed = dropout_seed.to(torch.int64)
+        check_seed_value(seed)  # on the CPU, where reading it costs no sync
+        return seed
     if isinstance(dropout_seed, bool):
         raise TypeError(f"dropout_seed must be an int in [0, 2**63), got bool {dropout_seed!r}")
     try:

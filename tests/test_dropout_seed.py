@@ -149,6 +149,37 @@ def test_seed_tensor_of_the_wrong_kind_is_refused():
         lora_linear(*args, dropout_seed=-1)
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
+def test_negative_seed_tensor_is_refused_up_front_on_every_backend(backend, kind):
+    """On the CPU a negative seed tensor is refused as a negative int is, before any kernel runs, with the
+    same message on every backend (it used to pass Triton and fail inside the extension's op)."""
+    if backend.device != "cpu":
+        pytest.skip("the value of a GPU seed tensor is not read (no host sync)")
+    call, _ = _seeded_call(kind, backend.device)
+    with use_backend(backend.name):
+        for seed in (-1, torch.tensor(-5), torch.tensor([-(2**62)])):
+            with pytest.raises(ValueError, match=r"\[0, 2\*\*63\)"):
+                call(seed)
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*63\)"):
+        dropout_mask(torch.tensor(-5), (4, 8), P)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_negative_seed_tensor_on_gpu_gives_the_same_mask_on_every_backend():
+    """On a GPU the seed's value is not read on the host: every backend takes its 64 bits as they are, as
+    ``dropout_mask`` does, so they agree."""
+    from lora_kernels import available_backends
+
+    p = make_problem((5, 7), 40, 24, 4, device="cuda")
+    seed = torch.tensor(-123456789, device="cuda")
+    expected = _reference(p, p.x, _mask(seed, p.x))
+    for name in available_backends():
+        with use_backend(name):
+            y = lora_linear(p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, P, True, dropout_seed=seed)
+        assert_close(y.detach(), expected, p.x.dtype, f"y on {name}")
+
+
 # ---------------------------------------------------------------------------------------------- compile
 
 
