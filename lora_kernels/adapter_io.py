@@ -229,8 +229,16 @@ def _read_config(directory: str) -> dict[str, Any]:
     return config
 
 
-def _read_weights(directory: str, use_dora: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapter tensors as ``{module name: {"lora_A": A, "lora_B": B[, "lora_magnitude": m]}}``."""
+def _read_weights(
+    directory: str, use_dora: bool
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The adapter tensors as ``{module name: {"lora_A": A, "lora_B": B[, "lora_magnitude": m]}}``, and the
+    base-layer tensors saved beside them as ``{parameter name in the model: tensor}``.
+
+    PEFT's ``save_pretrained`` stores a targeted embedding layer's own weight next to the adapter
+    (``save_embedding_layers="auto"``, e.g. a tied ``lm_head`` of a small Llama or Qwen model):
+    ``lm_head.base_layer.weight``, which ``PeftModel.from_pretrained`` loads into the model's ``lm_head``
+    (the tied weight, the model's own); a resized, untargeted embedding comes as ``embed_tokens.weight``."""
     safe, binary = os.path.join(directory, _WEIGHTS_SAFE), os.path.join(directory, _WEIGHTS_BIN)
     if os.path.exists(safe):
         from safetensors.torch import load_file
@@ -241,22 +249,46 @@ def _read_weights(directory: str, use_dora: bool) -> dict[str, dict[str, torch.T
     else:
         raise FileNotFoundError(f"{directory} holds neither {_WEIGHTS_SAFE} nor {_WEIGHTS_BIN}")
     per_module: dict[str, dict[str, torch.Tensor]] = {}
+    base: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         match = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", name)
         magnitude = re.fullmatch(r"(.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?", name)
+        base_layer = re.fullmatch(r"(.+?)\.(?:base_layer\.)?(weight|bias)", name)
         if match is not None:
             per_module.setdefault(match.group(1), {})[match.group(2)] = tensor
         elif magnitude is not None and use_dora:
             per_module.setdefault(magnitude.group(1), {})["lora_magnitude"] = tensor
+        elif base_layer is not None and "lora_" not in name:
+            base[f"{base_layer.group(1)}.{base_layer.group(2)}"] = tensor
         else:
             supported = "lora_A/lora_B weights" + (" and lora_magnitude_vector" if use_dora else "")
-            raise ValueError(f"unexpected tensor {key!r} in {directory}: only {supported} are supported")
+            raise ValueError(
+                f"unexpected tensor {key!r} in {directory}: only {supported} (and base-layer weights saved by "
+                "PEFT's save_embedding_layers) are supported"
+            )
     expected = {"lora_A", "lora_B", "lora_magnitude"} if use_dora else {"lora_A", "lora_B"}
     for name, pair in per_module.items():
         if set(pair) != expected:
             raise ValueError(f"{directory} has only {', '.join(pair)} for module {name}")
-    return per_module
+    return per_module, base
+
+
+def _check_base_tensors(model: nn.Module, base: dict[str, torch.Tensor], directory: str) -> None:
+    """A ValueError unless each base-layer tensor saved with the adapter fits a parameter of ``model``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in base.items():
+        param = params.get(name)
+        if param is None or tuple(param.shape) != tuple(tensor.shape):
+            found = (
+                "the model has no such parameter" if param is None else f"the model's is {tuple(param.shape)}"
+            )
+            raise ValueError(
+                f"{directory} holds the base-layer tensor {name} {tuple(tensor.shape)} (PEFT saves a targeted "
+                f"or resized embedding layer's weight with save_embedding_layers), but {found}; load the "
+                "adapter into the base model it was trained on (resize its embeddings first if they were "
+                "resized), or save it again with save_embedding_layers=False"
+            )
 
 
 def _residual_weight(weight: torch.Tensor, init: str, r: int, scaling: float) -> torch.Tensor:
@@ -326,21 +358,23 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     ``init_lora_weights="mica"``, ``lora_B`` stays frozen too, as in PEFT). The result is the model
     ``PeftModel.from_pretrained`` builds: for ``init_lora_weights="pissa"`` / ``"olora"`` that means, as in PEFT,
     that each targeted base weight is replaced by the residual of PiSSA's SVD / OLoRA's QR of it (so load such
-    an adapter into the original base model, not a residual one). Returns ``model``.
+    an adapter into the original base model, not a residual one). Base-layer weights that PEFT saved beside
+    the adapter (``save_embedding_layers``: a targeted, often tied, ``lm_head``) are loaded into the model's
+    own parameters, as ``PeftModel.from_pretrained`` loads them. Returns ``model``.
 
     Raises:
         ValueError: the adapter uses a ``LoraConfig`` option the fused layers do not implement (named in the
             message: ``fan_in_fan_out``, biases, ``modules_to_save``, aLoRA, BD-LoRA, other LoRA variants,
             ``init_lora_weights`` ``"pissa_niter_*"`` / ``"corda"`` / ``"loftq"``...), names a module the model
             does not have or that is not ``nn.Linear``, has a tensor whose shape does not fit its module (the
-            message names both shapes), or does not match the config or the model's layers in rank. All checked
-            before the model changes.
+            message names both shapes), holds a base-layer weight that fits no parameter of the model, or does
+            not match the config or the model's layers in rank. All checked before the model changes.
     """
     directory = os.fspath(directory)
     config = _read_config(directory)
     use_dora = bool(config.get("use_dora", False))
     init = _initialisation(config.get("init_lora_weights", True))
-    per_module = _read_weights(directory, use_dora)
+    per_module, base = _read_weights(directory, use_dora)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
     modules = dict(model.named_modules())
@@ -368,12 +402,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             residuals[name] = _residual_weight(
                 module.weight, init, r, alpha / (math.sqrt(r) if use_rslora else r)
             )
+    _check_base_tensors(model, base, directory)
     layers = attach_lora(model, options, stacklevel=3)
     with torch.no_grad():
+        merged = [layer for layer in layers.values() if layer.merged]
+        for layer in merged:  # take the old adapter out of the weight first (with its own alpha)
+            layer.unmerge()
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, tensor in base.items():  # as PeftModel.from_pretrained loads them (a tied weight: both)
+            params[name].copy_(tensor)
         for name, layer in layers.items():
-            remerge = layer.merged
-            if remerge:  # take the old adapter out of the weight first (with its own alpha)
-                layer.unmerge()
             if name in residuals:
                 layer.weight.copy_(residuals[name])
             layer.lora_alpha, layer.use_rslora = options[name]["lora_alpha"], use_rslora
@@ -384,6 +422,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 layer.lora_magnitude.copy_(per_module[name]["lora_magnitude"])
             if init == "mica":
                 layer.lora_B.requires_grad_(False)
-            if remerge:
-                layer.merge()
+        for layer in merged:
+            layer.merge()
     return model

@@ -80,3 +80,44 @@ def test_peft_module_re_exports_the_file_format():
 
     assert lora_kernels.peft.save_adapter is adapter_io.save_adapter
     assert lora_kernels.peft.load_adapter is adapter_io.load_adapter
+
+
+def test_adapter_on_a_tied_lm_head_loads_as_peft_loads_it(tmp_path):
+    """PEFT saves the tied lm_head's own weight beside an adapter on it (save_embedding_layers="auto");
+    load_adapter loads it as PeftModel.from_pretrained does, into the tied weight, and gives its logits."""
+    peft = pytest.importorskip("peft")
+    from lora_kernels.testing import tiny_llama
+
+    def base():
+        torch.manual_seed(0)
+        return tiny_llama(num_hidden_layers=1, tie_word_embeddings=True)
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    trained = peft.get_peft_model(base(), config)
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        trained.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    reference = peft.PeftModel.from_pretrained(base(), tmp_path)
+    ours = adapter_io.load_adapter(base(), tmp_path)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # still tied
+    ids = torch.randint(0, 128, (2, 7))
+    with use_backend("torch"), torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_base_tensor_that_fits_no_parameter_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    adapter_io.save_adapter(_randomized(inject_lora(_model(), ["2"], r=4)), tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    from safetensors.torch import load_file
+
+    state = load_file(file)
+    state["base_model.model.2.base_layer.weight"] = torch.zeros(16, 17)
+    save_file(state, file)
+    model = _model()
+    with pytest.raises(ValueError, match=r"base-layer tensor 2\.weight \(16, 17\).*save_embedding_layers"):
+        adapter_io.load_adapter(model, tmp_path)
+    assert isinstance(model[2], nn.Linear)
