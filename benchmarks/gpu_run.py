@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from lora_kernels import dora_linear, lora_linear, use_backend
 from lora_kernels.dispatch import available_backends, select_backend
 from lora_kernels.ops import routing
+from lora_kernels.quant4bit import quiet_bitsandbytes_cpu_notice
 from lora_kernels.testing import LLAMA_PROJECTIONS, assert_close, relative_error, tiny_llama
 
 import harness
@@ -847,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--note", help="tuning: a note written into the table")
     args = parser.parse_args(argv)
+    quiet_bitsandbytes_cpu_notice()
     if args.phase == "tuning":
         if not (args.results and args.out):
             parser.error("tuning needs --from RESULTS_JSON and --out FILE")

@@ -151,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--providers", help="comma-separated subset of providers (default: all available)")
     args = parser.parse_args(argv)
+    lora_kernels.quant4bit.quiet_bitsandbytes_cpu_notice()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

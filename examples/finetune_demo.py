@@ -28,6 +28,7 @@ from torch import nn
 from lora_kernels import inject_lora, lora_linear_reference, use_backend
 from lora_kernels.dispatch import select_backend
 from lora_kernels.inject import lora_layers
+from lora_kernels.quant4bit import quiet_bitsandbytes_cpu_notice
 from lora_kernels.testing import LLAMA_PROJECTIONS as TARGETS
 from lora_kernels.testing import SavedTensorCounter, assert_close, relative_error, tiny_llama
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     timed_steps = 2 if args.quick else 10
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation notices
+    quiet_bitsandbytes_cpu_notice()  # a network notice of bitsandbytes' CPU backend, imported by peft
     try:
         import transformers  # noqa: F401  (tiny_llama builds the model from it)
     except ImportError:

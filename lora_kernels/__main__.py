@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import check
+from .quant4bit import quiet_bitsandbytes_cpu_notice
 
 #: Commands that moved out of the package into the repository (they are tooling, not part of an install).
 MOVED = {
@@ -15,6 +16,7 @@ MOVED = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_bitsandbytes_cpu_notice()  # a command line, not the library: its logging is ours to set
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in MOVED:
         print(f"`python -m lora_kernels {argv[0]}` moved: run {MOVED[argv[0]]}", file=sys.stderr)

@@ -21,6 +21,7 @@ bitsandbytes' reference implementation).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -37,6 +38,20 @@ def bnb_module():
     except Exception:  # ImportError, or a broken native library
         return None
     return bitsandbytes
+
+
+#: The logger of bitsandbytes' CPU backend, which on import (with an AVX-512-bf16 CPU) tries to fetch a
+#: kernel from the network through the ``kernels`` package and warns "Failed to load CPU gemm_4bit_forward
+#: from kernels-community: ... could not verify publisher trust status" when it cannot; bitsandbytes then
+#: uses its own CPU code, and nothing of lora_kernels depends on that kernel.
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def quiet_bitsandbytes_cpu_notice() -> None:
+    """Hide that warning of bitsandbytes' CPU backend (errors still show): for scripts, called before
+    ``peft`` or ``bitsandbytes`` is imported (the demo, ``python -m lora_kernels``, the benchmarks). The
+    library never changes logging on import."""
+    logging.getLogger(BNB_CPU_LOGGER).setLevel(logging.ERROR)
 
 
 def _class_names(obj) -> set[str]:
