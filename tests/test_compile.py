@@ -1,4 +1,5 @@
-"""The registered custom ops: opcheck, fullgraph torch.compile (backend aot_eager on CPU) and autocast."""
+"""The registered custom ops: opcheck, fullgraph torch.compile (backend aot_eager on CPU; also with
+``dynamic=True`` over sequence lengths) and autocast."""
 
 from __future__ import annotations
 
@@ -178,3 +179,29 @@ def test_double_backward_is_a_clear_error():
     (grad_x,) = torch.autograd.grad(y.square().sum(), p.x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         grad_x.sum().backward()
+
+
+# ------------------------------------------------------------------------ torch.compile(dynamic=True)
+
+
+def test_compile_dynamic_fullgraph_over_sequence_lengths(backend):
+    torch._dynamo.reset()
+    problem = make_problem((2, 5), 16, 12, 4, device=backend.device)
+    weight, bias, lora_A, lora_B = problem.weight, problem.bias, problem.lora_A, problem.lora_B
+    scaling = problem.scaling
+
+    def step(x):
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, 0.2, True, dropout_seed=7)
+
+    compiled = torch.compile(step, dynamic=True, fullgraph=True, backend="aot_eager")
+    with use_backend(backend.name), torch._dynamo.config.patch(error_on_recompile=True):
+        for seq in (5, 9):
+            x = torch.randn(2, seq, 16, device=backend.device, requires_grad=True)
+            y = compiled(x)
+            (gx,) = torch.autograd.grad(y.square().sum(), x)
+            x_eager = x.detach().requires_grad_()
+            y_eager = step(x_eager)
+            (gx_eager,) = torch.autograd.grad(y_eager.square().sum(), x_eager)
+            assert y.shape == (2, seq, 12)
+            torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gx, gx_eager, rtol=1e-5, atol=1e-5)

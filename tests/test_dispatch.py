@@ -1,11 +1,11 @@
-"""Backend choice: auto order, explicit requests, clear errors."""
+"""Backend choice: auto order, explicit requests, clear errors; bf16 kept off Triton's interpreter."""
 
 import pytest
 import torch
-from helpers import HAS_TRITON, make_problem
+from helpers import HAS_TRITON, assert_close, make_problem, reference_outputs, run_op
 
 import lora_kernels
-from lora_kernels import available_backends, use_backend
+from lora_kernels import available_backends, lora_linear, use_backend
 from lora_kernels.dispatch import ENV_VAR, select_backend
 
 
@@ -87,3 +87,34 @@ def test_an_override_is_reusable_reentrant_and_restored_on_errors(monkeypatch):
     with pytest.raises(KeyError), torch_backend:
         raise KeyError("inside")
     assert requested_backend() == "auto"
+
+
+# ----------------------------------------------------------------------- bf16 under the interpreter
+
+
+def test_auto_keeps_bf16_off_the_triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.device("cpu")
+    assert select_backend(cpu, torch.float32, 8) == "triton"
+    assert select_backend(cpu, torch.float16, 8) == "triton"
+    assert select_backend(cpu, torch.bfloat16, 8) == "torch"
+    with use_backend("triton"), pytest.raises(RuntimeError, match=r"interpreter.*bf16"):
+        select_backend(cpu, torch.bfloat16, 8)
+    # and through the op: the result is right (the interpreter's bf16 dot was off by 1e10)
+    problem = make_problem((9,), 32, 24, 4, torch.bfloat16)
+    y, _ = run_op(problem, torch.zeros(9, 24, dtype=torch.bfloat16))
+    y_ref, _ = reference_outputs(problem, torch.zeros(9, 24))
+    assert_close(y, y_ref, torch.bfloat16, "y")
+    with use_backend("triton"), pytest.raises(RuntimeError, match=r"interpreter.*bf16"):
+        lora_linear(problem.x, problem.weight, problem.bias, problem.lora_A, problem.lora_B, problem.scaling)
+
+
+def test_bf16_stays_on_triton_on_a_gpu(monkeypatch):
+    """The rule is the interpreter's: a (simulated) Hopper without TRITON_INTERPRET keeps bf16 on Triton."""
+    pytest.importorskip("triton")
+    from lora_kernels import dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert dispatch._unavailable_reason("triton", torch.device("cuda", 0), torch.bfloat16, 16) is None

@@ -1,17 +1,31 @@
-"""Bad input fails early and clearly; edge cases just work; numerics follow the reference exactly."""
+"""Bad input fails early and clearly; edge cases just work; numerics follow the reference exactly.
+
+Validation names the bad argument (shapes, dtypes, devices, ``scaling``, ``dropout_p``, ``dropout_seed``);
+the edge cases work as on nn.Linear (frozen inputs, accumulated gradients, in-place ops on the output, the
+meta device); numerics: NaN and inf propagate as in the reference, fp16 overflows as nn.Linear does, and
+a large ``scaling`` in float16 stays finite where PEFT's result does.
+Then the module's copies and dtypes, and concurrency.
+"""
 
 import copy
 import io
 import pickle
 import threading
 
+import numpy as np
 import pytest
 import torch
-from helpers import make_problem, requires_cuda, run_op
+from helpers import assert_close, make_problem, reference_outputs, requires_cuda, run_op
 from torch import nn
 
 import lora_kernels
-from lora_kernels import FusedLoRALinear, lora_linear, lora_linear_reference, use_backend
+from lora_kernels import (
+    FusedLoRALinear,
+    dropout_mask,
+    lora_linear,
+    lora_linear_reference,
+    use_backend,
+)
 
 
 def _args(problem):
@@ -57,6 +71,42 @@ def test_fp64_runs_on_the_torch_path_and_matches():
     y = lora_linear(*_args(problem))
     expected = lora_linear_reference(*_args(problem))
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "seed, error",
+    [(2**63, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("3", TypeError)],
+)
+def test_bad_dropout_seed_is_named(backend, seed, error):
+    p = make_problem((4,), 6, 5, 3, device=backend.device)
+    with use_backend(backend.name), pytest.raises(error, match="dropout_seed"):
+        lora_linear(*_args(p), 0.1, True, dropout_seed=seed)
+
+
+def test_good_dropout_seeds_are_taken(backend):
+    p = make_problem((4,), 6, 5, 3, device=backend.device)
+    with use_backend(backend.name):
+        ys = [lora_linear(*_args(p), 0.5, True, dropout_seed=s) for s in (5, np.int64(5), 2**63 - 1)]
+    assert torch.equal(ys[0], ys[1])
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("scaling", "2"), ("scaling", True), ("scaling", torch.tensor(2.0)), ("dropout_p", "0.1")],
+)
+def test_scaling_and_dropout_p_must_be_numbers(backend, name, value):
+    p = make_problem((4,), 6, 5, 3, device=backend.device)
+    kwargs = {"scaling": p.scaling, "dropout_p": 0.1, name: value}
+    with use_backend(backend.name), pytest.raises(TypeError, match=name):
+        lora_linear(p.x, p.weight, p.bias, p.lora_A, p.lora_B, training=True, **kwargs)
+
+
+def test_numeric_scalings_are_taken(backend):
+    p = make_problem((4,), 6, 5, 3, device=backend.device)
+    with use_backend(backend.name):
+        ys = [lora_linear(*_args(p)[:5], s) for s in (2, 2.0, np.float32(2.0), np.float64(2.0))]
+    for y in ys[1:]:
+        torch.testing.assert_close(y, ys[0])
 
 
 # ------------------------------------------------------------------------------- edge cases that work
@@ -109,6 +159,39 @@ def test_deterministic_for_a_fixed_seed(backend):
     assert torch.equal(y1, y2)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
+
+
+@pytest.mark.parametrize("lead", [(2, 7), (9,), ()], ids=["3d", "2d", "1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_output_takes_in_place_ops_and_keeps_gradients(backend, lead, dtype):
+    """``y += 1; y *= 3`` on the output, as on nn.Linear's (PEFT's AdaLoRA does ``result += ...``)."""
+    problem = make_problem(lead, 24, 20, 4, dtype, device=backend.device, weight_requires_grad=True)
+    grad_y = torch.randn(*lead, 20, device=backend.device).to(dtype)
+    with use_backend(backend.name):
+        y = lora_linear(*_args(problem))
+    y.add_(1.0)
+    y.mul_(3.0)
+    assert y._base is None and not y._is_view()  # no copy either: a new tensor in the (..., N) shape
+    names = ("x", "weight", "bias", "lora_A", "lora_B")
+    grads = dict(zip(names, torch.autograd.grad(y, problem.leaves(), grad_y), strict=True))
+    y_ref, grads_ref = reference_outputs(problem, 3 * grad_y)
+    assert_close(y.detach(), (y_ref + 1) * 3, dtype, "y")
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], dtype, f"d{name}", 2.0)
+
+
+def test_meta_inputs_give_meta_outputs(backend):
+    """Shapes only, as nn.Linear on the meta device, whatever backend was asked for; backward too."""
+    p = make_problem((3, 5), 16, 12, 4, device="meta", weight_requires_grad=True)
+    with use_backend(backend.name):
+        y = lora_linear(*_args(p), 0.1, True)
+        assert y.device.type == "meta" and y.shape == (3, 5, 12) and y.dtype == torch.float32
+        grads = torch.autograd.grad(y.sum(), p.leaves())
+    for g, leaf in zip(grads, p.leaves(), strict=True):
+        assert g.device.type == "meta" and g.shape == leaf.shape
+    half = make_problem((7,), 16, 12, 4, torch.float16, device="meta")
+    with use_backend(backend.name):
+        assert lora_linear(*_args(half)).shape == (7, 12)
 
 
 @requires_cuda
@@ -169,6 +252,64 @@ def test_large_and_small_magnitudes_keep_relative_error(backend, magnitude):
     ours = ((y.double() - expected).abs().max() / expected.abs().max()).item()
     torch_error = ((plain.double() - expected).abs().max() / expected.abs().max()).item()
     assert ours <= 4 * torch_error + 1e-7
+
+
+def _large_scaling_problem(device, adapter_dtype):
+    """fp16, s = 1e4, |x·Aᵀ| up to ~30 (s·x·Aᵀ ~ 3e5 overflows fp16), B small: PEFT's result is ~±500."""
+    torch.manual_seed(0)
+    p = make_problem((4, 8), 64, 48, 4, torch.float16, adapter_dtype, device=device, scaling=1e4)
+    with torch.no_grad():
+        p.lora_A.copy_(torch.randn(4, 64, dtype=torch.float64) * 0.8)
+        p.lora_B.copy_(torch.randn(48, 4, dtype=torch.float64) * 2e-3)
+    return p
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.float32], ids=["fp16-adapters", "fp32"])
+def test_large_scaling_in_fp16_stays_finite_where_peft_does(backend, adapter_dtype):
+    p = _large_scaling_problem(backend.device, adapter_dtype)
+    x, w, b = p.x.detach(), p.weight.detach(), p.bias.detach()
+    A, B = p.lora_A.detach().half(), p.lora_B.detach().half()
+    t_scaled = (x.float() @ A.float().t()) * p.scaling
+    assert t_scaled.abs().max() > torch.finfo(torch.float16).max  # s·x·Aᵀ does not fit fp16
+    peft = torch.nn.functional.linear(x, w, b) + (x @ A.t()) @ B.t() * p.scaling  # all in fp16
+    assert torch.isfinite(peft).all()
+
+    grad_y = torch.randn(4, 8, 48, device=backend.device).half()
+    with use_backend(backend.name):
+        for p_drop in (0.0, 0.2):
+            training = p_drop > 0
+            y, grads = run_op(p, grad_y, dropout_p=p_drop, training=training, dropout_seed=3)
+            assert torch.isfinite(y).all(), f"dropout_p={p_drop}: y overflowed"
+            mask = dropout_mask(3, x.shape, p_drop, device=x.device) if training else None
+            y_ref, grads_ref = reference_outputs(p, grad_y, mask)
+            assert_close(y, y_ref, torch.float16, f"y (dropout_p={p_drop})", 2.0)
+            if adapter_dtype == torch.float32:  # fp16 adapters: dB itself is beyond fp16, as in PEFT
+                for name, g in grads.items():
+                    assert torch.isfinite(g).all(), name
+                    assert_close(g, grads_ref[name], torch.float16, f"d{name}", 4.0)
+
+
+def test_large_scaling_in_fp16_extension_ops_on_cpu():
+    """The extension backend's own ops (their CPU implementation; the CUDA one shares its forward GEMMs)."""
+    from lora_kernels.ops import LoRAParams, cuda_lora
+
+    if not cuda_lora.has_extension():
+        pytest.skip("the lora_kernels._C extension is not built")
+    p = _large_scaling_problem("cpu", torch.float32)
+    x, w, b, A, B = (t.detach() for t in (p.x, p.weight, p.bias, p.lora_A, p.lora_B))
+    x2d = x.reshape(-1, 64)
+    params = LoRAParams(p.scaling)
+    y, t = cuda_lora.lora_forward(x2d, w, b, A, B, params)
+    grad_y = torch.randn_like(y)
+    grads = cuda_lora.lora_backward(grad_y, x2d, w, A, B, t, params, (True, False, True, True, True))
+    problem_2d = make_problem((32,), 64, 48, 4, torch.float16, torch.float32, scaling=p.scaling)
+    for name, value in zip(("x", "weight", "bias", "lora_A", "lora_B"), (x2d, w, b, A, B), strict=True):
+        setattr(problem_2d, name, value.clone().requires_grad_())
+    y_ref, grads_ref = reference_outputs(problem_2d, grad_y)
+    assert torch.isfinite(y).all()
+    assert_close(y, y_ref, torch.float16, "y", 2.0)
+    for name, g in zip(("x", "lora_A", "lora_B"), grads[:3], strict=True):  # dW, db: lora_kernels.ops
+        assert_close(g, grads_ref[name], torch.float16, f"d{name}", 4.0)
 
 
 # ------------------------------------------------------------------------------------ module robustness
