@@ -1,6 +1,12 @@
-"""inject_lora, lora_state_dict, merge_lora / unmerge_lora on plain torch models."""
+"""inject_lora, lora_state_dict, merge_lora / unmerge_lora on plain torch models.
+
+Also torch's attention modules: inject_lora warns for nn.MultiheadAttention's out_proj (its forward never
+calls it).
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -222,3 +228,24 @@ def test_hooks_on_a_replaced_module_move_to_its_fused_layer():
     inject_lora(plain, ["q_proj"], r=4)
     plain.load_state_dict(model.state_dict())
     torch.testing.assert_close(_run(model, x), _run(plain, x))
+
+
+# --------------------------------------------------------------------------------- torch's attention modules
+
+
+class WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.proj(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_inject_warns_for_mha_out_proj():
+    with pytest.warns(UserWarning, match=r"attn\.out_proj.*MultiheadAttention"):
+        inject_lora(WithAttention(), ["out_proj", "proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject_lora(WithAttention(), ["proj"])

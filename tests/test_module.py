@@ -1,13 +1,18 @@
-"""FusedLoRALinear: PEFT's names and semantics, from_linear, merge, state dicts, train/eval."""
+"""FusedLoRALinear: PEFT's names and semantics, from_linear, merge, state dicts, train/eval.
+
+Also: each bad constructor argument named in its error, ``reset_parameters`` (after a meta-device init, on
+a merged layer). A merged layer's state dict: ``test_state_dict.py``.
+"""
 
 import io
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lora_kernels import FusedLoRALinear, lora_linear_reference
+from lora_kernels import FusedLoRALinear, lora_linear_reference, use_backend
 
 
 def test_defaults_match_peft():
@@ -151,3 +156,68 @@ def test_lora_options_are_checked_once_for_every_entry_point():
         FusedLoRALinear.from_linear(nn.Linear(8, 6), lora_dropout=1.0)
     layer = FusedLoRALinear(8, 6)
     assert (layer.r, layer.lora_alpha, layer.lora_dropout, layer.use_rslora) == (8, 8, 0.0, False)
+
+
+# ---------------------------------------------------------------------------------- argument validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"r": True}, "r"),
+        ({"r": 2.0}, "r"),
+        ({"r": -1}, "r"),
+        ({"lora_alpha": True}, "lora_alpha"),
+        ({"lora_alpha": "8"}, "lora_alpha"),
+        ({"lora_alpha": float("nan")}, "lora_alpha"),
+        ({"lora_dropout": True}, "lora_dropout"),
+        ({"lora_dropout": "0.1"}, "lora_dropout"),
+        ({"lora_dropout": -0.1}, "lora_dropout"),
+        ({"in_features": True}, "in_features"),
+        ({"in_features": 4.0}, "in_features"),
+        ({"out_features": -3}, "out_features"),
+        ({"out_features": None}, "out_features"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    args = {"in_features": 4, "out_features": 3, **kwargs}
+    with pytest.raises((TypeError, ValueError), match=rf"\b{name}\b"):
+        FusedLoRALinear(**args)
+
+
+def test_bad_arguments_of_from_linear():
+    with pytest.raises(TypeError, match=r"\br\b"):
+        FusedLoRALinear.from_linear(nn.Linear(4, 3), r=True)
+
+
+# ------------------------------------------------------------------------------------- reset_parameters
+
+
+def test_reset_parameters_after_meta_init(backend):
+    layer = FusedLoRALinear(64, 48, r=4, lora_alpha=8, device="meta")
+    layer.to_empty(device=backend.device)
+    layer.reset_parameters()
+    bound = 1 / math.sqrt(64)
+    reference = nn.Linear(64, 48)
+    for name in ("weight", "bias"):
+        tensor = getattr(layer, name)
+        assert tensor.abs().max() <= bound and tensor.std() > 0.5 * bound / math.sqrt(3)
+        assert not tensor.requires_grad
+        assert tensor.std().item() == pytest.approx(getattr(reference, name).std().item(), rel=0.25)
+    assert layer.lora_A.abs().max() <= bound and torch.count_nonzero(layer.lora_A) == layer.lora_A.numel()
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    x = torch.randn(5, 64, device=backend.device)
+    with use_backend(backend.name):
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_reset_parameters_of_a_merged_layer_unmerges():
+    layer = FusedLoRALinear(8, 6, r=2, init_lora_weights=False)  # reset keeps this init: B random
+    layer.merge()
+    layer.reset_parameters()
+    assert not layer.merged and torch.count_nonzero(layer.lora_B) > 0
+    x = torch.randn(3, 8)
+    expected = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    with use_backend("torch"):
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

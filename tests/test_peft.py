@@ -1,17 +1,26 @@
-"""lora_kernels.peft against the real PEFT package on a tiny Llama built from a config (fp32, torch backend)."""
+"""lora_kernels.peft against the real PEFT package on a tiny Llama built from a config (fp32, torch backend).
+
+Then fuse's limits, where a layer keeps PEFT's forward (with a warning, once per reason): LoRA stacked on
+another tuner layer (and a tuner layer on LoRA, which fuses), hooks on the wrapped base layer or on the
+adapter modules (accelerate's too), a forward someone else replaced, adapters active on some layers
+only; and a fused model saved, pickled and copied. The tests there that take the ``backend`` fixture run
+on every backend.
+"""
 
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import pytest
 import torch
+from torch import nn
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import lora_kernels.peft as lk_peft  # noqa: E402
 from lora_kernels import inject_lora, use_backend  # noqa: E402
@@ -179,3 +188,247 @@ def test_load_adapter_rejects_lora_bias(base_model, tmp_path):
     _peft_model(base_model, lora_bias=True).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="lora_bias"):
         lk_peft.load_adapter(copy.deepcopy(base_model), tmp_path)
+
+
+# ---------------------------------------------------------------------------------- fuse's limits: helpers
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 12)
+        self.out = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(x)))
+
+
+def _one_layer_llama() -> nn.Module:
+    """A Llama of one layer, width 32 and a vocabulary of 64 (seeded)."""
+    torch.manual_seed(0)
+    return tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1, vocab_size=64)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of the fused op made by ``lora_kernels.peft``'s fused forward."""
+    calls = []
+    op = lk_peft.lora_linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(lk_peft, "lora_linear", counting)
+    return calls
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """``lora_kernels.peft`` warns once per reason and process: start from none warned."""
+    monkeypatch.setattr(lk_peft, "_warned", set())
+
+
+# --------------------------------------------------------------------- LoRA stacked on another tuner layer
+
+
+def _mixed(order: tuple[str, str]) -> nn.Module:
+    """A PeftMixedModel with LoHa and LoRA on ``lin``; the adapter added first is the inner layer."""
+    torch.manual_seed(0)
+    configs = {
+        "loha": LoHaConfig(r=4, alpha=4, target_modules=["lin"], init_weights=False),
+        "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights=False),
+    }
+    first, second = order
+    model = get_peft_model(TwoLayers(), configs[first], adapter_name=first, mixed=True)
+    model.add_adapter(second, configs[second])
+    model.set_adapter([first, second])
+    return model.eval()
+
+
+def test_lora_on_another_tuner_layer_keeps_peft_forward(backend, fresh_warnings):
+    reference = _mixed(("loha", "lora")).to(backend.device)
+    lora_layer = reference.base_model.model.lin
+    assert isinstance(lora_layer, peft.tuners.lora.Linear)  # lora.Linear over loha.Linear over nn.Linear
+    assert isinstance(lora_layer.base_layer, peft.tuners.loha.Linear)
+    fused = copy.deepcopy(reference)
+    with pytest.warns(UserWarning, match="tuner layer"):
+        assert lk_peft.fuse(fused) == 0
+    x = torch.randn(5, 16, device=backend.device)
+    with use_backend(backend.name):
+        torch.testing.assert_close(fused(x), reference(x))
+
+
+def test_tuner_layer_on_lora_still_fuses(backend, fresh_warnings, fused_calls):
+    reference = _mixed(("lora", "loha")).to(backend.device)  # loha.Linear over lora.Linear over nn.Linear
+    fused = copy.deepcopy(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lk_peft.fuse(fused) == 1
+        x = torch.randn(5, 16, device=backend.device)
+        with use_backend(backend.name):
+            torch.testing.assert_close(fused(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert fused_calls
+
+
+# ------------------------------------------------------------------------- hooks on the wrapped base layer
+
+
+def _peft_two_layers(device) -> nn.Module:
+    torch.manual_seed(0)
+    model = get_peft_model(TwoLayers(), LoraConfig(r=4, lora_alpha=8, target_modules=["lin"]))
+    _randomize_lora(model)
+    return model.eval().to(device)
+
+
+def test_base_layer_hooks_run_after_fuse(backend, fresh_warnings, fused_calls):
+    reference = _peft_two_layers(backend.device)
+    fused = copy.deepcopy(reference)
+    assert lk_peft.fuse(fused) == 1
+    x = torch.randn(5, 16, device=backend.device)
+    with use_backend(backend.name):
+        plain = fused(x)
+    assert len(fused_calls) == 1
+
+    seen = {"reference": 0, "fused": 0}
+    handles = []
+    for name, model in (("reference", reference), ("fused", fused)):
+        base = model.base_model.model.lin.base_layer
+
+        def record(module, args, output, name=name):
+            seen[name] += 1
+
+        # added after fuse: the fused forward decides at call time
+        handles.append(base.register_forward_pre_hook(lambda module, args: (args[0] * 2,)))
+        handles.append(base.register_forward_hook(record))
+    with use_backend(backend.name), pytest.warns(UserWarning, match="hook"):
+        y = fused(x)
+    torch.testing.assert_close(y, reference(x))
+    assert not torch.allclose(y, plain)
+    assert seen == {"reference": 1, "fused": 1}
+    assert len(fused_calls) == 1  # PEFT's forward ran, not the fused op
+
+    for handle in handles:
+        handle.remove()
+    with use_backend(backend.name):
+        torch.testing.assert_close(fused(x), plain)
+    assert len(fused_calls) == 2  # fused again once the hooks are gone
+
+
+def test_adapter_module_hooks_and_accelerate_hooks_are_honoured(backend, fresh_warnings, fused_calls):
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+
+    class Doubling(accelerate_hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return (args[0] * 2, *args[1:]), kwargs
+
+    reference = _peft_two_layers(backend.device)
+    fused = copy.deepcopy(reference)
+    lk_peft.fuse(fused)
+    x = torch.randn(5, 16, device=backend.device)
+    for model in (reference, fused):
+        accelerate_hooks.add_hook_to_module(model.base_model.model.lin.base_layer, Doubling())
+    with use_backend(backend.name), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(fused(x), reference(x))
+    assert not fused_calls
+    for model in (reference, fused):
+        accelerate_hooks.remove_hook_from_module(model.base_model.model.lin.base_layer)
+        model.base_model.model.lin.lora_A["default"].register_forward_pre_hook(lambda m, args: (args[0] + 1,))
+    with use_backend(backend.name), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(fused(x), reference(x))
+    assert not fused_calls
+
+
+def test_fuse_keeps_a_forward_someone_else_replaced(fresh_warnings):
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+
+    class Doubling(accelerate_hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return (args[0] * 2, *args[1:]), kwargs
+
+    reference = _peft_two_layers("cpu")
+    fused = copy.deepcopy(reference)
+    for model in (reference, fused):
+        accelerate_hooks.add_hook_to_module(model.base_model.model.lin, Doubling())
+    with pytest.warns(UserWarning, match="forward"):
+        assert lk_peft.fuse(fused) == 0
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(fused(x), reference(x))
+    assert lk_peft.unfuse(fused) == 0
+    torch.testing.assert_close(fused(x), reference(x))
+
+
+# ------------------------------------------------------------------------ saving and copying a fused model
+
+
+def test_fused_peft_model_saves_pickles_and_copies(backend, tmp_path, fused_calls):
+    model = get_peft_model(_one_layer_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    _randomize_lora(model)
+    model = model.to(backend.device)
+    n_fused = lk_peft.fuse(model)
+    assert n_fused == len(TARGETS)
+    ids = torch.randint(0, 64, (2, 6), device=backend.device)
+    with use_backend(backend.name), torch.no_grad():
+        expected = model(input_ids=ids).logits
+
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    copies = {
+        "torch.load": loaded,
+        "pickle": pickle.loads(pickle.dumps(model)),
+        "deepcopy": copy.deepcopy(model),
+    }
+    for how, other in copies.items():
+        fused_calls.clear()
+        with use_backend(backend.name), torch.no_grad():
+            torch.testing.assert_close(
+                other(input_ids=ids).logits, expected, msg=lambda m, h=how: f"{h}: {m}"
+            )
+        assert len(fused_calls) == n_fused, how  # still runs fused
+        assert lk_peft.unfuse(other) == n_fused, how
+    # the copies do not share their layers with the original
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert lk_peft.unfuse(model) == n_fused
+    assert "forward" not in q_proj.__dict__
+
+
+def test_fused_forward_refers_to_its_own_layer_after_a_copy():
+    model = _peft_two_layers("cpu")
+    lk_peft.fuse(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.base_model.model.lin.lora_B["default"].weight.zero_()
+    x = torch.randn(3, 16)
+    base = twin.base_model.model
+    with use_backend("torch"):
+        torch.testing.assert_close(twin(x), base.out(torch.tanh(base.lin.base_layer(x))))
+        assert not torch.allclose(model(x), twin(x))
+
+
+# -------------------------------------------------------------------- warnings only where fuse should fuse
+
+
+def test_fuse_warns_only_for_layers_that_should_fuse(fresh_warnings, fused_calls):
+    reference = get_peft_model(_one_layer_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    reference.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    reference.set_adapter("other")
+    _randomize_lora(reference)
+    fused = copy.deepcopy(reference)
+    ids = torch.randint(0, 64, (2, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lk_peft.fuse(fused) == 1  # only q_proj holds "other"
+        with use_backend("torch"), torch.no_grad():
+            torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+        assert len(fused_calls) == 1
+        fused.merge_adapter()
+        reference.merge_adapter()
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+    fused.unmerge_adapter()  # PEFT warns "Already unmerged" for the layers without "other"
+    fused.base_model.set_adapter(["default", "other"])
+    with pytest.warns(UserWarning, match="2 active adapters"):
+        fused(input_ids=ids)
