@@ -1,17 +1,19 @@
 """inject_lora, lora_state_dict, merge_lora / unmerge_lora on plain torch models.
 
 Also torch's attention modules: inject_lora warns for nn.MultiheadAttention's out_proj (its forward never
-calls it).
+calls it), and nn.TransformerEncoderLayer's eval fast path still runs the adapters of linear1 / linear2.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import lora_kernels
 from lora_kernels import (
     FusedLoRALinear,
     inject_lora,
@@ -249,3 +251,35 @@ def test_inject_warns_for_mha_out_proj():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inject_lora(WithAttention(), ["proj"])
+
+
+def _encoder_layer() -> nn.TransformerEncoderLayer:
+    return nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True).eval()
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
+def test_transformer_encoder_layer_in_eval_runs_the_adapters(merge):
+    torch.manual_seed(0)
+    layer = _encoder_layer()
+    base = copy.deepcopy(layer)
+    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    base_encoder = copy.deepcopy(encoder)
+    with pytest.warns(UserWarning, match="out_proj"):  # MHA's out_proj still cannot: it warns
+        inject_lora(encoder, ["linear1", "linear2", "out_proj"], r=4, init_lora_weights=False)
+    reference = copy.deepcopy(base_encoder)  # the adapters folded into plain weights: the fast path is right
+    with torch.no_grad():
+        for name, fused in lora_kernels.inject.lora_layers(encoder).items():
+            if merge or not name.endswith("out_proj"):  # (merged, out_proj's adapter is in its weight)
+                reference.get_submodule(name).weight += fused.delta_weight()
+    if merge:
+        lora_kernels.merge_lora(encoder)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), use_backend("torch"):
+        y = encoder(x)
+        assert (y - base_encoder(x)).abs().max() > 1e-2
+        torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
+        # one layer on its own, with a padding mask (another input of the fast path)
+        single = copy.deepcopy(base)
+        inject_lora(single, ["linear1"], r=4, init_lora_weights=False)
+        mask = torch.tensor([[False] * 4 + [True], [False] * 5])
+        assert (single(x, src_key_padding_mask=mask) - base(x, src_key_padding_mask=mask)).abs().max() > 1e-2

@@ -1,7 +1,8 @@
 """FusedLoRALinear: PEFT's names and semantics, from_linear, merge, state dicts, train/eval.
 
 Also: each bad constructor argument named in its error, ``reset_parameters`` (after a meta-device init, on
-a merged layer). A merged layer's state dict: ``test_state_dict.py``.
+a merged layer), and ``out_features = 0`` (LoRA and DoRA: forward, backward, merge). A merged layer's
+state dict: ``test_state_dict.py``.
 """
 
 import io
@@ -221,3 +222,27 @@ def test_reset_parameters_of_a_merged_layer_unmerges():
     expected = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
     with use_backend("torch"):
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- out_features = 0
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_zero_out_features(backend, use_dora):
+    device = backend.device
+    with use_backend(backend.name):
+        with pytest.warns(UserWarning, match="zero-element"):  # as nn.Linear(16, 0) warns
+            layer = FusedLoRALinear(16, 0, r=4, use_dora=use_dora, init_lora_weights=False, device=device)
+        x = torch.randn(2, 3, 16, device=device, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (2, 3, 0)
+        y.sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))
+        assert torch.equal(layer.lora_A.grad, torch.zeros_like(layer.lora_A))
+        assert layer.lora_B.grad.shape == (0, 4)
+        if use_dora:
+            assert layer.lora_magnitude.shape == (0,) and layer.lora_magnitude.grad.shape == (0,)
+        layer.merge()
+        assert layer(x).shape == (2, 3, 0)
+        layer.unmerge()
+        assert layer(x).shape == (2, 3, 0)

@@ -2,8 +2,8 @@
 
 Validation names the bad argument (shapes, dtypes, devices, ``scaling``, ``dropout_p``, ``dropout_seed``);
 the edge cases work as on nn.Linear (frozen inputs, accumulated gradients, in-place ops on the output, the
-meta device); numerics: NaN and inf propagate as in the reference, fp16 overflows as nn.Linear does, and
-a large ``scaling`` in float16 stays finite where PEFT's result does.
+meta device); numerics: NaN and inf propagate as in the reference (an inf in ``x`` stays inf, LoRA and DoRA),
+fp16 overflows as nn.Linear does, and a large ``scaling`` in float16 stays finite where PEFT's result does.
 Then the module's copies and dtypes, and concurrency.
 """
 
@@ -21,11 +21,13 @@ from torch import nn
 import lora_kernels
 from lora_kernels import (
     FusedLoRALinear,
+    dora_linear,
     dropout_mask,
     lora_linear,
     lora_linear_reference,
     use_backend,
 )
+from lora_kernels.reference import dora_linear_reference
 
 
 def _args(problem):
@@ -228,6 +230,51 @@ def test_nan_and_inf_propagate_like_the_reference(backend, where, value):
     assert torch.equal(torch.isnan(y), torch.isnan(expected))
     assert torch.equal(torch.isinf(y), torch.isinf(expected))
     assert torch.isnan(y).any() or torch.isinf(y).any()
+
+
+def _assert_same_with_infinities(actual: torch.Tensor, expected: torch.Tensor, dtype, name: str) -> None:
+    """The non-finite entries equal (inf with its sign, NaN where the reference has NaN), the rest close."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(actual), finite), f"{name}: non-finite entries differ"
+    torch.testing.assert_close(actual[~finite], expected[~finite], equal_nan=True, msg=f"{name}: non-finite")
+    if finite.any():
+        assert_close(actual[finite], expected[finite], dtype, name, 4.0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("r", [4, 8, 20])
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["inf", "-inf"])
+def test_inf_in_x_stays_inf(backend, use_dora, r, sign):
+    """All weights and dY >= 0, so every result is a finite number or an inf of one sign, never NaN."""
+    device = backend.device
+    M, K, N, s = 5, 24, 10, 0.5
+    x = torch.rand(M, K, device=device)
+    x[2, 7] = sign * float("inf")
+    weight, bias = torch.rand(N, K, device=device), torch.rand(N, device=device)
+    lora_A = torch.rand(r, K, device=device, requires_grad=True)
+    lora_B = torch.rand(N, r, device=device, requires_grad=True)
+    magnitude = (torch.rand(N, device=device) + 4.0).requires_grad_()
+    x.requires_grad_()
+    leaves = [x, lora_A, lora_B] + ([magnitude] if use_dora else [])
+    grad_y = torch.rand(M, N, device=device)
+    with use_backend(backend.name):
+        if use_dora:
+            y = dora_linear(x, weight, bias, lora_A, lora_B, magnitude, s)
+        else:
+            y = lora_linear(x, weight, bias, lora_A, lora_B, s)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    w64, b64 = weight.double(), bias.double()
+    if use_dora:
+        y_ref = dora_linear_reference(leaves64[0], w64, b64, *leaves64[1:3], leaves64[3], s)
+    else:
+        y_ref = lora_linear_reference(leaves64[0], w64, b64, *leaves64[1:3], s)
+    grads_ref = torch.autograd.grad(y_ref, leaves64, grad_y.double())
+    assert torch.isinf(y[2]).all() and not torch.isnan(y).any()
+    _assert_same_with_infinities(y, y_ref, torch.float32, "y")
+    for name, g, g_ref in zip(["x", "A", "B", "m"], grads, grads_ref, strict=False):
+        _assert_same_with_infinities(g, g_ref, torch.float32, f"d{name}")
 
 
 def test_fp16_overflow_like_nn_linear(backend):
