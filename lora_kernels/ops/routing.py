@@ -65,45 +65,42 @@ def _always(device: torch.device) -> bool:
 class Path:
     """One path: ``backend``'s ``module`` (in :mod:`lora_kernels.ops`) provides ``forward`` and ``backward``
     with the signatures of the backend interface (:mod:`lora_kernels.ops`); ``available(device)`` says
-    whether it can run on ``device`` (where the backend itself can), e.g. only on Hopper."""
+    whether it can run on ``device`` (where the backend itself can), e.g. only on Hopper: a function, or the
+    name of one in ``module``, so that this registry names a backend's check without importing the backend
+    (which imports :mod:`lora_kernels.ops`, which imports this)."""
 
     name: str
     backend: str
     module: str
     forward: str = "lora_forward"
     backward: str = "lora_backward"
-    available: Callable[[torch.device], bool] = _always
-
-
-def _tma_on_gpu(device: torch.device) -> bool:
-    """The TMA persistent kernels (:mod:`lora_kernels.ops.triton_tma`) on a Hopper-class GPU. Not offered
-    under the interpreter, where ``tests/test_triton_tma.py`` checks them directly."""
-    if device.type != "cuda":
-        return False
-    from . import triton_tma
-
-    return triton_tma.tma_available(device)
+    available: Callable[[torch.device], bool] | str = _always
 
 
 #: Every path of every backend; the first of a backend is what it runs when nothing else decides and
 #: :data:`DEFAULT_PATH` is not among its paths. ``tma`` and ``tma_ws`` (warp-specialized) are issue 21's
-#: persistent TMA kernels; their ``t_fused`` variants are timed by ``benchmarks/tma_sweep.py`` only.
+#: persistent TMA kernels on a Hopper-class GPU (``triton_tma.tma_gpu_available``; not offered under the
+#: interpreter, where ``tests/test_triton_tma.py`` checks them directly); their ``t_fused`` variants are
+#: timed by ``benchmarks/tma_sweep.py`` only.
 PATHS: tuple[Path, ...] = (
     Path("split", "triton", "triton_lora", "split_forward", "split_backward"),
     Path("fused", "triton", "triton_lora"),
-    Path("tma", "triton", "triton_tma", "forward_tma", "backward_tma", _tma_on_gpu),
-    Path("tma_ws", "triton", "triton_tma", "forward_tma_ws", "backward_tma_ws", _tma_on_gpu),
+    Path("tma", "triton", "triton_tma", "forward_tma", "backward_tma", "tma_gpu_available"),
+    Path("tma_ws", "triton", "triton_tma", "forward_tma_ws", "backward_tma_ws", "tma_gpu_available"),
     Path("split", "cuda", "cuda_lora"),
     Path("split", "torch", "torch_lora"),
 )
 
 
 @functools.cache
-def _functions(path: Path) -> tuple[Callable, Callable] | str:
-    """``(forward, backward)`` of ``path``, or why its module does not import."""
+def _functions(path: Path) -> tuple[Callable, Callable, Callable] | str:
+    """``(forward, backward, available)`` of ``path``, or why its module does not import."""
     try:
         module = importlib.import_module(f"lora_kernels.ops.{path.module}")
-        return getattr(module, path.forward), getattr(module, path.backward)
+        available = path.available
+        if isinstance(available, str):
+            available = getattr(module, available)
+        return getattr(module, path.forward), getattr(module, path.backward), available
     except (ImportError, AttributeError) as err:
         return f"{path.module} does not provide it ({err})"
 
@@ -116,7 +113,7 @@ def _why_not(path: Path, device: torch.device) -> str | None:
     found = _functions(path)
     if isinstance(found, str):
         return found
-    return None if path.available(device) else f"its available() check is false on {device}"
+    return None if found[2](device) else f"its available() check is false on {device}"
 
 
 def offered_paths(backend: str, device: torch.device | str | None = None) -> list[str]:
@@ -135,7 +132,7 @@ def path_functions(backend: str, name: str) -> tuple[Callable, Callable]:
     found = _functions(path) if path is not None else f"backend {backend!r} has no path {name!r}"
     if isinstance(found, str):
         raise RuntimeError(f"lora_kernels path {name!r} of backend {backend!r} is not available: {found}")
-    return found
+    return found[:2]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -264,6 +264,12 @@ def tma_available(device: torch.device | str) -> bool:
     return _capability_ok(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def tma_gpu_available(device: torch.device) -> bool:
+    """The routing's check of the ``tma`` paths (:data:`lora_kernels.ops.routing.PATHS`): a Hopper-class GPU,
+    never under the interpreter (``tests/test_triton_tma.py`` runs the kernels there directly)."""
+    return device.type == "cuda" and tma_available(device)
+
+
 def _tma_config(M: int, N: int, K: int, element_size: int, ws: bool, masked: bool = False) -> dict:
     """Preferred tile config of :func:`_lora_linear_tma_kernel`; ``masked``: dX with dropout (the mask in
     the epilogue). Not timed yet: the sweep decides (benchmarks/tma_sweep.py); the sm_90 registers, spills
