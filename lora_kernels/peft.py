@@ -241,7 +241,8 @@ def fuse(peft_model: nn.Module) -> int:
         if forward is not None and not isinstance(forward, _FusedForward):
             skipped[_REPLACED] += 1
             continue
-        module.forward = _FusedForward(module)
+        if forward is None:  # (a tensor-parallel layer's fused forward, lora_kernels.parallel, stays)
+            module.forward = _FusedForward(module)
         why, warn = _why_not_fused(module)
         if why is None:
             fused += 1
@@ -257,10 +258,13 @@ def fuse(peft_model: nn.Module) -> int:
 
 
 def unfuse(peft_model: nn.Module) -> int:
-    """Give every layer patched by :func:`fuse` its PEFT forward back; returns how many were restored."""
+    """Give every layer patched by :func:`fuse` its PEFT forward back; returns how many were restored.
+
+    Tensor-parallel layers (:mod:`lora_kernels.parallel`) keep their sharded forward: PEFT's cannot run on
+    the shards."""
     restored = 0
     for module in peft_model.modules():
-        if isinstance(module.__dict__.get("forward"), _FusedForward):
+        if type(module.__dict__.get("forward")) is _FusedForward:
             del module.__dict__["forward"]
             restored += 1
     return restored
