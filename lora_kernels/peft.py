@@ -123,6 +123,9 @@ def _why_not_fused(layer: nn.Module) -> tuple[str | None, bool]:
     if type(base) is nn.Linear:
         pass
     elif quant4bit.is_linear4bit(base):
+        quant4bit.check_still_4bit(
+            base.weight
+        )  # refused, not a fallback: PEFT's forward cannot read it either
         try:
             quant4bit.describe(base.weight)
         except (ValueError, TypeError, ImportError) as err:
