@@ -268,3 +268,62 @@ def test_fsdp2_times_tensor_parallel_trains_as_one_process(fsdp_tp_results, dora
     with use_backend("torch"):
         expected = train(model, x, target)
     check_same(fsdp_tp_results[dora], expected)
+
+
+# ------------------------------------------------------------------------------------------- PEFT under TP
+
+
+class PlainBlock(nn.Module):
+    """:class:`Block` with plain ``nn.Linear`` layers, for PEFT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.gate, self.down = nn.Linear(DIM, HIDDEN), nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.up(x)) * self.gate(x))
+
+
+def _peft_block(dora: bool) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=R, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False, use_dora=dora
+    )
+    return get_peft_model(PlainBlock(), config)
+
+
+def _peft_tp_worker(rank: int, world: int) -> dict:
+    """The PEFT model's LoRA layers parallelized with the plan torch's styles take for the base model."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import lora_kernels
+    from lora_kernels.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for dora in (False, True):
+        model = _peft_block(dora)
+        parallelize_module(model.base_model.model, mesh, _plan(False))
+        assert lora_kernels.peft.fuse(model) == 2  # fuse leaves the sharded forwards, and counts them
+        assert lora_kernels.peft.unfuse(model) == 0
+        x, target = _data()
+        with lora_kernels.use_backend("torch"):
+            results[dora] = train(model, x, target)
+    return results
+
+
+@pytest.fixture(scope="module")
+def peft_tp_results() -> dict:
+    pytest.importorskip("peft")
+    return run_ranks(_peft_tp_worker, 2)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_model_under_tensor_parallelism_equals_peft(peft_tp_results, dora):
+    """PEFT's LoRA layers sharded by our styles run the fused op on their shards, with the outputs,
+    gradients and steps of PEFT's own forward in one process (no dropout: PEFT's mask is torch's RNG)."""
+    x, target = _data()
+    expected = train(_peft_block(dora), x, target)
+    check_same(peft_tp_results[dora], expected)
