@@ -179,8 +179,9 @@ def dropout_values(seed: Seed, rows: torch.Tensor, cols: torch.Tensor) -> torch.
 
 
 def dropout_mask(
-    seed: Seed, shape: Shape, p: float, device: Device = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+    seed: Seed, shape: Shape, p: float, device: Device = None, dtype: torch.dtype = torch.float32,
+    column_offset: int = 0,
+) -> torch.Tensor:  # fmt: skip
     """The exact dropout mask the kernels apply to an input of ``shape`` for ``seed``.
 
     Returns a tensor of ``shape`` holding ``1 / (1 - p)`` where the element is kept and ``0`` where it is
@@ -190,7 +191,16 @@ def dropout_mask(
     Uses the compiled extension's Philox when it is loaded (30–50× faster on a 2-core CPU), else
     :func:`dropout_mask_torch`; both give the same bits (tested). Under ``torch.compile`` it is
     :func:`dropout_mask_torch`, which the compiler fuses.
+
+    ``column_offset``: the mask of the columns ``column_offset + [0, shape[-1])`` of a wider input, that of
+    a shard of the input dimension (a row-parallel layer): the columns ``[o, o + K)`` of the mask of
+    ``(..., o + K)``. The extension makes the mask from column 0, so it makes the wider one and cuts it.
     """
+    if column_offset:
+        if column_offset < 0:
+            raise ValueError(f"column_offset must be >= 0, got {column_offset}")
+        wide = (*tuple(shape)[:-1], column_offset + tuple(shape)[-1])
+        return dropout_mask(seed, wide, p, device, dtype)[..., column_offset:].contiguous()
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     shape = tuple(shape)

@@ -243,6 +243,7 @@ def _make_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training) ->
 def lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
     dropout_p: float = 0.0, training: bool = False, *, dropout_seed: int | None = None,
+    dropout_column_offset: int = 0,
 ) -> Tensor:  # fmt: skip
     """Fused LoRA linear: ``y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ``.
 
@@ -259,10 +260,14 @@ def lora_linear(
             element (see :func:`lora_kernels.dropout_mask`); by default a fresh one is drawn on ``x``'s
             device from its torch generator (:func:`lora_kernels.dropout.draw_seed`), so
             ``torch.manual_seed`` makes runs repeatable. Not needed under ``torch.compile`` or CUDA graphs.
+        dropout_column_offset: where ``x`` holds the columns ``[o, o + in_features)`` of a wider input (a
+            shard of a row-parallel layer's input, :mod:`lora_kernels.parallel`), ``o``: the mask is that
+            of those columns of the wider input, so the shards of N ranks make one process's mask.
 
     Returns:
         ``(..., out_features)`` in ``x.dtype``: a new tensor (not a view), which may be modified in place.
     """
+    offset = _check_offset(dropout_column_offset)
     if not torch.compiler.is_compiling():
         if (
             any_autocast_enabled is None or any_autocast_enabled()
@@ -274,22 +279,24 @@ def lora_linear(
         dropout_p = float(dropout_p) if plan.dropout else 0.0
         if _composite_needed(x, weight, bias, lora_A, lora_B):
             seed = _call_seed(dropout_seed, x.device) if plan.dropout else 0
-            return lora_linear_composite(
-                x, weight, bias, lora_A, lora_B, LoRAParams(scaling, dropout_p, seed)
-            )
+            params = LoRAParams(scaling, dropout_p, seed, column_offset=offset)
+            return lora_linear_composite(x, weight, bias, lora_A, lora_B, params)
         if not plan.dropout or (plan.draws_seed and dropout_seed is None):
             seed = None  # no dropout, or drawn by the backend with the mask (the same draw as _call_seed's)
         else:
             seed = _call_seed(dropout_seed, x.device)
         backend = plan.backend or _backend_for(x.device, x.dtype, lora_A.shape[0])
         return LoRALinearFunction.apply(
-            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, plan.path
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, plan.path, offset
         )
     x, weight, bias = _autocast_inputs(x, weight, bias)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)  # traced once: no cache, no guard
     dropout_seed = check_dropout_seed(dropout_seed)
     dropout_p, scaling = float(dropout_p if training else 0.0), float(scaling)
     seed = _call_seed(dropout_seed, x.device) if dropout_p > 0.0 else None
+    if offset and seed is not None:  # the op's schema has no offset: the composite, which the compiler fuses
+        params = LoRAParams(scaling, dropout_p, seed, column_offset=offset)
+        return lora_linear_composite(x, weight, bias, lora_A, lora_B, params)
     # Traced: the registered op. The rank may be a symbol too (adapters that are not nn.Parameters,
     # dynamic=True), which the constant _backend_for cannot take: only whether it exceeds the kernels'
     # limit matters to it.
@@ -297,6 +304,17 @@ def lora_linear(
     backend = _backend_for(x.device, x.dtype, rank)
     y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
     return y
+
+
+def _check_offset(offset) -> int:
+    """``dropout_column_offset`` as an int >= 0, else a ``TypeError``/``ValueError``."""
+    if type(offset) is int and offset >= 0:  # the common case, one check
+        return offset
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+        raise TypeError(f"dropout_column_offset must be an int >= 0, got {type(offset).__name__} {offset!r}")
+    if offset < 0:
+        raise ValueError(f"dropout_column_offset must be an int >= 0, got {offset}")
+    return int(offset)
 
 
 def _call_seed(dropout_seed: int | Tensor | None, device: torch.device) -> Tensor:
@@ -317,6 +335,7 @@ def _call_seed(dropout_seed: int | Tensor | None, device: torch.device) -> Tenso
 def dora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
     scaling: float, dropout_p: float = 0.0, training: bool = False, *, dropout_seed: int | None = None,
+    dropout_column_offset: int = 0, weight_norm: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Fused DoRA linear (weight-decomposed LoRA, PEFT's ``use_dora=True``), with PEFT's semantics.
 
@@ -328,6 +347,9 @@ def dora_linear(
     Args:
         magnitude: DoRA's trainable magnitude ``m``, ``(out_features,)`` (PEFT's ``lora_magnitude_vector``),
             usually in the adapters' dtype.
+        weight_norm: ``‖W + s·B·A‖`` per output row (float32, detached), where the caller computed it:
+            a row-parallel layer (:mod:`lora_kernels.parallel`) holds a shard of each row and reduces the
+            norm over the ranks; by default it is computed here (:func:`dora_weight_norm`).
         the others: as :func:`lora_linear`.
 
     Returns:
@@ -342,14 +364,17 @@ def dora_linear(
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     _check_magnitude(magnitude, weight, lora_A)
     dropout_seed = check_dropout_seed(dropout_seed)
+    offset = _check_offset(dropout_column_offset)
+    if weight_norm is not None and tuple(weight_norm.shape) != (weight.shape[0],):
+        raise ValueError(f"{_describe('weight_norm', weight_norm)} must be (out_features={weight.shape[0]},)")
     dropout_p, scaling = float(dropout_p if training else 0.0), float(scaling)
     seed = _call_seed(dropout_seed, x.device) if dropout_p > 0.0 else 0
     if torch.compiler.is_compiling() or _composite_needed(x, weight, bias, lora_A, lora_B, magnitude):
-        params = LoRAParams(scaling, dropout_p, seed)
-        return dora_linear_composite(x, weight, bias, lora_A, lora_B, magnitude, params)
+        params = LoRAParams(scaling, dropout_p, seed, column_offset=offset)
+        return dora_linear_composite(x, weight, bias, lora_A, lora_B, magnitude, params, weight_norm)
     backend = _backend_for(x.device, x.dtype, lora_A.shape[0])
     return DoRALinearFunction.apply(
-        x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, backend
+        x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, backend, offset, weight_norm
     )
 
 

@@ -89,16 +89,17 @@ def _keep_scalars(ctx, params: LoRAParams) -> None:
     """Keep ``params``' scalars on ``ctx``; its packed mask, a tensor, goes into the saved tensors (so
     saved-tensor hooks see it) and comes back through :func:`_kept_params`."""
     ctx.scaling, ctx.dropout_p, ctx.seed = params.scaling, params.dropout_p, params.seed
+    ctx.column_offset = params.column_offset
 
 
 def _kept_params(ctx, keep_bits: Tensor | None) -> LoRAParams:
     """The :class:`LoRAParams` of the forward, from :func:`_keep_scalars` and the saved packed mask."""
-    return LoRAParams(ctx.scaling, ctx.dropout_p, ctx.seed, keep_bits)
+    return LoRAParams(ctx.scaling, ctx.dropout_p, ctx.seed, keep_bits, column_offset=ctx.column_offset)
 
 
 def _backward(ctx, grad_y: Tensor, *_):
     """Gradients for the inputs ``(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend[,
-    path])``."""
+    path, column_offset])``."""
     x, weight, lora_A, lora_B, t, seed, keep_bits = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:5])
     if ctx.through_op:  # an op itself, so that a compiled backward graph holds it rather than the kernels
@@ -117,8 +118,9 @@ def _backward(ctx, grad_y: Tensor, *_):
                 )
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # backward(create_graph=True)
         grads = once_differentiable_grads((grad_y, x, weight, lora_A, lora_B), grads)
-    # the scalars' (None): the op takes (scaling, dropout_p, seed, backend), the Function the path too
-    return (*grads, None, None, None, None) if ctx.through_op else (*grads, None, None, None, None, None)
+    # the scalars' (None): the op takes (scaling, dropout_p, seed, backend), the Function the path and the
+    # column offset too
+    return (*grads, None, None, None, None) if ctx.through_op else (*grads, *(None,) * 6)
 
 
 class OnceDifferentiable(torch.autograd.Function):
@@ -159,10 +161,12 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: Tensor | None,
-        backend: str, path: str | None,
+        backend: str, path: str | None, column_offset: int = 0,
     ):  # fmt: skip
-        """``path``: the routing's choice, made by the caller once per call signature; None: chosen here."""
-        params = with_kept_mask(backend, x, LoRAParams(scaling, dropout_p, seed))
+        """``path``: the routing's choice, made by the caller once per call signature; None: chosen here.
+        ``column_offset``: the dropout mask's first column (``LoRAParams.column_offset``)."""
+        params = LoRAParams(scaling, dropout_p, seed, column_offset=column_offset)
+        params = with_kept_mask(backend, x, params)
         if path is None:  # training: an input takes a gradient (under no_grad too: needs_input_grad says so)
             path = select_path(backend, x, weight, lora_A, dropout_p, any(ctx.needs_input_grad[:5]))
         y, t = run_forward(backend, x, weight, bias, lora_A, lora_B, params, path)
@@ -184,11 +188,14 @@ class DoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
-        seed: Tensor | None, backend: str,
+        seed: Tensor | None, backend: str, column_offset: int = 0, weight_norm: Tensor | None = None,
     ):  # fmt: skip
-        params = with_kept_mask(backend, x, LoRAParams(scaling, dropout_p, seed))
+        """``column_offset``: the dropout mask's first column; ``weight_norm``: DoRA's norm, if the caller
+        computed it (a row-parallel layer reduces it over the ranks), else computed here."""
+        params = LoRAParams(scaling, dropout_p, seed, column_offset=column_offset)
+        params = with_kept_mask(backend, x, params)
         y, t, z, col_scale, norm = run_dora_forward(
-            backend, x, weight, bias, lora_A, lora_B, magnitude, params
+            backend, x, weight, bias, lora_A, lora_B, magnitude, params, weight_norm
         )
         ctx.save_for_backward(x, weight, lora_A, lora_B, t, z, col_scale, norm, params.keep_bits)
         _keep_scalars(ctx, params)
@@ -208,7 +215,7 @@ class DoRALinearFunction(torch.autograd.Function):
             )  # fmt: skip
         if torch.is_grad_enabled():  # backward(create_graph=True)
             grads = once_differentiable_grads((grad_y, x, weight, lora_A, lora_B), grads)
-        return (*grads, None, None, None, None)
+        return (*grads, *(None,) * 6)
 
 
 class QLoRALinearFunction(torch.autograd.Function):

@@ -404,6 +404,7 @@ class FusedLoRALinear(nn.Module):
         return self.weight, self.bias, self.lora_A, self.lora_B
 
     def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
+        quant4bit.check_still_4bit(self.weight)  # (FSDP2 re-wraps the weight without its quant state)
         if self.use_dora:
             return qdora_linear(
                 x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude, self.scaling,

@@ -53,17 +53,43 @@ def _peft_bnb_classes(name: str) -> tuple[type, ...]:
 
 def _runs_more_than_forward(module: nn.Module) -> bool:
     """Whether calling ``module`` runs more than its class's ``forward``: module hooks (forward, pre-forward,
-    backward: user hooks, layerwise casting as used with PEFT's ``disable_input_dtype_casting``, DeepSpeed
-    ZeRO-3 parameter gathering) or a replaced ``forward`` (accelerate's ``add_hook_to_module``: offload,
-    device alignment). The fused op reads the weights itself, so such a layer keeps PEFT's forward."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
+    backward: user hooks, layerwise casting as used with PEFT's ``disable_input_dtype_casting``) or a
+    replaced ``forward`` (accelerate's ``add_hook_to_module``: offload, device alignment). The fused op
+    reads the weights itself, so such a layer keeps PEFT's forward. DeepSpeed's own hooks (ZeRO-3's
+    parameter gathering) do not count: :func:`_zero3_gathered` meets them through ZeRO-3's API."""
+    hooks = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+    )
+    return (
+        any(not _is_deepspeed_hook(hook) for table in hooks for hook in table.values())
         or "forward" in module.__dict__
         or getattr(module, "_hf_hook", None) is not None
     )
+
+
+def _is_deepspeed_hook(hook: Any) -> bool:
+    """Whether a module hook is DeepSpeed's (a function of the ``deepspeed`` package, or a partial of one)."""
+    function = getattr(hook, "func", hook)
+    module = getattr(function, "__module__", None) or ""
+    return module == "deepspeed" or module.startswith("deepspeed.")
+
+
+def _zero3_gathered(layer: nn.Module, tensors: list[torch.Tensor]) -> bool:
+    """ZeRO-3: whether the layer's partitioned parameters (``ds_id``) are all gathered now. Each is
+    registered as an external parameter of ``layer`` (``deepspeed.zero.register_external_parameter``, the
+    documented way to use a parameter outside its own module's forward: ZeRO-3 then gathers it for the
+    layer's forward and backward and releases it after), so from the next call on they are; until then the
+    caller runs PEFT's forward, whose modules gather their own."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, register_external_parameter
+
+    external = dict(layer.ds_external_parameters()) if hasattr(layer, "ds_external_parameters") else {}
+    for param in tensors:
+        if param.ds_id not in external:
+            register_external_parameter(layer, param)
+    return all(param.ds_status == ZeroParamStatus.AVAILABLE for param in tensors)
 
 
 def _global_module_hooks() -> bool:
@@ -98,6 +124,9 @@ def _why_not_fused(layer: nn.Module) -> tuple[str | None, bool]:
         pass
     elif quant4bit.is_linear4bit(base):
         quant4bit.restore_4bit_weight(base)  # a model loaded with torch.load: its Params4bit class back
+        quant4bit.check_still_4bit(
+            base.weight
+        )  # refused, not a fallback: PEFT's forward cannot read it either
         try:
             quant4bit.describe(base.weight)
         except (ValueError, TypeError, ImportError) as err:
@@ -166,6 +195,9 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     scaling = float(self.scaling[adapter])
     dora = self.use_dora.get(adapter, False)
     magnitude = self.lora_magnitude_vector[adapter].weight if dora else None
+    zero3 = [t for t in (base.weight, base.bias, lora_A, lora_B, magnitude) if hasattr(t, "ds_id")]
+    if zero3 and not _zero3_gathered(self, zero3):
+        return peft_forward(self, x)  # this call only (see _zero3_gathered)
     if type(base) is not nn.Linear:  # a 4-bit base, the only other kind _why_not_fused lets through: QLoRA,
         # cast as Linear4bit.forward does (see qlora_linear)
         if not base.compute_type_is_set:
@@ -242,7 +274,8 @@ def fuse(peft_model: nn.Module) -> int:
         if forward is not None and not isinstance(forward, _FusedForward):
             skipped[_REPLACED] += 1
             continue
-        module.forward = _FusedForward(module)
+        if forward is None:  # (a tensor-parallel layer's fused forward, lora_kernels.parallel, stays)
+            module.forward = _FusedForward(module)
         why, warn = _why_not_fused(module)
         if why is None:
             fused += 1
@@ -258,10 +291,13 @@ def fuse(peft_model: nn.Module) -> int:
 
 
 def unfuse(peft_model: nn.Module) -> int:
-    """Give every layer patched by :func:`fuse` its PEFT forward back; returns how many were restored."""
+    """Give every layer patched by :func:`fuse` its PEFT forward back; returns how many were restored.
+
+    Tensor-parallel layers (:mod:`lora_kernels.parallel`) keep their sharded forward: PEFT's cannot run on
+    the shards."""
     restored = 0
     for module in peft_model.modules():
-        if isinstance(module.__dict__.get("forward"), _FusedForward):
+        if type(module.__dict__.get("forward")) is _FusedForward:
             del module.__dict__["forward"]
             restored += 1
     return restored

@@ -65,6 +65,21 @@ def is_4bit_weight(weight) -> bool:
     )
 
 
+def check_still_4bit(weight) -> None:
+    """A ``NotImplementedError`` naming the upstream limit where the weight of a 4-bit layer is no longer a
+    ``Params4bit``: FSDP2's ``fully_shard`` (or anything that re-wraps parameters) makes it a DTensor or a
+    plain ``Parameter``, and bitsandbytes' quant state (absmax, code, shape), an attribute of the
+    ``Params4bit`` object, is neither sharded nor gathered with it, so no kernel can dequantize the result."""
+    if not is_4bit_weight(weight):
+        raise NotImplementedError(
+            f"the 4-bit base weight is now a {type(weight).__name__}, not a bitsandbytes Params4bit: FSDP2 "
+            "(fully_shard) shards the packed bytes but not bitsandbytes' quant state (QuantState, an attribute "
+            "of the Params4bit object), an upstream limit of bitsandbytes under FSDP2, so the weight cannot "
+            "be dequantized. Keep the 4-bit layers out of fully_shard (shard the other modules), or "
+            "train QLoRA with DDP"
+        )
+
+
 def is_8bit_weight(weight) -> bool:
     """Whether ``weight`` is a bitsandbytes ``Int8Params`` (the weight of ``Linear8bitLt``)."""
     return any(

@@ -18,6 +18,10 @@ python -m pip install -q --upgrade pip setuptools wheel ninja
 python -m pip install -q "$TORCH_SPEC" "$TRITON_SPEC" numpy \
   pytest hypothesis pytest-benchmark ruff tqdm matplotlib \
   peft transformers safetensors bitsandbytes==0.50.2
+# DeepSpeed (tests/test_deepspeed.py runs ZeRO-2/3 on CPU ranks): --no-deps, so that it cannot change torch;
+# its own dependencies by name
+python -m pip install -q einops hjson msgpack py-cpuinfo psutil pydantic packaging
+python -m pip install -q --no-deps "deepspeed==0.19.8"
 
 # Build the optional extension against the torch above (no build isolation: it would fetch a second torch).
 export MAX_JOBS=${MAX_JOBS:-2}

@@ -168,3 +168,43 @@ def benchmarks_module(name: str):
             sys.modules[module] = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(sys.modules[module])
     return sys.modules[name]
+
+
+# ---------------------------------------------------------------------------------- spawned CPU ranks
+
+
+def run_ranks(target, world: int, *args):
+    """Run ``target(rank, world, *args)`` on ``world`` spawned CPU processes in one gloo group; returns
+    rank 0's result (through a file). ``target`` must be a module-level function (spawn pickles it by name).
+    """
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_rank_main, args=(world, out_dir, target, args), nprocs=world, join=True)
+        return torch.load(os.path.join(out_dir, "result.pt"), weights_only=False)
+
+
+def _rank_main(rank: int, world: int, out_dir: str, target, args: tuple) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # A rendezvous file, not a TCP port: no race for a free port between choosing it and binding it.
+    init_method = f"file://{os.path.join(out_dir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        result = target(rank, world, *args)
+        if rank == 0:
+            torch.save(result, os.path.join(out_dir, "result.pt"))
+        del result
+        # every rank leaves its collectives before any tears gloo down (see tests/test_distributed.py)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    # Leave without the interpreter's shutdown: gloo's threads could still abort a rank in C++ static
+    # destructors after everything above succeeded. Failures above still raise, and reach mp.spawn.
+    os._exit(0)

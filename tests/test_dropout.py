@@ -193,3 +193,52 @@ def test_triton_keep_tiles_equal_the_independent_implementation(backend, row_sta
     )
     assert torch.equal(out.cpu().bool(), expected)
     assert torch.equal(out_t.cpu().bool(), expected.t())
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_column_offset_shards_sum_to_the_whole_layer(backend, dora):
+    """A row-parallel split: ranks hold column shards of x, W and A and pass each shard's first column as
+    ``dropout_column_offset`` (DoRA also the norm of whole rows); the sum of their outputs, and the
+    gradients, are the unsharded layer's with dropout, mask included. Without the offset they are not."""
+    from lora_kernels import dora_linear, lora_linear
+    from lora_kernels.functional import dora_weight_norm
+
+    device = backend.device
+    M, K, N, r, s, p, seed = 6, 48, 20, 4, 0.7, 0.3, 1234
+    x = torch.randn(M, K, device=device, requires_grad=True)
+    W, b = torch.randn(N, K, device=device), torch.randn(N, device=device)
+    A = torch.randn(r, K, device=device, requires_grad=True)
+    B = torch.randn(N, r, device=device, requires_grad=True)
+    m = (torch.rand(N, device=device) + 0.5).requires_grad_()
+    # Triton's kernels take offsets that are multiples of 8; 21 goes to the torch backend's ops
+    shards = [(0, 16), (16, 21), (21, K)]
+    norm = sum(dora_weight_norm(W[:, a:c], A[:, a:c], B, s) ** 2 for a, c in shards).sqrt()
+
+    def layer(a, c, offset, bias):
+        args = (x[:, a:c], W[:, a:c], bias, A[:, a:c], B)
+        if dora:
+            return dora_linear(*args, m, s, p, True, dropout_seed=seed, dropout_column_offset=offset,
+                               weight_norm=norm if bias is None else None)  # fmt: skip
+        return lora_linear(*args, s, p, True, dropout_seed=seed, dropout_column_offset=offset)
+
+    inputs = (x, A, B, m) if dora else (x, A, B)
+    with use_backend(backend.name):
+        y = layer(0, K, 0, b)
+        grad_y = torch.randn_like(y)
+        expected = (y, *torch.autograd.grad(y, inputs, grad_y))
+        y_sharded = sum(layer(a, c, a, None) for a, c in shards) + b
+        got = (y_sharded, *torch.autograd.grad(y_sharded, inputs, grad_y))
+        for name, g, e in zip(("y", "dx", "dA", "dB", "dm"), got, expected, strict=False):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=lambda msg, n=name: f"{n}: {msg}")
+        y_unshifted = sum(layer(a, c, 0, None) for a, c in shards) + b
+    assert not torch.allclose(y_unshifted, y, rtol=1e-4, atol=1e-4)  # the offset matters
+
+
+def test_column_offset_mask_is_a_slice_of_the_wide_mask():
+    wide = dropout_mask(77, (5, 40), 0.4)
+    for offset in (0, 3, 8, 16, 21):
+        torch.testing.assert_close(
+            dropout_mask(77, (5, 40 - offset), 0.4, column_offset=offset), wide[:, offset:]
+        )
+    with pytest.raises(ValueError, match="column_offset"):
+        dropout_mask(77, (5, 4), 0.4, column_offset=-1)

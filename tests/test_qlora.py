@@ -474,3 +474,41 @@ def test_fused_peft_qlora_model_reloads_and_runs_fused(monkeypatch):
         y_again = again(x)
     assert calls == [1]
     torch.testing.assert_close(y_again, y, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ FSDP2 (refused)
+
+
+def _fsdp2_qlora_worker(rank: int, world: int) -> dict:
+    """Each way to hold a 4-bit base (FusedLoRALinear, PEFT fused) under fully_shard: the error raised."""
+    from torch.distributed.fsdp import fully_shard
+
+    errors = {}
+    for kind in ("fused_layer", "peft"):
+        base = _linear4bit(64, 32, dtype=torch.bfloat16, quant_storage=torch.bfloat16)
+        if kind == "fused_layer":
+            model = nn.Sequential(FusedLoRALinear.from_linear(base, r=4))
+        else:
+            model = _peft_pair(base)[1]
+        for param in model.parameters():  # FSDP2 takes one dtype per group: bf16 adapters, as the storage
+            if param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
+        fully_shard(model)
+        try:
+            model(torch.randn(3, 64, dtype=torch.bfloat16))
+            errors[kind] = None
+        except NotImplementedError as err:
+            errors[kind] = str(err)
+    return errors
+
+
+def test_fsdp2_over_a_4bit_base_is_refused_naming_the_limit():
+    """FSDP2 shards a ``quant_storage=bf16`` weight's bytes, not bitsandbytes' quant state: no kernel could
+    dequantize it, so the layer refuses (never a number), naming the limit; PEFT's fused layer too."""
+    pytest.importorskip("torch.distributed.fsdp")
+    from helpers import run_ranks
+
+    errors = run_ranks(_fsdp2_qlora_worker, 2)
+    for kind, message in errors.items():
+        assert message is not None, f"{kind}: ran under FSDP2"
+        assert "FSDP2" in message and "quant state" in message, message

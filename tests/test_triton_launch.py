@@ -114,7 +114,7 @@ def _reduce_args(a, M=64, P=48, R=16, scale=1.0, threshold=123) -> tuple:
     c = torch.zeros(64, R, dtype=a.dtype)  # (M only as an argument: any value, nothing runs)
     out = torch.zeros(P, R)
     return (a, c, out, out, a, out, c, out, M, P, R, M, a.stride(0), a.stride(1), c.stride(0), c.stride(1),
-            0, 0, 0, 0, R, 1, scale, out, threshold)  # fmt: skip
+            0, 0, 0, 0, R, 1, scale, out, threshold, 0)  # fmt: skip
 
 
 _CONSTEXPRS = dict(

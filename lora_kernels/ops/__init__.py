@@ -50,6 +50,7 @@ into ``t`` before ``t`` is cast to the compute dtype: with float16 inputs a larg
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import math
@@ -81,13 +82,16 @@ class LoRAParams:
     the way into :func:`with_kept_mask`, which draws it. ``keep_bits`` is the mask packed at one bit per
     element, made once in the forward where the backend keeps it for the backward (:func:`with_kept_mask`),
     else None; ``x_dropped`` is ``dropout(x)`` as 2-D ``(M, K)``, made in the same pass, for the forward
-    only (never kept for the backward)."""
+    only (never kept for the backward). ``column_offset`` is the global column of ``x``'s first column when
+    ``x`` holds a shard of the input dimension (a row-parallel layer, :mod:`lora_kernels.parallel`): the
+    mask is that of the columns ``column_offset + [0, K)``, so the shards of N ranks are one mask."""
 
     scaling: float
     dropout_p: float = 0.0
     seed: Seed | None = 0
     keep_bits: Tensor | None = None
     x_dropped: Tensor | None = None
+    column_offset: int = 0
 
 
 def seed_on(params: LoRAParams, device: torch.device) -> Tensor | None:
@@ -112,9 +116,12 @@ def with_kept_mask(backend: str, x: Tensor, params: LoRAParams) -> LoRAParams:
     (:func:`keeps_mask`): one call of the extension's ``lora_dropout_keep``, which also draws the seed when
     ``params.seed`` is None (as :func:`lora_kernels.dropout.draw_seed` would). Elsewhere ``params``
     unchanged: the Triton and CUDA kernels regenerate the mask inside their tiles."""
-    if params.dropout_p == 0.0 or torch.compiler.is_compiling() or not keeps_mask(backend, x):
+    if (
+        params.dropout_p == 0.0 or torch.compiler.is_compiling() or params.column_offset
+        or not keeps_mask(backend, x)
+    ):  # fmt: skip
         if params.seed is None and params.dropout_p > 0.0:  # the caller left the draw to the backend
-            return LoRAParams(params.scaling, params.dropout_p, draw_seed(x.device))
+            return dataclasses.replace(params, seed=draw_seed(x.device))
         return params
     x2d = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     seed = None if params.seed is None else seed_tensor(params.seed, x.device)
@@ -241,6 +248,28 @@ def records_backward(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+#: The paths whose kernels take a column offset for the dropout mask (``LoRAParams.column_offset``), with
+#: the offsets they take: the Triton kernels draw the mask 8 columns a Philox call, from tiles that start at
+#: multiples of 8, so their offset must be one too; the torch composite takes any.
+_OFFSET_PATHS = {("triton", "fused"): 8, ("triton", "split"): 8, ("torch", "split"): 1}
+
+
+def offset_route(backend: str, path: str, params: LoRAParams) -> tuple[str, str]:
+    """``(backend, path)`` to run a call whose dropout mask starts at a column offset: unchanged where that
+    path takes the offset, else the Triton backend's ``fused`` path (the Hopper TMA variants) or the torch
+    backend (the CUDA extension; an offset that is not a multiple of 8 on Triton), which run the same math
+    on the same device. Calls without dropout or offset are unchanged."""
+    offset = params.column_offset
+    if not offset or params.dropout_p == 0.0:
+        return backend, path
+    if backend == "triton" and offset % 8 == 0 and (backend, path) not in _OFFSET_PATHS:
+        return backend, "fused"
+    step = _OFFSET_PATHS.get((backend, path))
+    if step is not None and offset % step == 0:
+        return backend, path
+    return "torch", "split"
+
+
 def run_forward(
     backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
     params: LoRAParams, path: str | None = None,
@@ -254,6 +283,7 @@ def run_forward(
     if path is None:
         training = records_backward(x, weight, bias, lora_A, lora_B)
         path = select_path(backend, x, weight, lora_A, params.dropout_p, training)
+    backend, path = offset_route(backend, path, params)
     forward, _ = path_functions(backend, path)
     x2d, out_shape = _flat_input(x, weight.shape[0])
     guard = _no_autocast_for(x)  # the caller applied autocast's casts already
@@ -272,6 +302,7 @@ def run_backward(
     ``dW = dYᵀ·x`` and, where the backend leaves it, ``db = Σ_rows dY``."""
     if path is None:
         path = select_path(backend, x, weight, lora_A, params.dropout_p, True)
+    backend, path = offset_route(backend, path, params)
     _, backward = path_functions(backend, path)
     x2d, grad_y = _flat_grad(x, grad_y, weight.shape[0])
     guard = _no_autocast_for(x)
@@ -316,19 +347,28 @@ def dora_weight_norm(
         return dora_backend_module(backend).dora_weight_norm(weight, lora_A, lora_B, scaling)
 
 
+def _dora_offset_route(backend: str, params: LoRAParams) -> str:
+    """The backend whose DoRA functions take ``params``' column offset (see :func:`offset_route`)."""
+    return offset_route(backend, "fused" if backend == "triton" else "split", params)[0]
+
+
 def run_dora_forward(
     backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-    magnitude: Tensor, params: LoRAParams,
+    magnitude: Tensor, params: LoRAParams, norm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """DoRA's forward on an ``(..., in_features)`` input: ``(y, t, z, col_scale, norm)``.
 
-    ``norm = ‖W + s·B·A‖`` (detached), ``col_scale = m / norm`` (float32), ``t`` and ``z`` as the backends'
-    ``dora_forward`` gives them; all five are what :func:`run_dora_backward` needs besides the inputs.
+    ``norm = ‖W + s·B·A‖`` (detached; computed here unless given: a row-parallel layer gives the norm of
+    the whole row, reduced over the ranks' shards), ``col_scale = m / norm`` (float32), ``t`` and ``z`` as
+    the backends' ``dora_forward`` gives them; all five are what :func:`run_dora_backward` needs besides
+    the inputs.
     """
     x2d, out_shape = _flat_input(x, weight.shape[0])
+    backend = _dora_offset_route(backend, params)
     module = dora_backend_module(backend)
     with _no_autocast(x.device.type):
-        norm = dora_weight_norm(backend, weight, lora_A, lora_B, params.scaling)
+        if norm is None:
+            norm = dora_weight_norm(backend, weight, lora_A, lora_B, params.scaling)
         norm = backend_module("torch").norm_as_magnitude(norm, magnitude)
         col_scale = magnitude.detach().to(norm.dtype) / norm
         y, t, z = module.dora_forward(x2d, weight, bias, lora_A, lora_B, col_scale, params, out_shape)
@@ -347,7 +387,7 @@ def run_dora_backward(
     """
     x2d, grad_y = _flat_grad(x, grad_y, weight.shape[0])
     _, need_weight, need_bias, _, _, need_m = needs_grad
-    module = dora_backend_module(backend)
+    module = dora_backend_module(_dora_offset_route(backend, params))
     with _no_autocast(x.device.type):
         grad_x, grad_A, grad_B, grad_bias, grad_z_colsum = module.dora_backward(
             grad_y, x2d, weight, lora_A, lora_B, t, z, col_scale, params, needs_grad
@@ -366,5 +406,5 @@ def _dora_weight_grad(grad_y: Tensor, x: Tensor, col_scale: Tensor, params: LoRA
     dtype = grad_y.dtype  # the column scales multiply in float32 (c is close to 1: bf16 would round it)
     if params.dropout_p == 0.0:
         return torch.mm((grad_y * col_scale).to(dtype).t(), x)
-    mask = dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=x.dtype)
+    mask = dropout_mask(params.seed, x.shape, params.dropout_p, x.device, x.dtype, params.column_offset)
     return torch.mm(grad_y.t(), x).addmm_((grad_y * (col_scale - 1)).to(dtype).t(), x * mask)

@@ -76,7 +76,7 @@ def _masking(x: Tensor, params: LoRAParams) -> MaskFn:
     if params.keep_bits is not None:
         bits, scale = params.keep_bits, 1.0 / (1.0 - params.dropout_p)
         return lambda tensor: torch.ops.lora_kernels.lora_dropout_apply.default(tensor, bits, scale)
-    mask = dropout_mask(params.seed, x.shape, params.dropout_p, device=x.device, dtype=x.dtype)
+    mask = dropout_mask(params.seed, x.shape, params.dropout_p, x.device, x.dtype, params.column_offset)
     return lambda tensor: tensor * mask
 
 
@@ -246,14 +246,16 @@ def dora_backward(
 
 def dora_linear_composite(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-    params: LoRAParams,
+    params: LoRAParams, norm: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """DoRA's linear as plain differentiable torch ops (as :func:`lora_linear_composite` for LoRA): for
     ``torch.func`` transforms, forward-mode AD, ``meta`` tensors and ``torch.compile``. The norm is computed
-    without autograd (detached, as PEFT's)."""
+    without autograd (detached, as PEFT's), unless given."""
     dtype = x.dtype
     with torch.no_grad():
-        norm = norm_as_magnitude(dora_weight_norm(weight, lora_A, lora_B, params.scaling), magnitude)
+        if norm is None:
+            norm = dora_weight_norm(weight, lora_A, lora_B, params.scaling)
+        norm = norm_as_magnitude(norm, magnitude)
     col_scale = magnitude.to(norm.dtype) / norm
     x_dropped = _dropped(x, params)
     lora = F.linear(F.linear(x_dropped, _as(lora_A, dtype)), _as(lora_B, dtype)) * params.scaling

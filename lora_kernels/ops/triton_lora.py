@@ -206,14 +206,14 @@ def _epilogue_operands(
     return t_op, u_op
 
 
-@triton.jit(do_not_specialize=["dropout_threshold"])
+@triton.jit(do_not_specialize=["dropout_threshold", "col_offset"])
 def _lora_linear_kernel(
     a_ptr, b_ptr, t_ptr, u_ptr, p_ptr, bias_ptr, out_ptr, a2_ptr, a_scale_ptr, out_scale_ptr, z_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_tm, stride_tr, stride_ur, stride_un, stride_pk, stride_pr,
     stride_bias, stride_om, stride_on, stride_a2m, stride_a2k,
-    project_scale, lora_scale, seed_ptr, dropout_threshold, dropout_scale,
+    project_scale, lora_scale, seed_ptr, dropout_threshold, dropout_scale, col_offset,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_PROJECT: tl.constexpr,
     LORA_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SCALE_A: tl.constexpr, SECOND: tl.constexpr, DORA_OUT: tl.constexpr,
@@ -317,7 +317,7 @@ def _lora_linear_kernel(
         acc += z * col_scale[None, :]
     else:
         seed_lo, seed_hi = _seed_words(seed_ptr, HAS_DROPOUT)
-        col_start = pid_n.to(tl.int64) * BLOCK_N
+        col_start = pid_n.to(tl.int64) * BLOCK_N + col_offset  # the mask's columns: x's global ones
         if HAS_DROPOUT and SECOND == 2:  # the masked term is s·t·Bᵀ plus the second accumulator
             lora = tl.dot(t_op, u_op, acc2, input_precision=INPUT_PRECISION)
             acc = _masked_add(
@@ -331,12 +331,12 @@ def _lora_linear_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["dropout_threshold"])
+@triton.jit(do_not_specialize=["dropout_threshold", "col_offset"])
 def _lora_project_kernel(
     a_ptr, b_ptr, out_ptr, dropped_ptr,
     M, K, R,
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
-    scale, seed_ptr, dropout_threshold, dropout_scale,
+    scale, seed_ptr, dropout_threshold, dropout_scale, col_offset,
     HAS_DROPOUT: tl.constexpr, STORE_DROPPED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -365,7 +365,9 @@ def _lora_project_kernel(
             other=0.0,
         )
         if HAS_DROPOUT:
-            keep = _dropout_keep_tile(offs_m, k * BLOCK_K, BLOCK_K, seed_lo, seed_hi, dropout_threshold)
+            keep = _dropout_keep_tile(
+                offs_m, col_offset + k * BLOCK_K, BLOCK_K, seed_lo, seed_hi, dropout_threshold
+            )
             a = a * keep.to(a.dtype)  # multiply as x·mask does, so a dropped NaN still propagates
         if STORE_DROPPED:
             tl.store(
@@ -384,13 +386,13 @@ def _lora_project_kernel(
     tl.store(out_ptrs, acc * scale, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit(do_not_specialize=["dropout_threshold"])
+@triton.jit(do_not_specialize=["dropout_threshold", "col_offset"])
 def _lora_reduce_rows_kernel(
     a_ptr, c_ptr, out_ptr, colsum_ptr, z_ptr, prodsum_ptr, b_ptr, proj_ptr,
     M, P, R, rows_per_split,
     stride_am, stride_ap, stride_cm, stride_cr, stride_zm, stride_zp, stride_bp, stride_br,
     stride_op, stride_or,
-    scale, seed_ptr, dropout_threshold,
+    scale, seed_ptr, dropout_threshold, col_offset,
     HAS_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, HAS_PRODSUM: tl.constexpr, PROJECT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -453,9 +455,8 @@ def _lora_reduce_rows_kernel(
                 mask=mask_m[:, None] & mask_r[None, :],
             )
         if HAS_DROPOUT:
-            keep = _dropout_keep_tile_t(
-                offs_m, pid_p.to(tl.int64) * BLOCK_P, BLOCK_P, seed_lo, seed_hi, dropout_threshold
-            )
+            col_start = col_offset + pid_p.to(tl.int64) * BLOCK_P  # the mask's columns: x's global ones
+            keep = _dropout_keep_tile_t(offs_m, col_start, BLOCK_P, seed_lo, seed_hi, dropout_threshold)
             a_t = a_t * keep.to(a_t.dtype)
         c = tl.load(
             c_ptr + offs_m[:, None] * stride_cm + offs_r[None, :] * stride_cr,
@@ -1032,6 +1033,7 @@ def _linear_with_lora(
     out_scale: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     lora_only: bool = False,
+    col_offset: int = 0,
 ) -> torch.Tensor:
     """``a·b + [mask ⊙] lora_scale·t·u + bias`` with ``a`` (M, K), ``b`` (K, N), ``t`` (M, R), ``u`` (R, N).
 
@@ -1044,6 +1046,7 @@ def _linear_with_lora(
     DoRA (see the kernel): ``a_scale`` (K, fp32) scales ``a``'s columns in the main product unless
     ``second == 2``, where it feeds the second accumulator; ``second == 1`` takes ``a2`` (M, K);
     ``out_scale`` (N, fp32) with ``z`` (M, N, contiguous, an output) is the forward's epilogue.
+    ``col_offset``: the dropout mask's first column (``LoRAParams.column_offset``, a multiple of 8).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -1071,7 +1074,7 @@ def _linear_with_lora(
             *a.stride(), *b.stride(), *t.stride(), *u.stride(), *p.stride(),
             bias.stride(0) if bias is not None else 0, N, 1,  # out (and z): contiguous, viewed as (M, N)
             *a2_arg.stride(),
-            project_scale, lora_scale, seed_ptr, threshold, scale,
+            project_scale, lora_scale, seed_ptr, threshold, scale, col_offset,
         ),
         dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=project is not None,
              LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_input_precision(a.dtype),
@@ -1083,10 +1086,10 @@ def _linear_with_lora(
 
 def _project(
     a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor | None, *,
-    dropped: torch.Tensor | None = None,
+    dropped: torch.Tensor | None = None, col_offset: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """``scale · dropout(a)·b`` in fp32, ``a`` (M, K), ``b`` (K, R); also fills ``dropped`` (M, K contiguous,
-    ``a.dtype``) with ``dropout(a)`` when it is given."""
+    ``a.dtype``) with ``dropout(a)`` when it is given; the mask's columns start at ``col_offset``."""
     M, K = a.shape
     R = b.shape[1]
     out = torch.empty((M, R), device=a.device, dtype=torch.float32)
@@ -1110,7 +1113,7 @@ def _project(
             a, b, out, dropped if dropped is not None else a,
             M, K, R,
             *a.stride(), *b.stride(), *out.stride(),
-            scale, seed_ptr, threshold, mask_scale,
+            scale, seed_ptr, threshold, mask_scale, col_offset,
         ),
         dict(HAS_DROPOUT=dropout_p > 0.0, STORE_DROPPED=dropped is not None,
              INPUT_PRECISION=_input_precision(a.dtype)),
@@ -1131,6 +1134,7 @@ def _reduce_rows(
     out_dtype: torch.dtype = torch.float32,
     transposed: bool = False,
     colsum_dtype: torch.dtype = torch.float32,
+    col_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``scale·dropout(a)ᵀ·c`` (P, R), optionally ``a.sum(0)`` (P,), given ``z`` (M, P) ``(a ⊙ z).sum(0)``
     (P,) and, given ``project`` (P, R; no dropout), ``scale·a·project`` (M, R), all fp32, ``a`` (M, P),
@@ -1193,7 +1197,7 @@ def _reduce_rows(
                 *(z.stride() if z is not None else (0, 0)),
                 *(project.stride() if project is not None else (0, 0)),
                 *out_strides,
-                scale, seed_ptr, threshold,
+                scale, seed_ptr, threshold, col_offset,
             ),
             dict(HAS_DROPOUT=dropout_p > 0.0, HAS_COLSUM=with_colsum, HAS_PRODSUM=z is not None,
                  PROJECT=project is not None, INPUT_PRECISION=_input_precision(a.dtype)),
@@ -1278,7 +1282,7 @@ def lora_forward(
         if fuse:
             t = torch.empty((M, lora_A.shape[0]), device=x.device, dtype=torch.float32)
         else:
-            t = _project(x, lora_A.t(), 1.0, dropout_p, seed)
+            t = _project(x, lora_A.t(), 1.0, dropout_p, seed, col_offset=params.column_offset)
         project = lora_A.t() if fuse else None
         y = _linear_with_lora(x, weight.t(), t, lora_B.t(), bias, 0.0, seed, project, 1.0, scaling, out_shape)
     return y, t
@@ -1302,15 +1306,19 @@ def lora_backward(
             grad_y, lora_B if need_x or need_A else None, t, scaling, need_B or need_bias, need_bias,
             dtypes=(lora_B.dtype, grad_y.dtype),
         )  # fmt: skip
+        offset = params.column_offset
         if need_x and split:  # mask ⊙ (s·dY·B)·A into dX's storage, then dX += dY·W by cuBLAS
-            grad_x = _lora_term(grad_y, grad_t, lora_A, None, 1.0, dropout_p, seed)
+            grad_x = _lora_term(grad_y, grad_t, lora_A, None, 1.0, dropout_p, seed, col_offset=offset)
             grad_x.addmm_(grad_y, weight)
         elif need_x:
-            grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, dropout_p, seed)
+            grad_x = _linear_with_lora(
+                grad_y, weight, grad_t, lora_A, None, dropout_p, seed, col_offset=offset
+            )
         if need_A:
             grad_A = _reduce_rows(
-                x, grad_t, dropout_p, seed, with_colsum=False, out_dtype=lora_A.dtype, transposed=True
-            )[0]
+                x, grad_t, dropout_p, seed, with_colsum=False, out_dtype=lora_A.dtype, transposed=True,
+                col_offset=offset,
+            )[0]  # fmt: skip
         grad_B = grad_B if need_B else None
         grad_bias = grad_bias if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias
@@ -1325,7 +1333,7 @@ def lora_backward(
 
 def _lora_term(
     like: torch.Tensor, t: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, scale: float,
-    dropout_p: float, seed: int, out_shape: tuple[int, ...] | None = None,
+    dropout_p: float, seed: int, out_shape: tuple[int, ...] | None = None, col_offset: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """``bias + [mask ⊙] scale·t·u`` (M, N) in ``like.dtype``, ``t`` (M, R) fp32 or ``like.dtype``, ``u`` (R, N).
 
@@ -1335,8 +1343,8 @@ def _lora_term(
     ``t``, ``u`` and the bias.
     """
     return _linear_with_lora(
-        like, u, t, u, bias, dropout_p, seed, None, 1.0, scale, out_shape, lora_only=True
-    )
+        like, u, t, u, bias, dropout_p, seed, None, 1.0, scale, out_shape, lora_only=True, col_offset=col_offset
+    )  # fmt: skip
 
 
 def split_forward(
@@ -1348,7 +1356,7 @@ def split_forward(
     M, N = x.shape[0], weight.shape[0]
     scaling, dropout_p, seed = params.scaling, params.dropout_p, params.seed
     with _launch_guard(), device_guard(x.device):
-        t = _project(x, lora_A.t(), 1.0, dropout_p, seed)
+        t = _project(x, lora_A.t(), 1.0, dropout_p, seed, col_offset=params.column_offset)
         y = _lora_term(x, t, lora_B.t(), bias, scaling, 0.0, seed, out_shape)
     (y if out_shape is None else y.view(M, N)).addmm_(x, weight.t())
     return y, t
@@ -1420,7 +1428,9 @@ def dora_forward(
             )  # fmt: skip
         else:
             x_dropped = torch.empty((M, K), device=x.device, dtype=x.dtype)
-            t = _project(x, lora_A.t(), 1.0, dropout_p, seed, dropped=x_dropped)
+            t = _project(
+                x, lora_A.t(), 1.0, dropout_p, seed, dropped=x_dropped, col_offset=params.column_offset
+            )
             y = _linear_with_lora(
                 x, weight.t(), t, lora_B.t(), bias, 0.0, seed, None, 1.0, scaling, out_shape,
                 second=1, a2=x_dropped, out_scale=col_scale, z=z,
@@ -1449,12 +1459,14 @@ def dora_backward(
                 grad_x = _linear_with_lora(grad_y, weight, grad_t, lora_A, None, 0.0, seed, a_scale=col_scale)
             else:  # dY·W + mask ⊙ ((dY ⊙ (c − 1))·W + s·(dY ⊙ c)·B·A)
                 grad_x = _linear_with_lora(
-                    grad_y, weight, grad_t, lora_A, None, dropout_p, seed, a_scale=col_scale - 1.0, second=2
-                )
+                    grad_y, weight, grad_t, lora_A, None, dropout_p, seed, a_scale=col_scale - 1.0, second=2,
+                    col_offset=params.column_offset,
+                )  # fmt: skip
         if need_A:
             grad_A = _reduce_rows(
-                x, grad_t, dropout_p, seed, with_colsum=False, out_dtype=lora_A.dtype, transposed=True
-            )[0]
+                x, grad_t, dropout_p, seed, with_colsum=False, out_dtype=lora_A.dtype, transposed=True,
+                col_offset=params.column_offset,
+            )[0]  # fmt: skip
         grad_B = (grad_B * col_scale[:, None]).to(lora_B.dtype) if need_B else None
         grad_bias = grad_bias if need_bias else None
     return grad_x, grad_A, grad_B, grad_bias, grad_z_colsum
