@@ -175,9 +175,12 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device.index)
 
 
+@torch.compiler.assume_constant_result
 def autocast_available(device_type: str) -> bool:
     """Whether ``torch.autocast`` exists for ``device_type`` (not for ``meta``, where asking whether it is
-    enabled raises). A fraction of a µs; not cached, as a cache would be a guard under torch.compile."""
+    enabled raises). About 0.2 µs, the decorator adding nothing in eager code; not cached, as a cache would be
+    a guard under torch.compile. Dynamo takes the answer as a constant of the traced device type (torch 2.11
+    cannot trace the C query, ``torch._C._is_autocast_available``; later releases can)."""
     return torch.amp.is_autocast_available(device_type)
 
 
