@@ -42,6 +42,7 @@ from .. import dropout
 from ..dispatch import interpreting
 from ..dropout import dropout_threshold, seed_tensor
 from . import _NO_GUARD, DoRANeedsGrad, LoRAParams, NeedsGrad, device_guard, seed_on
+from .triton_interpreter import fix_interpreter
 
 # Globals read inside @triton.jit functions must be constexpr.
 _PHILOX_ROUNDS = tl.constexpr(dropout.PHILOX_ROUNDS)
@@ -561,7 +562,10 @@ _INTERPRETER_LOCK = threading.Lock()
 
 
 def _launch_guard() -> contextlib.AbstractContextManager:
-    return _INTERPRETER_LOCK if interpreting() else _NO_GUARD
+    if interpreting():
+        fix_interpreter()
+        return _INTERPRETER_LOCK
+    return _NO_GUARD
 
 
 def _cdiv(a: int, b: int) -> int:
