@@ -36,7 +36,7 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
     except ImportError as err:  # triton not installed, or an import-time failure inside it
         return None, f"importing it failed ({err})"
     if name == "cuda" and not module.is_available():
-        return None, "the compiled extension lora_kernels._C with CUDA kernels is not installed"
+        return None, module.missing_reason()
     return module, ""
 
 

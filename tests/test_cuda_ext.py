@@ -35,8 +35,10 @@ if EXPECT_CUDA:  # checked before skipping: a failed import is a collection erro
             f"LORA_KERNELS_EXPECT_CUDA=1 but the extension lora_kernels._C does not import ({err}): "
             "its build failed or was skipped; see csrc/README.md"
         ) from err
+elif not cuda_lora.has_extension():  # not built, or built for another torch (CI's second version set)
+    pytest.skip(cuda_lora.missing_reason(), allow_module_level=True)
 else:
-    _C = pytest.importorskip("lora_kernels._C", reason="the lora_kernels._C extension is not built")
+    import lora_kernels._C as _C
 
 ops = torch.ops.lora_kernels
 OP_NAMES = (

@@ -36,8 +36,12 @@ from .torch_lora import project_t, scaled_grad_B, scaled_grad_t
 
 try:
     _C = importlib.import_module("lora_kernels._C")
-except (ImportError, OSError):  # not built (LORA_KERNELS_SKIP_EXT=1, failed build) or built for another torch
-    _C = None
+    _IMPORT_ERROR: BaseException | None = None
+except (
+    ImportError,
+    OSError,
+) as err:  # not built (LORA_KERNELS_SKIP_EXT=1, a failed build), or for another torch
+    _C, _IMPORT_ERROR = None, err
 
 _PROJECT_OP = "lora_kernels::lora_project"
 
@@ -52,12 +56,24 @@ def is_available() -> bool:
     return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_PROJECT_OP, "CUDA")
 
 
+def missing_reason() -> str:
+    """Why this backend cannot run here, in words for an error message; ``""`` when it can."""
+    rebuild = "reinstall with `pip install --no-build-isolation -e .` (see csrc/README.md)"
+    if isinstance(_IMPORT_ERROR, ModuleNotFoundError):
+        return f"the lora_kernels._C extension is not built; {rebuild}"
+    if _IMPORT_ERROR is not None:  # an undefined symbol: built against another torch than the one running
+        return (
+            f"the lora_kernels._C extension does not import ({_IMPORT_ERROR}); it was built for another "
+            f"torch than {torch.__version__} or its build is broken: {rebuild}"
+        )
+    if not is_available():
+        return f"the lora_kernels._C extension was built without CUDA kernels; {rebuild} with a CUDA toolkit"
+    return ""
+
+
 def _ops():
     if _C is None:
-        raise RuntimeError(
-            "the lora_kernels._C extension is not built; reinstall with "
-            "`pip install --no-build-isolation -e .` (see csrc/README.md)"
-        )
+        raise RuntimeError(missing_reason())
     return torch.ops.lora_kernels
 
 
