@@ -173,17 +173,32 @@ def benchmarks_module(name: str):
 # ---------------------------------------------------------------------------------- spawned CPU ranks
 
 
+#: A spawned group still running after this is hung (a collective one rank never reached, a build lock left
+#: behind): it is killed and the test fails, instead of holding the run until CI's own limit.
+RANKS_TIMEOUT_S = 900
+
+
 def run_ranks(target, world: int, *args):
     """Run ``target(rank, world, *args)`` on ``world`` spawned CPU processes in one gloo group; returns
     rank 0's result (through a file). ``target`` must be a module-level function (spawn pickles it by name).
+    A rank's exception fails the call; so does a group still running after :data:`RANKS_TIMEOUT_S`.
     """
     import os
     import tempfile
+    import time
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank_main, args=(world, out_dir, target, args), nprocs=world, join=True)
+        group = mp.spawn(_rank_main, args=(world, out_dir, target, args), nprocs=world, join=False)
+        deadline = time.monotonic() + RANKS_TIMEOUT_S
+        while not group.join(timeout=5):  # raises when a rank failed
+            if time.monotonic() > deadline:
+                for process in group.processes:
+                    process.kill()
+                raise TimeoutError(
+                    f"{world} ranks of {target.__name__} still running after {RANKS_TIMEOUT_S} s: a hang"
+                )
         return torch.load(os.path.join(out_dir, "result.pt"), weights_only=False)
 
 
