@@ -57,11 +57,11 @@ _KERNEL_LAUNCHES: dict[str, int] = {}
 @pytest.fixture(autouse=True, scope="session")
 def _count_triton_launches():
     try:
-        from lora_kernels.ops import triton_lora
+        from lora_kernels.ops import triton_support
     except ImportError:  # no triton: nothing to count
         yield
         return
-    launch = triton_lora._launch
+    launch = triton_support._launch
 
     def counting_launch(kernel, grid_of, configs, args, constexprs):
         name = getattr(kernel, "__name__", "")
@@ -69,9 +69,9 @@ def _count_triton_launches():
             _KERNEL_LAUNCHES[name] = _KERNEL_LAUNCHES.get(name, 0) + 1
         return launch(kernel, grid_of, configs, args, constexprs)
 
-    triton_lora._launch = counting_launch
+    triton_support._launch = counting_launch
     yield
-    triton_lora._launch = launch
+    triton_support._launch = launch
 
 
 def pytest_terminal_summary(terminalreporter):

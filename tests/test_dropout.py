@@ -122,13 +122,13 @@ def test_rows_beyond_2_to_32_are_distinct():
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_triton_kernel_mask_equals_helper(backend):
     """x·Aᵀ with A = identity rows exposes the kernel's mask: it must equal dropout_mask exactly."""
-    from lora_kernels.ops import triton_lora
+    from lora_kernels.ops import triton_reduce
 
     M, K, p, seed = 45, 40, 0.4, 2**40 + 77  # a seed with a non-zero high word; K ends mid-tile
     device = backend.device
     x = torch.ones(M, K, device=device)
     with use_backend("triton"):
-        t = triton_lora._project(x, torch.eye(K, device=device), 1.0, p, seed)
+        t = triton_reduce._project(x, torch.eye(K, device=device), 1.0, p, seed)
     torch.testing.assert_close(t, dropout_mask(seed, (M, K), p, device=device), rtol=0, atol=1e-6)
 
 
@@ -155,12 +155,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from lora_kernels.ops.triton_lora import (
-        _dropout_args,
-        _dropout_keep_tile,
-        _dropout_keep_tile_t,
-        _load_seed,
-    )
+    from lora_kernels.ops.triton_support import _dropout_args
+    from lora_kernels.ops.triton_tiles import _dropout_keep_tile, _dropout_keep_tile_t, _load_seed
 
     @triton.jit
     def _keep_tiles_kernel(out_ptr, out_t_ptr, row_start, col_start, seed_ptr, threshold,

@@ -142,7 +142,7 @@ def restore_fp32_precision():
 @requires_triton
 @pytest.mark.skipif(not _HAS_FP32_PRECISION, reason="torch < 2.9 has no fp32_precision API")
 def test_input_precision_follows_fp32_precision_without_warnings(restore_fp32_precision, device):
-    from lora_kernels.ops.triton_lora import _input_precision
+    from lora_kernels.ops.triton_support import _input_precision
 
     matmul = torch.backends.cuda.matmul
     problem = make_problem((4,), 16, 8, 4, device=device)
@@ -170,10 +170,10 @@ def test_input_precision_follows_fp32_precision_without_warnings(restore_fp32_pr
 def test_input_precision_falls_back_to_allow_tf32_on_old_torch(monkeypatch):
     from types import SimpleNamespace
 
-    from lora_kernels.ops import triton_lora
-    from lora_kernels.ops.triton_lora import _input_precision
+    from lora_kernels.ops import triton_support
+    from lora_kernels.ops.triton_support import _input_precision
 
-    monkeypatch.setattr(triton_lora, "_fp32_precision", None)  # old torch: no C getter either
+    monkeypatch.setattr(triton_support, "_fp32_precision", None)  # old torch: no C getter either
     monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=True))  # no fp32_precision
     assert _input_precision(torch.float32) == "tf32"
     monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=False))
@@ -186,17 +186,17 @@ def test_input_precision_falls_back_to_allow_tf32_on_old_torch(monkeypatch):
 
 
 def _record_launches(monkeypatch) -> list[tuple]:
-    from lora_kernels.ops import triton_lora
+    from lora_kernels.ops import triton_support
 
     launches = []
-    launch = triton_lora._launch
+    launch = triton_support._launch
 
     def recording(kernel, grid_of, configs, args, constexprs):
         cfg = launch(kernel, grid_of, configs, args, constexprs)
         launches.append((kernel, args, {**constexprs, **cfg}))
         return cfg
 
-    monkeypatch.setattr(triton_lora, "_launch", recording)
+    monkeypatch.setattr(triton_support, "_launch", recording)
     return launches
 
 
@@ -259,12 +259,12 @@ def test_every_seed_gives_one_kernel_signature(monkeypatch, device):
 @pytest.mark.parametrize("seed", [2**31, 2**32 - 1, 2**40 + 2**31 + 3, 2**63 - 1])
 def test_kernel_mask_is_exact_for_seed_words_over_2_to_31(seed, device):
     """The int32 seed words are reinterpreted as uint32 in the kernel: same Philox bits as dropout_mask."""
-    from lora_kernels.ops import triton_lora
+    from lora_kernels.ops import triton_reduce
 
     M, K, p = 37, 16, 0.4
     x = torch.ones(M, K, device=device)
     with use_backend("triton"):
-        t = triton_lora._project(x, torch.eye(K, device=device), 1.0, p, seed)
+        t = triton_reduce._project(x, torch.eye(K, device=device), 1.0, p, seed)
     torch.testing.assert_close(t, dropout_mask(seed, (M, K), p, device=device), rtol=0, atol=1e-6)
 
 
@@ -279,12 +279,12 @@ def _compiled_variants(kernel) -> int:
 @requires_triton
 @pytest.mark.cuda
 def test_no_recompiles_across_seeds_on_the_gpu():
-    from lora_kernels.ops import triton_lora
+    from lora_kernels.ops import triton_lora, triton_reduce
 
     kernels = [
         triton_lora._lora_linear_kernel,
-        triton_lora._lora_project_kernel,
-        triton_lora._lora_reduce_rows_kernel,
+        triton_reduce._lora_project_kernel,
+        triton_reduce._lora_reduce_rows_kernel,
     ]
     _run_with_dropout(SEEDS[0], "cuda")  # compiles what this shape needs
     torch.cuda.synchronize()
@@ -302,14 +302,15 @@ def test_no_recompiles_across_seeds_on_the_gpu():
 
 @requires_triton
 def test_launch_plans_are_cached_per_shape(monkeypatch, device):
-    from lora_kernels.ops import triton_lora
+    from lora_kernels.ops import triton_lora, triton_reduce, triton_support
 
     calls = []
-    smaller = triton_lora._smaller_configs
-    monkeypatch.setattr(
-        triton_lora, "_smaller_configs", lambda cfg, names: calls.append(1) or smaller(cfg, names)
-    )
-    monkeypatch.setattr(triton_lora, "_PLANS", {})
+    smaller = triton_support._smaller_configs
+    for module in (triton_lora, triton_reduce):  # the plans of the GEMM and of the skinny kernels
+        monkeypatch.setattr(
+            module, "_smaller_configs", lambda cfg, names: calls.append(1) or smaller(cfg, names)
+        )
+    monkeypatch.setattr(triton_support, "_PLANS", {})
     problem = make_problem((9,), 20, 12, 4, device=device)
 
     def step():
@@ -345,7 +346,7 @@ def test_a_replaced_config_function_is_used(monkeypatch, device):
 
 def test_host_helpers_match_triton():
     triton = pytest.importorskip("triton")
-    from lora_kernels.ops.triton_lora import _cdiv, _next_power_of_2
+    from lora_kernels.ops.triton_support import _cdiv, _next_power_of_2
 
     for n in range(1, 300):  # (callers pass n >= 1)
         assert _next_power_of_2(n) == triton.next_power_of_2(n)

@@ -258,12 +258,12 @@ def test_casts_folded_into_the_kernels_give_the_same_bits(monkeypatch, backend, 
                                                           dropout_p):  # fmt: skip
     """dA, dB and db straight from the row-reduction kernel in their dtypes (one row split) or cast once
     after the sum of the splits: bitwise what fp32 results cast afterwards give."""
-    from lora_kernels.ops import LoRAParams, triton_lora
+    from lora_kernels.ops import LoRAParams, triton_lora, triton_reduce, triton_support
 
-    config = triton_lora._reduce_config  # 16-row blocks: 70 rows can be split in 3 (128-row blocks cannot)
-    monkeypatch.setattr(triton_lora, "_reduce_config", lambda *a: dict(config(*a), BLOCK_M=16))
-    monkeypatch.setattr(triton_lora, "_row_splits", lambda M, num_blocks, block_m, device: splits)
-    monkeypatch.setattr(triton_lora, "_PLANS", {})
+    config = triton_reduce._reduce_config  # 16-row blocks: 70 rows can be split in 3 (128-row blocks cannot)
+    monkeypatch.setattr(triton_reduce, "_reduce_config", lambda *a: dict(config(*a), BLOCK_M=16))
+    monkeypatch.setattr(triton_reduce, "_row_splits", lambda M, num_blocks, block_m, device: splits)
+    monkeypatch.setattr(triton_support, "_PLANS", {})
     M, K, N, r = 70, 40, 36, 5
     dev = backend.device
     x, w = torch.randn(M, K, device=dev, dtype=dtype), torch.randn(N, K, device=dev, dtype=dtype) / 8
@@ -274,15 +274,15 @@ def test_casts_folded_into_the_kernels_give_the_same_bits(monkeypatch, backend, 
     _, t = triton_lora.lora_forward(x, w, None, A, B, params)
     _, grad_A, grad_B, grad_bias = triton_lora.lora_backward(grad_y, x, w, A, B, t, params, (True,) * 5)
     # the same kernels with fp32 outputs, cast here (the code before the fold)
-    grad_t, grad_B32, colsum, _ = triton_lora._grad_y_pass(grad_y, B, t, 2.0, True, True)
-    grad_A32 = triton_lora._reduce_rows(x, grad_t, dropout_p, 123, with_colsum=False)[0]
+    grad_t, grad_B32, colsum, _ = triton_reduce._grad_y_pass(grad_y, B, t, 2.0, True, True)
+    grad_A32 = triton_reduce._reduce_rows(x, grad_t, dropout_p, 123, with_colsum=False)[0]
     assert grad_A.dtype == adapter_dtype and grad_B.dtype == adapter_dtype and grad_bias.dtype == dtype
     assert torch.equal(grad_A, grad_A32.t().to(adapter_dtype))
     assert torch.equal(grad_B, grad_B32.to(adapter_dtype))
     assert torch.equal(grad_bias, colsum.to(dtype))
     if splits == 1:
         assert grad_A.is_contiguous()  # stored as (r, K) by the kernel
-    reduce_plans = [plan for key, plan in triton_lora._PLANS.items() if key[0] == "reduce"]
+    reduce_plans = [plan for key, plan in triton_support._PLANS.items() if key[0] == "reduce"]
     assert reduce_plans and all(plan[2] == splits for plan in reduce_plans)  # the rows were split as asked
 
 
@@ -334,9 +334,9 @@ def test_module_reads_hook_based_weight_norm():
 
 
 def test_the_tf32_query_answers_as_torch_backends_does():
-    """triton_lora._tf32_allowed reads the C getter behind torch.backends' fp32_precision attributes: the
+    """triton_support._tf32_allowed reads the C getter behind torch.backends' fp32_precision attributes: the
     same answer as the attributes for every setting of the matmul and the global precision."""
-    from lora_kernels.ops import triton_lora
+    from lora_kernels.ops import triton_support
 
     matmul, backends = torch.backends.cuda.matmul, torch.backends
     if not hasattr(matmul, "fp32_precision"):
@@ -349,7 +349,7 @@ def test_the_tf32_query_answers_as_torch_backends_does():
                 matmul.fp32_precision = matmul_precision
                 resolved = matmul.fp32_precision
                 expected = (backends.fp32_precision if resolved == "none" else resolved) == "tf32"
-                assert triton_lora._tf32_allowed() is expected, (global_precision, matmul_precision)
-                assert triton_lora._input_precision(torch.float32) == ("tf32" if expected else "ieee")
+                assert triton_support._tf32_allowed() is expected, (global_precision, matmul_precision)
+                assert triton_support._input_precision(torch.float32) == ("tf32" if expected else "ieee")
     finally:
         backends.fp32_precision, matmul.fp32_precision = saved[1], saved[0]

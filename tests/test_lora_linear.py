@@ -204,11 +204,12 @@ def test_bf16_base_with_fp32_adapters(backend):
 def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, backend, r):
     """Forward and backward launch all three kernels, over several tiles, K-steps and row splits; r = 12
     takes the backward's single pass over dY (``s·dY·B`` beside dB, over two column blocks), r = 40 two."""
-    from lora_kernels.ops import triton_lora
+    from lora_kernels.ops import triton_lora, triton_reduce
 
     launches = {}
-    for name in ("_lora_linear_kernel", "_lora_project_kernel", "_lora_reduce_rows_kernel"):
-        kernel = getattr(triton_lora, name)
+    for module, name in ((triton_lora, "_lora_linear_kernel"), (triton_reduce, "_lora_project_kernel"),
+                         (triton_reduce, "_lora_reduce_rows_kernel")):  # fmt: skip
+        kernel = getattr(module, name)
 
         class Counting:
             def __init__(self, kernel, name):
@@ -218,8 +219,8 @@ def test_triton_runs_every_kernel_over_several_tiles(monkeypatch, backend, r):
                 launches[self.name] = launches.get(self.name, 0) + 1
                 return self.kernel[grid]
 
-        monkeypatch.setattr(triton_lora, name, Counting(kernel, name))
-    monkeypatch.setattr(triton_lora, "_row_splits", lambda M, num_blocks, block_m, device: 3)
+        monkeypatch.setattr(module, name, Counting(kernel, name))
+    monkeypatch.setattr(triton_reduce, "_row_splits", lambda M, num_blocks, block_m, device: 3)
     problem = make_problem((300,), 260, 200, r, device=backend.device)
     check_parity(problem, backend.name, torch.float32, dropout_p=0.2)
     # forward: project (t) + linear; backward: linear (dX) + reduce (dA) + reduce (dB, dbias and, r = 12,
@@ -239,7 +240,7 @@ def test_backward_reads_grad_y_once_besides_dx(monkeypatch, backend, dora):
     """``s·dY·B``, dB, db (and DoRA's ``Σ dY ⊙ z``) come from one launch that reads dY, the dX GEMM from the
     only other one (before: three), here over 2 column blocks × 3 row splits; the result is bitwise the
     same from run to run (partial sums added in a fixed order, no atomics) and matches the two passes'."""
-    from lora_kernels.ops import LoRAParams, triton_lora
+    from lora_kernels.ops import LoRAParams, triton_lora, triton_reduce, triton_support
 
     M, K, N, r = 300, 40, 200, 12
     x, w, b = (torch.randn(*shape, device=backend.device) for shape in ((M, K), (N, K), (N,)))
@@ -250,15 +251,15 @@ def test_backward_reads_grad_y_once_besides_dx(monkeypatch, backend, dora):
         _, t, z = triton_lora.dora_forward(x, w, b, A, B, col_scale, params)
     else:
         _, t = triton_lora.lora_forward(x, w, b, A, B, params)
-    monkeypatch.setattr(triton_lora, "_row_splits", lambda M, num_blocks, block_m, device: 3)
-    launch, reads = triton_lora._launch, []
+    monkeypatch.setattr(triton_reduce, "_row_splits", lambda M, num_blocks, block_m, device: 3)
+    launch, reads = triton_support._launch, []
 
     def recording_launch(kernel, grid_of, configs, args, constexprs):
         if any(arg is grad_y for arg in args):
             reads.append(kernel.__name__)
         return launch(kernel, grid_of, configs, args, constexprs)
 
-    monkeypatch.setattr(triton_lora, "_launch", recording_launch)
+    monkeypatch.setattr(triton_support, "_launch", recording_launch)
 
     def backward():
         reads.clear()
@@ -272,7 +273,7 @@ def test_backward_reads_grad_y_once_besides_dx(monkeypatch, backend, dora):
     assert sorted(launches) == ["_lora_linear_kernel", "_lora_reduce_rows_kernel"]
     for one, two in zip(first, second, strict=True):
         assert torch.equal(one, two)
-    monkeypatch.setattr(triton_lora, "_single_pass_over_dy", lambda r: False)
+    monkeypatch.setattr(triton_reduce, "_single_pass_over_dy", lambda r: False)
     two_passes, launches = backward()
     assert sorted(launches) == ["_lora_linear_kernel", "_lora_project_kernel", "_lora_reduce_rows_kernel"]
     for name, one, two in zip(("dx", "dA", "dB", "db", "dm")[: len(first)], first, two_passes, strict=True):
@@ -284,16 +285,16 @@ def test_backward_reads_grad_y_once_besides_dx(monkeypatch, backend, dora):
 def test_single_pass_over_grad_y_with_the_gpu_tiles(monkeypatch, backend, M):
     """The single pass's GPU tile configs (decode: 16×64, else 64×256: several column blocks of N = 300)
     give the two passes' gradients, through the interpreter too."""
-    from lora_kernels.ops import LoRAParams, triton_lora
+    from lora_kernels.ops import LoRAParams, triton_lora, triton_reduce
 
-    reduce_config = triton_lora._reduce_config
+    reduce_config = triton_reduce._reduce_config
 
     def gpu_config(*args):
         with monkeypatch.context() as patch:
-            patch.setattr(triton_lora, "interpreting", lambda: False)
+            patch.setattr(triton_reduce, "interpreting", lambda: False)
             return reduce_config(*args)
 
-    monkeypatch.setattr(triton_lora, "_reduce_config", gpu_config)
+    monkeypatch.setattr(triton_reduce, "_reduce_config", gpu_config)
     K, N, r = 24, 300, 16
     x, w = torch.randn(M, K, device=backend.device), torch.randn(N, K, device=backend.device)
     A, B = torch.randn(r, K, device=backend.device) / 4, torch.randn(N, r, device=backend.device) / 4
@@ -301,7 +302,7 @@ def test_single_pass_over_grad_y_with_the_gpu_tiles(monkeypatch, backend, M):
     _, t = triton_lora.lora_forward(x, w, None, A, B, params)
     one_pass = triton_lora.lora_backward(grad_y, x, w, A, B, t, params, (True,) * 5)
     assert gpu_config(M, N, r, True)["BLOCK_P"] == (64 if M <= 64 else 256)
-    monkeypatch.setattr(triton_lora, "_single_pass_over_dy", lambda r: False)
+    monkeypatch.setattr(triton_reduce, "_single_pass_over_dy", lambda r: False)
     two_passes = triton_lora.lora_backward(grad_y, x, w, A, B, t, params, (True,) * 5)
     for name, one, two in zip(("dx", "dA", "dB", "db"), one_pass, two_passes, strict=True):
         torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6 * float(two.abs().max()), msg=name)
@@ -312,7 +313,7 @@ def test_launch_falls_back_to_a_config_that_fits():
     """A config the GPU cannot hold (OutOfResources at load) is skipped for the next smaller one, once."""
     from triton.runtime.errors import OutOfResources
 
-    from lora_kernels.ops import triton_lora
+    from lora_kernels.ops import triton_support
 
     launched, refused = [], []
 
@@ -327,13 +328,13 @@ def test_launch_falls_back_to_a_config_that_fits():
             return run
 
     preferred = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_stages=3)
-    configs = triton_lora._smaller_configs(preferred, ("BLOCK_N", "BLOCK_M", "BLOCK_K"))
+    configs = triton_support._smaller_configs(preferred, ("BLOCK_N", "BLOCK_M", "BLOCK_K"))
     assert configs[0] == preferred and configs[-1] == dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_stages=2)
     kernel, args = SmallGPUKernel(), (torch.zeros(1),)
-    cfg = triton_lora._launch(kernel, lambda c: (c["BLOCK_N"],), configs, args, {"FLAG": True})
+    cfg = triton_support._launch(kernel, lambda c: (c["BLOCK_N"],), configs, args, {"FLAG": True})
     assert cfg == dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_stages=2)
     assert launched == [((64,), {"FLAG": True, **cfg})] and len(refused) == 2
-    triton_lora._launch(kernel, lambda c: (c["BLOCK_N"],), configs, args, {"FLAG": True})
+    triton_support._launch(kernel, lambda c: (c["BLOCK_N"],), configs, args, {"FLAG": True})
     assert len(refused) == 2  # the second launch starts from the config that fitted
 
 
@@ -392,12 +393,12 @@ def test_strided_and_transposed_x(backend, layout, dtype, dropout_p):
 @DROPOUT
 def test_fp32_rank_256_over_many_rows(backend, dropout_p, monkeypatch):
     """fp32 at r = 256 over M >= 200 rows: on a GPU the preferred tiles do not fit in shared memory, so
-    ``triton_lora._launch`` falls back to smaller ones (``_smaller_configs``); the result must not change."""
+    ``triton_support._launch`` falls back to smaller ones (``_smaller_configs``); the result must not change."""
     fallbacks = []
     if backend.name == "triton":
-        from lora_kernels.ops import triton_lora
+        from lora_kernels.ops import triton_support
 
-        launch = triton_lora._launch
+        launch = triton_support._launch
 
         def recording_launch(kernel, grid_of, configs, args, constexprs):
             cfg = launch(kernel, grid_of, configs, args, constexprs)
@@ -405,7 +406,7 @@ def test_fp32_rank_256_over_many_rows(backend, dropout_p, monkeypatch):
                 fallbacks.append((getattr(kernel, "__name__", "?"), cfg))
             return cfg
 
-        monkeypatch.setattr(triton_lora, "_launch", recording_launch)
+        monkeypatch.setattr(triton_support, "_launch", recording_launch)
     lead, k, n = _sizes(backend, gpu=((2, 150), 320, 288), cpu=((203,), 48, 40))
     problem = make_problem(lead, k, n, 256, device=backend.device)
     check_parity(problem, backend.name, torch.float32, dropout_p=dropout_p)

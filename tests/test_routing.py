@@ -65,15 +65,15 @@ def _choose(training=True, dropout_p=0.0, m=M):
 def _launched_kernels(monkeypatch, problem, **kwargs):
     """Run forward + backward on the Triton backend; the names of the Triton kernels launched, and whether
     the split path's ``addmm_`` ran (a Tensor method: seen through a wrapper around the split functions)."""
-    from lora_kernels.ops import triton_lora
+    from lora_kernels.ops import triton_support
 
-    launched, launch = [], triton_lora._launch
+    launched, launch = [], triton_support._launch
 
     def recording(kernel, grid_of, configs, args, constexprs):
         launched.append(kernel.__name__)
         return launch(kernel, grid_of, configs, args, constexprs)
 
-    monkeypatch.setattr(triton_lora, "_launch", recording)
+    monkeypatch.setattr(triton_support, "_launch", recording)
     grad_y = torch.randn(*problem.x.shape[:-1], problem.weight.shape[0])
     with use_backend("triton"):
         run_op(problem, grad_y, **kwargs)
@@ -152,20 +152,20 @@ def test_calls_autograd_does_not_record_take_the_fwd_entry(triton_backend, monke
     )
     problem = make_problem((M,), K, N, R)
     from lora_kernels import lora_linear
-    from lora_kernels.ops import triton_lora
+    from lora_kernels.ops import triton_support
 
     def launched(context) -> list[str]:
-        names, launch = [], triton_lora._launch
+        names, launch = [], triton_support._launch
 
         def recording(kernel, grid_of, configs, args, constexprs):
             names.append(kernel.__name__)
             return launch(kernel, grid_of, configs, args, constexprs)
 
-        monkeypatch.setattr(triton_lora, "_launch", recording)
+        monkeypatch.setattr(triton_support, "_launch", recording)
         p = problem
         with use_backend("triton"), context():
             lora_linear(p.x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling)
-        monkeypatch.setattr(triton_lora, "_launch", launch)
+        monkeypatch.setattr(triton_support, "_launch", launch)
         return names
 
     no_autograd = torch.no_grad if mode == "no_grad" else torch.inference_mode

@@ -1,4 +1,4 @@
-"""One finalize step for the row-split sums (issue 19, item 3; ``triton_lora._sum_parts``).
+"""One finalize step for the row-split sums (issue 19, item 3; ``triton_reduce._sum_parts``).
 
 When the row reduction splits its rows (M above a few hundred on a GPU) or the projection spans several
 column blocks, its partial sums are summed and cast by one launch of ``_sum_parts_kernel`` for all of a
@@ -18,33 +18,32 @@ import torch
 from helpers import HAS_TRITON, make_problem
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lora_kernels.ops import LoRAParams
-from lora_kernels.ops import triton_lora as tl_ops
+from lora_kernels.ops import LoRAParams, triton_lora, triton_reduce, triton_support
 from lora_kernels.reference import lora_linear_reference
 from lora_kernels.testing import assert_close
 
 
 @pytest.fixture
 def split_rows(monkeypatch):
-    config = tl_ops._reduce_config
+    config = triton_reduce._reduce_config
 
     def small_blocks(rows, cols, r, project=False):
         return dict(config(rows, cols, r, project), BLOCK_M=16, BLOCK_P=16)
 
-    monkeypatch.setattr(tl_ops, "_reduce_config", small_blocks)
-    monkeypatch.setattr(tl_ops, "_row_splits", lambda M, num_blocks, block_m, device: 3)
+    monkeypatch.setattr(triton_reduce, "_reduce_config", small_blocks)
+    monkeypatch.setattr(triton_reduce, "_row_splits", lambda M, num_blocks, block_m, device: 3)
 
 
 @pytest.fixture
 def launches(monkeypatch):
     names = []
-    launch = tl_ops._launch
+    launch = triton_support._launch
 
     def counting(kernel, *args):
         names.append(getattr(kernel, "__name__", repr(kernel)))
         return launch(kernel, *args)
 
-    monkeypatch.setattr(tl_ops, "_launch", counting)
+    monkeypatch.setattr(triton_support, "_launch", counting)
     return names
 
 
@@ -67,7 +66,7 @@ def test_reduce_rows_split_matches_float64(split_rows, launches, device, transpo
     c = torch.randn(M, R, device=device)
     z = torch.randn(M, P, device=device) if extras else None
     b = torch.randn(P, R, device=device) if extras else None
-    got = tl_ops._reduce_rows(a, c, 0.0, None, True, 2.0, z, b, out_dtype=out_dtype, transposed=transposed,
+    got = triton_reduce._reduce_rows(a, c, 0.0, None, True, 2.0, z, b, out_dtype=out_dtype, transposed=transposed,
                               colsum_dtype=out_dtype)  # fmt: skip
     assert launches == ["_lora_reduce_rows_kernel", "_sum_parts_kernel"]
     a64, c64 = a.double(), c.double()
@@ -84,8 +83,8 @@ def test_reduce_rows_split_matches_float64(split_rows, launches, device, transpo
 
 def test_one_part_is_a_view_and_no_part_gives_zeros(device):
     one = torch.randn(1, 6, 5, device=device)
-    assert tl_ops._sum_parts((one, torch.float32))[0].data_ptr() == one.data_ptr()
-    zero, none = tl_ops._sum_parts(
+    assert triton_reduce._sum_parts((one, torch.float32))[0].data_ptr() == one.data_ptr()
+    zero, none = triton_reduce._sum_parts(
         (torch.empty(0, 6, 5, device=device), torch.float16), (None, torch.float32)
     )
     assert none is None and zero.dtype == torch.float16 and torch.equal(zero, torch.zeros_like(zero))
@@ -95,7 +94,7 @@ def test_cast_in_the_finalize_store_is_torchs_cast(device):
     """The cast in the finalize kernel's store gives the bits of torch's cast of its fp32 sum."""
     parts = torch.randn(3, 37, 5, device=device) * 100
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])  # (interpreter)
-    as32, *cast = tl_ops._sum_parts(*((parts, dtype) for dtype in dtypes))
+    as32, *cast = triton_reduce._sum_parts(*((parts, dtype) for dtype in dtypes))
     torch.testing.assert_close(as32, parts.sum(0))
     for got, dtype in zip(cast, dtypes[1:], strict=True):
         assert torch.equal(got, as32.to(dtype)), dtype
@@ -108,10 +107,10 @@ def test_backward_with_split_rows_matches_float64(split_rows, launches, device, 
     params = LoRAParams(p.scaling)
     x, w, A, B = (t.detach() for t in (p.x, p.weight, p.lora_A, p.lora_B))
     grad_y = torch.randn(70, 36, device=device, dtype=dtype)
-    _, t = tl_ops.lora_forward(x, w, p.bias.detach(), A, B, params)
+    _, t = triton_lora.lora_forward(x, w, p.bias.detach(), A, B, params)
     launches.clear()
     with _AtenOps() as seen:
-        grads = tl_ops.lora_backward(grad_y, x, w, A, B, t, params, (True,) * 5)
+        grads = triton_lora.lora_backward(grad_y, x, w, A, B, t, params, (True,) * 5)
     # one finalize per reduction: the dY pass (dB, db[, s·dY·B]) and dA; no torch sum or cast after them
     assert launches.count("_sum_parts_kernel") == 2
     assert not {"sum", "_to_copy"} & set(seen.ops), seen.ops

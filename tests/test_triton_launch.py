@@ -1,4 +1,4 @@
-"""Direct launch of cached compiled kernels (issue 19, item 3; ``triton_lora._call_kernel``).
+"""Direct launch of cached compiled kernels (issue 19, item 3; ``triton_support._call_kernel``).
 
 On the CPU the compiled path cannot run, so these tests put fake kernels in the place of the JITFunctions:
 each carries a binder that Triton itself builds from the real kernel's signature (the function
@@ -25,8 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.errors import OutOfResources
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from lora_kernels.ops import LoRAParams
-from lora_kernels.ops import triton_lora as tl_ops
+from lora_kernels.ops import LoRAParams, triton_lora, triton_reduce, triton_support
 
 try:
     from triton.backends.nvidia.compiler import CUDABackend as _BACKEND
@@ -99,10 +98,10 @@ class FakeKernel:
 @pytest.fixture
 def compiled_mode(monkeypatch):
     """As on a GPU: no interpreter, device 0, stream ``_STREAM``, a fresh direct-launch cache."""
-    monkeypatch.setattr(tl_ops, "interpreting", lambda: False)
-    monkeypatch.setattr(tl_ops, "_DIRECT", {})
-    monkeypatch.delenv(tl_ops._DIRECT_LAUNCH_ENV, raising=False)
-    state = tl_ops._DirectState
+    monkeypatch.setattr(triton_support, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_support, "_DIRECT", {})
+    monkeypatch.delenv(triton_support._DIRECT_LAUNCH_ENV, raising=False)
+    state = triton_support._DirectState
     for name, value in dict(off=False, ready=True, get_device=lambda: 0, get_stream=lambda device: _STREAM,
                             runtime=knobs.runtime, compilation=knobs.compilation,
                             hook_chain=getattr(knobs, "HookChain", None)).items():  # fmt: skip
@@ -163,7 +162,7 @@ def test_arg_key_at_least_as_fine_as_triton():
               2**31 - 16, 2**31 - 1, 2**31, 2**32, -(2**31), -(2**31) - 1, -(2**31) - 16, 2**62, 2**63 - 16,
               2**63, 2**64 - 16, 2**64 - 1, 0.0, 1.0, -0.0, 2.5, True, False, None]  # fmt: skip
     for a, b in itertools.combinations(values, 2):
-        if tl_ops._arg_key(a) != tl_ops._arg_key(b):
+        if triton_support._arg_key(a) != triton_support._arg_key(b):
             continue
         for flags in itertools.product((False, True), repeat=3):  # is_const, specialize, align
             spec_a = native_specialize_impl(_BACKEND, a, *flags)
@@ -174,12 +173,12 @@ def test_arg_key_at_least_as_fine_as_triton():
 def test_key_separates_what_triton_specializes_on(compiled_mode):
     """Every launch, in any order, uses the compiled kernel of its own Triton key; launches that Triton
     keys differently never share a direct-launch key, and repeats go direct."""
-    fake = FakeKernel(tl_ops._lora_reduce_rows_kernel)
+    fake = FakeKernel(triton_reduce._lora_reduce_rows_kernel)
     variants = _variants()
     for order in (variants, variants[::-1], variants):
         for args, constexprs, cfg in order:
             direct_before = len(fake.direct)
-            tl_ops._call_kernel(fake, (3, 2), args, constexprs, cfg)
+            triton_support._call_kernel(fake, (3, 2), args, constexprs, cfg)
             key, _ = fake.triton_key(args, {**constexprs, **cfg})
             if len(fake.direct) > direct_before:
                 compiled, launch = fake.direct[-1]
@@ -187,24 +186,24 @@ def test_key_separates_what_triton_specializes_on(compiled_mode):
                 assert launch == _expected_launch(fake, (3, 2, 1), args, constexprs, cfg)
             else:
                 assert fake.slow[-1][0] == key
-    ours = {tl_ops._direct_key(fake, 0, *v) for v in variants}
+    ours = {triton_support._direct_key(fake, 0, *v) for v in variants}
     theirs = {fake.triton_key(v[0], {**v[1], **v[2]})[0] for v in variants}
     assert len(fake.slow) == len(ours)  # each key's first launch only; the repeats all went direct
     assert len(fake.direct) == 3 * len(variants) - len(ours)
     assert len(fake.compiled) == len(theirs) >= 18  # (M = 16 / 32 and the like share Triton's)
     keys = {}
     for args, constexprs, cfg in variants:  # a direct-launch key never covers two of Triton's
-        mine = tl_ops._direct_key(fake, 0, args, constexprs, cfg)
+        mine = triton_support._direct_key(fake, 0, args, constexprs, cfg)
         assert keys.setdefault(mine, fake.triton_key(args, {**constexprs, **cfg})[0]) == keys[mine]
 
 
 def test_direct_arguments_are_runs(compiled_mode):
     """The direct launch passes what run passes: grid padded to 3-D, the stream, function, packed metadata,
     then every argument in the signature's order, constexprs included."""
-    fake = FakeKernel(tl_ops._lora_reduce_rows_kernel)
+    fake = FakeKernel(triton_reduce._lora_reduce_rows_kernel)
     args = _reduce_args(torch.zeros(64, 48))
-    tl_ops._call_kernel(fake, (5,), args, _CONSTEXPRS, _CFG)
-    tl_ops._call_kernel(fake, (5,), args, _CONSTEXPRS, _CFG)
+    triton_support._call_kernel(fake, (5,), args, _CONSTEXPRS, _CFG)
+    triton_support._call_kernel(fake, (5,), args, _CONSTEXPRS, _CFG)
     (compiled, launch), = fake.direct  # fmt: skip
     assert launch[:9] == (5, 1, 1, _STREAM, compiled.function, compiled.packed_metadata, None, None, None)
     assert launch[9:] == fake.slow[0][1]
@@ -216,15 +215,16 @@ def test_real_launchers_go_direct(compiled_mode, monkeypatch):
     """The forward and backward launchers, kernels faked: a repeated call launches each kernel directly,
     with run's arguments and the compiled kernel of its own Triton key."""
     fakes = {}
-    for name in ("_lora_linear_kernel", "_lora_project_kernel", "_lora_reduce_rows_kernel"):
-        fakes[name] = FakeKernel(getattr(tl_ops, name))
-        monkeypatch.setattr(tl_ops, name, fakes[name])
+    for module, name in ((triton_lora, "_lora_linear_kernel"), (triton_reduce, "_lora_project_kernel"),
+                         (triton_reduce, "_lora_reduce_rows_kernel")):  # fmt: skip
+        fakes[name] = FakeKernel(getattr(module, name))
+        monkeypatch.setattr(module, name, fakes[name])
     x, weight, bias, lora_A, lora_B, scaling = _detached(make_problem((33,), 40, 24, 4))
     params = LoRAParams(scaling, 0.1, 5)
 
     def step():
-        y, t = tl_ops.lora_forward(x, weight, bias, lora_A, lora_B, params)
-        tl_ops.lora_backward(torch.ones_like(y), x, weight, lora_A, lora_B, t, params, _NEEDS)
+        y, t = triton_lora.lora_forward(x, weight, bias, lora_A, lora_B, params)
+        triton_lora.lora_backward(torch.ones_like(y), x, weight, lora_A, lora_B, t, params, _NEEDS)
 
     step()
     slow = {name: len(f.slow) for name, f in fakes.items()}
@@ -238,51 +238,51 @@ def test_real_launchers_go_direct(compiled_mode, monkeypatch):
 
 
 def test_failed_direct_launch_falls_back_for_good(compiled_mode):
-    fake = FakeKernel(tl_ops._lora_reduce_rows_kernel)
+    fake = FakeKernel(triton_reduce._lora_reduce_rows_kernel)
     args = _reduce_args(torch.zeros(64, 48))
-    tl_ops._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
+    triton_support._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
     next(iter(fake.compiled.values())).fail = True
     with pytest.warns(RuntimeWarning, match="direct launch"):
-        tl_ops._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
-    assert len(fake.slow) == 2 and not fake.direct and tl_ops._DirectState.off
+        triton_support._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
+    assert len(fake.slow) == 2 and not fake.direct and triton_support._DirectState.off
     next(iter(fake.compiled.values())).fail = False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tl_ops._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
+        triton_support._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
     assert len(fake.slow) == 3 and not fake.direct
 
 
 def test_error_after_a_working_direct_launch_propagates(compiled_mode):
-    fake = FakeKernel(tl_ops._lora_reduce_rows_kernel)
+    fake = FakeKernel(triton_reduce._lora_reduce_rows_kernel)
     args = _reduce_args(torch.zeros(64, 48))
     for _ in range(2):
-        tl_ops._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
+        triton_support._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
     next(iter(fake.compiled.values())).fail = True
     with pytest.raises(RuntimeError, match="launcher refused"):
-        tl_ops._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
-    assert not tl_ops._DirectState.off
+        triton_support._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
+    assert not triton_support._DirectState.off
 
 
 def test_out_of_resources_still_walks_the_configs(compiled_mode, monkeypatch):
-    monkeypatch.setattr(tl_ops, "_FITTING_CONFIG", {})
-    fake = FakeKernel(tl_ops._lora_reduce_rows_kernel)
+    monkeypatch.setattr(triton_support, "_FITTING_CONFIG", {})
+    fake = FakeKernel(triton_reduce._lora_reduce_rows_kernel)
     fake.too_big = 64
     args = _reduce_args(torch.zeros(64, 48))
-    configs = tl_ops._Configs(tl_ops._smaller_configs(dict(_CFG, num_stages=2), ("BLOCK_M",)))
+    configs = triton_support._Configs(triton_support._smaller_configs(dict(_CFG, num_stages=2), ("BLOCK_M",)))
     for _ in range(3):
-        cfg = tl_ops._launch(fake, lambda cfg: (2,), configs, args, _CONSTEXPRS)
+        cfg = triton_support._launch(fake, lambda cfg: (2,), configs, args, _CONSTEXPRS)
         assert cfg["BLOCK_M"] == 32
     assert len(fake.slow) == 1 and len(fake.direct) == 2
 
 
 @pytest.mark.parametrize("what", ["enter_hook", "exit_hook", "pre_run_hook", "global", "callable_grid"])
 def test_hooks_and_changed_globals_take_kernel_grid(compiled_mode, monkeypatch, what):
-    fake = FakeKernel(tl_ops._lora_reduce_rows_kernel)
+    fake = FakeKernel(triton_reduce._lora_reduce_rows_kernel)
     namespace = {"G": 1}
     fake.used_global_vals = {("G", id(namespace)): (1, namespace)}
     args = _reduce_args(torch.zeros(64, 48))
     grid = (2,)
-    tl_ops._call_kernel(fake, grid, args, _CONSTEXPRS, _CFG)
+    triton_support._call_kernel(fake, grid, args, _CONSTEXPRS, _CFG)
     hook = lambda *a, **k: None
     if what == "enter_hook":
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
@@ -294,44 +294,44 @@ def test_hooks_and_changed_globals_take_kernel_grid(compiled_mode, monkeypatch, 
         namespace["G"] = 2
     else:
         grid = lambda meta: (2,)
-    tl_ops._call_kernel(fake, grid, args, _CONSTEXPRS, _CFG)
+    triton_support._call_kernel(fake, grid, args, _CONSTEXPRS, _CFG)
     assert len(fake.slow) == 2 and not fake.direct
 
 
 def test_opt_out_env(compiled_mode, monkeypatch):
-    monkeypatch.setenv(tl_ops._DIRECT_LAUNCH_ENV, "0")
-    fake = FakeKernel(tl_ops._lora_reduce_rows_kernel)
+    monkeypatch.setenv(triton_support._DIRECT_LAUNCH_ENV, "0")
+    fake = FakeKernel(triton_reduce._lora_reduce_rows_kernel)
     args = _reduce_args(torch.zeros(64, 48))
     for _ in range(3):
-        tl_ops._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
-    assert len(fake.slow) == 3 and not fake.direct and tl_ops._DirectState.off
+        triton_support._call_kernel(fake, (2,), args, _CONSTEXPRS, _CFG)
+    assert len(fake.slow) == 3 and not fake.direct and triton_support._DirectState.off
 
 
 def test_unmodelled_arguments_take_kernel_grid(compiled_mode):
     """Anything the key does not model (a float constexpr, an object argument, another backend)."""
-    fake = FakeKernel(tl_ops._lora_reduce_rows_kernel)
+    fake = FakeKernel(triton_reduce._lora_reduce_rows_kernel)
     args = _reduce_args(torch.zeros(64, 48))
     odd = [(args, dict(_CONSTEXPRS, INPUT_PRECISION=0.5), _CFG), ((*args[:-1], object()), _CONSTEXPRS, _CFG)]
     for call in odd * 2:
         with contextlib.suppress(TypeError):  # the binder refuses the object argument, as run would
-            tl_ops._call_kernel(fake, (2,), *call)
+            triton_support._call_kernel(fake, (2,), *call)
     assert not fake.direct
-    amd = FakeKernel(tl_ops._lora_reduce_rows_kernel)
+    amd = FakeKernel(triton_reduce._lora_reduce_rows_kernel)
     amd.device_caches = {0: ({}, {}, GPUTarget("hip", "gfx942", 64), _BACKEND, amd.binder)}
     for _ in range(2):
-        tl_ops._call_kernel(amd, (2,), args, _CONSTEXPRS, _CFG)
+        triton_support._call_kernel(amd, (2,), args, _CONSTEXPRS, _CFG)
     assert len(amd.slow) == 2 and not amd.direct
 
 
 def test_interpreter_never_takes_the_direct_path(monkeypatch):
     """Under TRITON_INTERPRET=1 every launch is kernel[grid]; no key is made and the driver is never read."""
-    if not tl_ops.interpreting():
+    if not triton_support.interpreting():
         pytest.skip("runs under the interpreter")
-    monkeypatch.setattr(tl_ops, "_DIRECT", {})
+    monkeypatch.setattr(triton_support, "_DIRECT", {})
     x, weight, bias, lora_A, lora_B, scaling = _detached(make_problem((9,), 20, 12, 4))
     for _ in range(2):
-        tl_ops.lora_forward(x, weight, bias, lora_A, lora_B, LoRAParams(scaling))
-    assert tl_ops._DIRECT == {} and not tl_ops._DirectState.ready
+        triton_lora.lora_forward(x, weight, bias, lora_A, lora_B, LoRAParams(scaling))
+    assert triton_support._DIRECT == {} and not triton_support._DirectState.ready
 
 
 @pytest.mark.cuda
@@ -354,19 +354,19 @@ def test_direct_launch_matches_kernel_grid_bitwise(monkeypatch, dtype, M):
 
     def step(params, off):
         x, weight, lora_A, lora_B, grad_y = inputs[off]
-        y, t = tl_ops.lora_forward(x, weight, bias, lora_A, lora_B, params)
-        return (y, t, *tl_ops.lora_backward(grad_y, x, weight, lora_A, lora_B, t, params, _NEEDS))
+        y, t = triton_lora.lora_forward(x, weight, bias, lora_A, lora_B, params)
+        return (y, t, *triton_lora.lora_backward(grad_y, x, weight, lora_A, lora_B, t, params, _NEEDS))
 
     for dropout_p in (0.0, 0.25):
         params = LoRAParams(scaling, dropout_p, 1234)
-        monkeypatch.setattr(tl_ops._DirectState, "off", True)
+        monkeypatch.setattr(triton_support._DirectState, "off", True)
         slow = {off: step(params, off) for off in (0, 1)}
-        monkeypatch.setattr(tl_ops._DirectState, "off", False)
-        monkeypatch.setattr(tl_ops, "_DIRECT", {})
+        monkeypatch.setattr(triton_support._DirectState, "off", False)
+        monkeypatch.setattr(triton_support, "_DIRECT", {})
         for off in (0, 1):
             step(params, off)  # each key's first launch: kernel[grid], its compiled kernel remembered
             direct = step(params, off)
-            assert any(e is not None and e.tried for e in tl_ops._DIRECT.values()), "no direct launch"
+            assert any(e is not None and e.tried for e in triton_support._DIRECT.values()), "no direct launch"
             for a, b in zip(slow[off], direct, strict=True):
                 assert (a is None and b is None) or torch.equal(a, b), (dropout_p, off)
-        assert not tl_ops._DirectState.off
+        assert not triton_support._DirectState.off

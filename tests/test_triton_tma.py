@@ -16,7 +16,7 @@ from lora_kernels.ops import LoRAParams
 from lora_kernels.reference import lora_linear_reference
 
 if HAS_TRITON:
-    from lora_kernels.ops import triton_lora, triton_tma
+    from lora_kernels.ops import triton_lora, triton_support, triton_tma
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 interpreted = pytest.mark.skipif(
@@ -43,14 +43,14 @@ class Launches(list):
 def launched(monkeypatch):
     """The names of the kernels launched inside the test."""
     names = Launches()
-    launch = triton_lora._launch
+    launch = triton_support._launch
 
     def spy(kernel, grid_of, configs, args, constexprs):
         names.append(kernel.__name__)
         names.constexprs.append(constexprs)
         return launch(kernel, grid_of, configs, args, constexprs)
 
-    monkeypatch.setattr(triton_lora, "_launch", spy)
+    monkeypatch.setattr(triton_support, "_launch", spy)
     return names
 
 

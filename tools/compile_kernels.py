@@ -26,7 +26,7 @@ from kernel_static_cost import record_tma_launches, static_cost
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lora_kernels.ops import triton_lora, triton_tma
+from lora_kernels.ops import triton_dora, triton_lora, triton_reduce, triton_tma
 
 #: Per kernel: pointer args ("in" = the input dtype, else a fixed type), float scalars, constexprs, options
 #: and the variants (extra constexprs) to compile.
@@ -117,8 +117,17 @@ KERNELS = {
 }
 
 
+def _kernel(name: str):
+    """The ``@triton.jit`` kernel ``name`` of :data:`KERNELS`, from the module that defines it."""
+    for module in (triton_lora, triton_reduce, triton_dora):
+        kernel = getattr(module, name, None)
+        if kernel is not None:
+            return kernel
+    raise KeyError(f"no Triton kernel {name!r} in lora_kernels.ops")
+
+
 def compile_kernel(name: str, dtype: str, dropout: bool, variant: dict, arch: int) -> None:
-    kernel = getattr(triton_lora, name)
+    kernel = _kernel(name)
     pointers, floats, constexprs, options, _ = KERNELS[name]
     constexprs = {**constexprs, **variant}
     if "HAS_DROPOUT" in kernel.arg_names:
@@ -196,7 +205,7 @@ def main() -> int:
         for name, spec in KERNELS.items() if not args.tma_only else ():
             for variant in spec[-1]:
                 for dtype in ("fp16", "bf16", "fp32"):
-                    kernel = getattr(triton_lora, name)
+                    kernel = _kernel(name)
                     # with and without dropout, unless the variant is launched with one only
                     dropouts = (False, True) if "HAS_DROPOUT" in kernel.arg_names else (False,)
                     for dropout in (variant["HAS_DROPOUT"],) if "HAS_DROPOUT" in variant else dropouts:

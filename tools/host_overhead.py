@@ -68,15 +68,18 @@ def measure(rows: list[tuple[str, object, object]], calls: int, rounds: int) -> 
 
 def _stub_triton_launches():
     """Replace the call into Triton by a no-op; returns a function that restores it."""
-    from lora_kernels.ops import triton_lora
+    try:
+        from lora_kernels.ops import triton_support as launcher
+    except ImportError:  # older trees: the launch support was part of triton_lora
+        from lora_kernels.ops import triton_lora as launcher
 
-    if hasattr(triton_lora, "_call_kernel"):  # the single point where a launch reaches Triton
+    if hasattr(launcher, "_call_kernel"):  # the single point where a launch reaches Triton
         name, stub = "_call_kernel", lambda *args, **kwargs: None
     else:  # older trees: the whole launcher, its bookkeeping included
         name, stub = "_launch", lambda kernel, grid_of, configs, args, constexprs: configs[0]
-    real = getattr(triton_lora, name)
-    setattr(triton_lora, name, stub)
-    return lambda: setattr(triton_lora, name, real)
+    real = getattr(launcher, name)
+    setattr(launcher, name, stub)
+    return lambda: setattr(launcher, name, real)
 
 
 def main() -> None:

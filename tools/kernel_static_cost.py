@@ -28,14 +28,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from lora_kernels.ops import LoRAParams, triton_lora, triton_tma
+from lora_kernels.ops import LoRAParams, triton_lora, triton_support, triton_tma
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
 @contextlib.contextmanager
 def _recording():
-    """Inside, ``triton_lora._launch`` records ``(kernel, args, kwargs)`` of each launch (first config) in
+    """Inside, ``triton_support._launch`` records ``(kernel, args, kwargs)`` of each launch (first config) in
     the yielded list instead of running it."""
     calls = []
 
@@ -44,11 +44,11 @@ def _recording():
         calls.append((kernel, args, {**constexprs, **configs[0]}))
         return configs[0]
 
-    launch, triton_lora._launch = triton_lora._launch, record
+    launch, triton_support._launch = triton_support._launch, record
     try:
         yield calls
     finally:
-        triton_lora._launch = launch
+        triton_support._launch = launch
 
 
 def _problem(M: int, K: int, N: int, r: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

@@ -22,7 +22,7 @@ absmax2[b // blocksize2] + offset``, a product and a sum rounded separately as b
 kernels are compiled without fp contraction (``enable_fp_fusion=False``) when nested.
 
 The LoRA side (``t = dropout(x)·Aᵀ``, ``s·dY·B``, dA, dB, db) is the Triton LoRA backend's own kernels
-(:mod:`lora_kernels.ops.triton_lora`); only the base GEMMs read the 4-bit weight here.
+(:mod:`lora_kernels.ops.triton_reduce`); only the base GEMMs read the 4-bit weight here.
 """
 
 from __future__ import annotations
@@ -33,26 +33,20 @@ import triton.language as tl
 
 from ..dispatch import interpreting
 from ..quant4bit import Weight4bit
-from . import LoRAParams, device_guard, triton_lora
-from .triton_lora import (
-    _add_lora,
+from . import LoRAParams, device_guard, triton_support
+from .triton_reduce import _grad_y_pass, _project, _reduce_rows
+from .triton_support import (
     _block_r,
     _cdiv,
     _Configs,
     _dropout_args,
-    _epilogue_operands,
-    _grad_y_pass,
     _input_precision,
     _launch_guard,
     _plan,
     _pow2_clamp,
-    _project,
-    _reduce_rows,
-    _seed_words,
     _smaller_configs,
-    _store_with_bias,
-    _tile,
 )
+from .triton_tiles import _add_lora, _epilogue_operands, _seed_words, _store_with_bias, _tile
 
 
 @triton.jit
@@ -191,7 +185,7 @@ def dequantize(w: Weight4bit, dtype: torch.dtype) -> torch.Tensor:
         return out
     block = 1024 if not interpreting() else max(16, min(4096, 1 << (numel - 1).bit_length()))
     with _launch_guard(), device_guard(w.device):
-        triton_lora._launch(  # (looked up on the module: tests count launches by replacing it)
+        triton_support._launch(  # (looked up on the module: tests count launches by replacing it)
             _dequant_4bit_kernel,
             lambda cfg: (_cdiv(numel, cfg["BLOCK"]),),
             [dict(BLOCK=block, num_warps=4)],
@@ -227,7 +221,7 @@ def _qlinear_with_lora(
         return configs, lambda cfg: (_cdiv(N, cfg["BLOCK_N"]), _cdiv(M, cfg["BLOCK_M"]))
 
     configs, grid_of = _plan(("qlinear", M, N, K, interpreting(), _qlinear_config), make)
-    triton_lora._launch(
+    triton_support._launch(
         _qlora_linear_kernel,
         grid_of,
         configs,

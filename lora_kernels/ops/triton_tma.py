@@ -6,8 +6,8 @@ forward ``y = x·Wᵀ + b + s·t·Bᵀ`` and ``dX = dY·W + mask ⊙ (s·dY·B)�
 tensor cores: operand tiles come through TMA descriptors (``a``, ``b``, the projection operand and the
 output), and ``NUM_SMS`` programs walk the output tiles in grouped order, so one program's prologue and
 epilogue overlap its neighbours' main loops instead of being exposed once per wave. The epilogue (the LoRA
-term, dropout mask, bias) is ``triton_lora``'s, applied per half tile when the store is subtiled, which
-halves the shared memory the output staging buffer takes.
+term, dropout mask, bias) is ``triton_lora``'s (the helpers of :mod:`.triton_tiles`), applied per half tile
+when the store is subtiled, which halves the shared memory the output staging buffer takes.
 
 Variants (:data:`VARIANTS`, all measured by ``benchmarks/tma_sweep.py``; none routed to automatically yet):
 
@@ -43,9 +43,22 @@ import triton
 import triton.language as tl
 
 from ..dispatch import interpreting
-from . import LoRAParams, device_guard
+from . import LoRAParams, device_guard, triton_support
 from . import triton_lora as _base
-from .triton_lora import _add_lora, _seed_words, _tile, _tile_coords
+from .triton_reduce import _grad_y_pass, _project, _reduce_rows
+from .triton_support import (
+    _block_r,
+    _cdiv,
+    _Configs,
+    _dropout_args,
+    _input_precision,
+    _launch_guard,
+    _num_sms,
+    _plan,
+    _pow2_clamp,
+    _smaller_configs,
+)
+from .triton_tiles import _add_lora, _seed_words, _tile, _tile_coords
 
 try:  # triton >= 3.4: host-side descriptors; make_tensor_descriptor in the language
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -275,7 +288,7 @@ def _tma_config(M: int, N: int, K: int, element_size: int, ws: bool, masked: boo
     the epilogue). Not timed yet: the sweep decides (benchmarks/tma_sweep.py); the sm_90 registers, spills
     and shared memory of each are in benchmarks/NOTES.md ("TMA persistent kernels")."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=_base._pow2_clamp(K, 16, 64), GROUP_M=2,
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=_pow2_clamp(K, 16, 64), GROUP_M=2,
                     EPILOGUE_SUBTILE=not ws, num_warps=4, num_stages=1)  # fmt: skip
     half = element_size <= 2
     if ws:  # the sm_90 warp specialization of triton 3.6 takes 4 warps (ignores 8), no subtiled store
@@ -319,7 +332,7 @@ def _descriptor_operands(
     N = b.shape[1]
     if a.dtype not in (torch.float16, torch.bfloat16, torch.float32) or min(M, N, K) == 0:
         return None
-    if a.dtype == torch.float32 and _base._input_precision(a.dtype) == "ieee" and not interpreting():
+    if a.dtype == torch.float32 and _input_precision(a.dtype) == "ieee" and not interpreting():
         return None  # IEEE fp32 runs on FMA units, not wgmma: 255 registers and KBs of spills at these tiles
     if (N * a.element_size()) % 16:  # the output's rows (allocated contiguous) are stored through TMA
         return None
@@ -371,9 +384,9 @@ def _linear_tma(
     p_st, p_t = rest[0] if rest else (a_st, False)
     fuse = bool(rest)
     if num_sms is None:
-        num_sms = _INTERPRETER_SMS if interpreting() else _base._num_sms(a.device.index or 0)
-    seed_ptr, threshold, scale = _base._dropout_args(dropout_p, seed, out)
-    block_r = _base._block_r(R)
+        num_sms = _INTERPRETER_SMS if interpreting() else _num_sms(a.device.index or 0)
+    seed_ptr, threshold, scale = _dropout_args(dropout_p, seed, out)
+    block_r = _block_r(R)
     u_rows = _row_major(u)
     u_t = u_rows is not None and u_rows[1]
     # the warp-specialized build (fp16/bf16) reads t, u and the bias through TMA too: where they are not
@@ -398,17 +411,17 @@ def _linear_tma(
             descs[1].block_shape = [bn, bk] if b_t else [bk, bn]
             descs[2].block_shape = ([block_r, bk] if p_t else [bk, block_r]) if fuse else [bm, bk]
             descs[3].block_shape = [bm, bn // 2 if cfg["EPILOGUE_SUBTILE"] else bn]
-        return (min(num_sms, _base._cdiv(M, cfg["BLOCK_M"]) * _base._cdiv(N, cfg["BLOCK_N"])),)
+        return (min(num_sms, _cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"])),)
 
     def make():
         cfg = _tma_config(M, N, K, a.element_size(), ws, dropout_p > 0.0)
-        return (_base._Configs(_base._smaller_configs(cfg, ("BLOCK_N", "BLOCK_M", "BLOCK_K"))),)
+        return (_Configs(_smaller_configs(cfg, ("BLOCK_N", "BLOCK_M", "BLOCK_K"))),)
 
     key = ("tma", M, N, K, a.element_size(), ws, dropout_p > 0.0, interpreting(), _tma_config)
-    (configs,) = _base._plan(key, make)
+    (configs,) = _plan(key, make)
     allocator = _descriptor_allocator(a.device) if ws else contextlib.nullcontext()
     with allocator:
-        _base._launch(
+        triton_support._launch(
             _lora_linear_tma_kernel,
             grid_of,
             configs,
@@ -420,7 +433,7 @@ def _linear_tma(
                 project_scale, lora_scale, seed_ptr, threshold, scale,
             ),
             dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, FUSE_PROJECT=fuse,
-                 LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_base._input_precision(a.dtype),
+                 LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_input_precision(a.dtype),
                  B_T=b_t, P_T=p_t, U_T=u_t, DEVICE_DESC=ws, WARP_SPECIALIZE=ws, NUM_SMS=num_sms,
                  BLOCK_R=block_r),
         )  # fmt: skip
@@ -448,11 +461,11 @@ def lora_forward_tma(
     if stored is None:
         return _base.lora_forward(x, weight, bias, lora_A, lora_B, params, out_shape)
     M = x.shape[0]
-    with _base._launch_guard(), device_guard(x.device):
+    with _launch_guard(), device_guard(x.device):
         if fuse:
             t = torch.empty((M, lora_A.shape[0]), device=x.device, dtype=torch.float32)
         else:
-            t = _base._project(x, lora_A.t(), 1.0, params.dropout_p, params.seed)
+            t = _project(x, lora_A.t(), 1.0, params.dropout_p, params.seed)
         y = _linear_tma(x, weight.t(), t, lora_B.t(), bias, 0.0, params.seed, ws, stored,
                         lora_scale=params.scaling, out_shape=out_shape, num_sms=num_sms)  # fmt: skip
     return y, t
@@ -467,7 +480,7 @@ def lora_grad_x_tma(
     ``triton_lora.lora_backward``, and ``grad_t = s·dY·B`` (M, r, fp32), which dA needs.
 
     ``grad_t`` given (e.g. from the pass over dY that gives dB) is used as is; else the ``*_t_fused``
-    variants compute it in the GEMM's main loop and the others by ``triton_lora``'s projection kernel.
+    variants compute it in the GEMM's main loop and the others by ``triton_reduce``'s projection kernel.
     """
     ws, fused = _check_variant(variant)
     fuse = fused and grad_t is None
@@ -477,13 +490,13 @@ def lora_grad_x_tma(
         if tma_available(grad_y.device)
         else None
     )
-    with _base._launch_guard(), device_guard(grad_y.device):
+    with _launch_guard(), device_guard(grad_y.device):
         if fuse and stored is not None:
             grad_t = torch.empty(
                 (grad_y.shape[0], lora_B.shape[1]), device=grad_y.device, dtype=torch.float32
             )
         elif grad_t is None:
-            grad_t = _base._project(grad_y, lora_B, scaling, 0.0, 0)
+            grad_t = _project(grad_y, lora_B, scaling, 0.0, 0)
             if fuse:  # B's rows were what TMA could not read: the unfused variant may still run
                 stored = _descriptor_operands(grad_y, weight, None) if tma_available(grad_y.device) else None
                 fuse = False
@@ -504,16 +517,16 @@ def lora_backward_tma(
     fused = _check_variant(variant)[1]
     if not need_x or not tma_available(grad_y.device):
         return _base.lora_backward(grad_y, x, weight, lora_A, lora_B, t, params, needs_grad)
-    with _base._launch_guard(), device_guard(grad_y.device):
-        grad_t, grad_B, grad_bias, _ = _base._grad_y_pass(  # dB and db cast in the kernels' stores
+    with _launch_guard(), device_guard(grad_y.device):
+        grad_t, grad_B, grad_bias, _ = _grad_y_pass(  # dB and db cast in the kernels' stores
             grad_y, None if fused else lora_B, t, params.scaling, need_B or need_bias, need_bias,
             dtypes=(lora_B.dtype, grad_y.dtype),
         )  # fmt: skip
     grad_x, grad_t = lora_grad_x_tma(grad_y, weight, lora_A, lora_B, params, grad_t=grad_t, variant=variant)
     grad_A = None
-    with _base._launch_guard(), device_guard(grad_y.device):
+    with _launch_guard(), device_guard(grad_y.device):
         if need_A:
-            grad_A = _base._reduce_rows(
+            grad_A = _reduce_rows(
                 x, grad_t, params.dropout_p, params.seed, with_colsum=False, out_dtype=lora_A.dtype,
                 transposed=True,
             )[0]  # fmt: skip
