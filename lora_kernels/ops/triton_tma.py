@@ -29,7 +29,7 @@ axis; the fused dX variant also needs ``B``'s rows (``r·size``) 16-byte aligned
 TF32 is allowed (IEEE fp32 is no tensor-core work). Where a call does not meet them,
 or :func:`tma_available` is false (no GPU of compute capability 9 or newer, a triton without descriptors),
 the launchers run ``triton_lora``'s kernels instead, so they are safe to call anywhere. Under the
-interpreter (CPU) they run when the installed triton's interpreter has descriptors (3.8 does), with a
+interpreter (CPU) they run when the installed triton's interpreter has descriptors (3.6 and 3.8 do), with a
 small ``NUM_SMS`` so that each program walks several tiles.
 """
 
@@ -266,7 +266,7 @@ def _capability_ok(index: int) -> bool:
 def tma_available(device: torch.device | str) -> bool:
     """Whether the TMA kernels can run on ``device``: a CUDA GPU of compute capability 9.0 or newer (Hopper,
     Blackwell) with a triton that has tensor descriptors, or, under the interpreter, a CPU tensor and an
-    interpreter that has them (triton 3.8's does)."""
+    interpreter that has them (triton 3.6's and 3.8's do)."""
     device = torch.device(device)
     if not _HAS_DESCRIPTORS:
         return False
