@@ -779,6 +779,8 @@ def versions() -> dict[str, str | None]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": version_of("triton"),
+        "numpy": version_of("numpy"),
+        "transformers": version_of("transformers"),
         "peft": version_of("peft"),
         "bitsandbytes": version_of("bitsandbytes"),
         "lora_kernels": lora_kernels.__version__,

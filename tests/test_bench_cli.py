@@ -1,10 +1,12 @@
 """The benchmarks' command lines: ``python benchmarks/report.py`` (where a quick run writes, which providers it
-takes) and a GPU visit's modules (they import one way)."""
+takes) and ``bash benchmarks/gpu_run.sh`` (a GPU visit's plan fits the device time; its modules import one
+way)."""
 
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -38,6 +40,31 @@ def test_bench_rejects_unknown_providers(tmp_path, monkeypatch, capsys):
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_gpu_visit_plan_fits_the_device_time():
+    """``gpu_run.sh --plan``: each call's estimates within its budget, and machine start + both budgets + a
+    spare minute within the 900 s of device time; the call's limits are what its phases run under."""
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_run.sh"), "--plan"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    totals = re.findall(r"^call (\d) \(budget (\d+) s\)$", result.stdout, re.M)
+    assert [call for call, _ in totals] == ["1", "2"], result.stdout
+    estimates = [int(n) for n in re.findall(r"^  total +(\d+) ", result.stdout, re.M)]
+    assert all(est <= int(budget) for est, (_, budget) in zip(estimates, totals, strict=True)), result.stdout
+    used = re.search(r"= (\d+) s <= 900 s: fits$", result.stdout, re.M)
+    assert used and int(used.group(1)) <= 900, result.stdout
+    assert result.stdout.rstrip().endswith("the plan fits")
+
+
+def test_gpu_run_refuses_a_phase_of_no_call():
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_run.sh"), "--call", "2", "--only", "table"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "table is no phase of call 2" in result.stderr
 
 
 def _sibling_imports(file: Path, names: set[str]) -> set[str]:
