@@ -6,7 +6,8 @@ float64 reference, saved bytes, the median time from :func:`time_calls`, CUDA pe
 - ``python benchmarks/report.py``: the report (``results.json``, ``results.md``, ``speedup.png``, ``log.txt``);
 - ``pytest benchmarks/ --benchmark-only``: pytest-benchmark, one benchmark per case × provider
   (``test_lora_linear.py`` hands the harness's per-call times to pytest-benchmark, it times nothing itself);
-- ``benchmarks/gpu_run.py``: the timing table of a GPU visit (its sweep times with :func:`median_ms`).
+- ``benchmarks/gpu_run.sh``: a GPU visit, whose timing table (``gpu_tables.py``) records these rows too (its
+  sweeps time single kernels with :func:`median_ms`).
 
 So the same case gives the same kind of number, from the same loop, in all three.
 
@@ -20,7 +21,7 @@ Providers, all computing ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` from 
                of :mod:`lora_kernels.dispatch`, the path of :mod:`lora_kernels.ops.routing`).
 ``triton``, ``cuda``, ``torch``  ours on that backend (its path chosen by the routing).
 ``triton:fused``, ``triton:split``, …  ours on that backend and path, one provider per path of a backend
-               that has more than one (LoRA cases only: DoRA is not routed). ``gpu_run.py`` turns their
+               that has more than one (LoRA cases only: DoRA is not routed). ``gpu_summary.py`` turns their
                times into the routing table (``lora_kernels/tuning/<device>.json``).
 ``ours``       (merged mode only) :class:`~lora_kernels.FusedLoRALinear` after ``merge()``.
 
@@ -778,6 +779,8 @@ def versions() -> dict[str, str | None]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": version_of("triton"),
+        "numpy": version_of("numpy"),
+        "transformers": version_of("transformers"),
         "peft": version_of("peft"),
         "bitsandbytes": version_of("bitsandbytes"),
         "lora_kernels": lora_kernels.__version__,

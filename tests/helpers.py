@@ -6,6 +6,7 @@ The tolerance of each dtype and the comparison are :mod:`lora_kernels.testing`'s
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import math
 import sys
@@ -156,18 +157,30 @@ def run_op(problem: LoRAProblem, grad_y: torch.Tensor, **kwargs):
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def benchmarks_module(name: str):
-    """``benchmarks/<name>.py`` (``report``, ``harness``), imported as its scripts import each other.
+class _BenchmarksFinder(importlib.abc.MetaPathFinder):
+    """Finds ``benchmarks/<name>.py`` for a top-level name, as the folder's scripts import each other; never
+    its tests (``test_*``, ``conftest``)."""
 
-    By file, not by putting ``benchmarks/`` on ``sys.path``: its ``test_lora_linear.py`` would shadow
-    ``tests/test_lora_linear.py``. ``harness`` comes first, as the others import it by that name.
+    def find_spec(self, fullname, path, target=None):
+        file = BENCHMARKS / f"{fullname}.py"
+        if "." in fullname or fullname.startswith(("test_", "conftest")) or not file.exists():
+            return None
+        return importlib.util.spec_from_file_location(fullname, file)
+
+
+def benchmarks_module(name: str):
+    """``benchmarks/<name>.py`` (``report``, ``harness``, ``gpu_summary``, ...), imported as its scripts import
+    each other, with the siblings it imports.
+
+    Not by putting ``benchmarks/`` on ``sys.path``: its ``test_lora_linear.py`` would shadow
+    ``tests/test_lora_linear.py``; a finder of the folder's modules is on ``sys.meta_path`` while it imports.
     """
-    for module in dict.fromkeys(("harness", name)):
-        if module not in sys.modules:
-            spec = importlib.util.spec_from_file_location(module, BENCHMARKS / f"{module}.py")
-            sys.modules[module] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(sys.modules[module])
-    return sys.modules[name]
+    finder = _BenchmarksFinder()
+    sys.meta_path.insert(0, finder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.meta_path.remove(finder)
 
 
 # ---------------------------------------------------------------------------------- spawned CPU ranks

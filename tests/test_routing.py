@@ -320,13 +320,12 @@ def test_a_new_path_is_one_registry_entry(triton_backend, monkeypatch, tmp_path,
 
 
 def test_gpu_run_writes_the_table_it_measured(triton_backend, monkeypatch, tmp_path):
-    """``gpu_run.py``'s table: per LoRA case, each path's time from the ``backend:path`` providers of the
+    """The GPU visit's routing table (``benchmarks/gpu_summary.py``): per LoRA case, each path's time from the ``backend:path`` providers of the
     backend ``auto`` selects; failed rows and DoRA rows left out; it loads, and ``auto`` then takes its
     winner. The benchmarks list an ``auto`` provider and one per path."""
     from helpers import benchmarks_module
 
-    harness, gpu_run = benchmarks_module("harness"), benchmarks_module("gpu_run")
-    monkeypatch.setattr(gpu_run, "DEVICE", torch.device("cpu"))
+    harness, gpu_summary = benchmarks_module("harness"), benchmarks_module("gpu_summary")
     assert harness.path_providers(["triton", "torch"], "cpu") == ["triton:split", "triton:fused"]
     assert "auto" in harness.providers("fwd_bwd", "cpu")
     assert harness.split_provider("triton:fused") == ("triton", "fused")
@@ -343,9 +342,28 @@ def test_gpu_run_writes_the_table_it_measured(triton_backend, monkeypatch, tmp_p
         dict(case, provider="triton:fused", median_ms=0.1, dora=True),
     ]
     name = routing.device_name(torch.device("cpu"))
-    table = gpu_run.routing_table(rows, name, note="test")
+    table = gpu_summary.routing_table(rows, name, device_type="cpu", note="test")
     assert table["cases"] == {_key(): {"fused": 1.0, "split": 2.0}, _key(m=1000): {"split": 3.0}}
     file = tmp_path / "table.json"
-    assert "2 cases" in gpu_run.write_routing_table(table, file)
+    assert "2 cases" in gpu_summary.write_routing_table(table, file)
     monkeypatch.setenv(TABLE_ENV_VAR, str(file))
     assert _choose()[0] == "fused" and _choose(m=1000)[0] == "split"
+
+
+@pytest.mark.parametrize(
+    "name, stem",
+    [
+        ("NVIDIA H100 80GB HBM3", "nvidia_h100_80gb_hbm3"),
+        ("NVIDIA H200", "nvidia_h200"),
+        ("NVIDIA H100 PCIe", "nvidia_h100_pcie"),
+    ],
+)
+def test_gpu_visit_names_its_table_as_routing_looks_it_up(monkeypatch, name, stem):
+    """The table a GPU visit writes for a device, ``tuning-<stem>.json``, is committed as
+    ``lora_kernels/tuning/<stem>.json``: the file routing looks up for that ``torch.cuda.get_device_name()``."""
+    from helpers import benchmarks_module
+
+    monkeypatch.delenv(TABLE_ENV_VAR, raising=False)
+    written = benchmarks_module("gpu_summary").tuning_file_name(name)
+    assert written == f"tuning-{stem}.json"
+    assert routing.table_file(name) == routing.TABLE_DIR / written.removeprefix("tuning-")
