@@ -23,32 +23,30 @@ import torch
 import torch.nn.functional as F
 
 from lora_kernels import dropout_mask
-from lora_kernels.ops import LoRAParams, triton_lora
+from lora_kernels.ops import LoRAParams, triton_lora, triton_reduce, triton_support
 from lora_kernels.testing import assert_close, relative_error
 
 from gpu_rows import DEVICE, DRY, emit, error_text, time_ms
 
 #: The Triton backend's names that this sweep calls or replaces, each with the module that holds it: a
 #: replacement is made there, where the backend's own callers look the name up. The only place they are
-#: named. (lora_kernels/ops/triton_lora.py is being split: launch support, configs and the interpreter's
-#: lock into triton_support, the projection and the row reduction into a reductions module; then change the
-#: modules here.)
+#: named.
 TRITON_INTERNALS = {
-    "_launch": triton_lora,  # every kernel launch (replaced: records the config that ran)
-    "_launch_guard": triton_lora,  # the interpreter's lock, for launchers called directly
-    "_num_sms": triton_lora,
-    "_block_r": triton_lora,
+    "_launch": triton_support,  # every kernel launch (replaced: records the config that ran)
+    "_launch_guard": triton_support,  # the interpreter's lock, for launchers called directly
+    "_num_sms": triton_support,
+    "_block_r": triton_support,
     "_linear_config": triton_lora,  # the GEMM's config (replaced by each candidate)
     "_linear_with_lora": triton_lora,  # the GEMM with the LoRA epilogue (called)
     "_fuse_projection": triton_lora,  # whether the forward computes t in the GEMM's main loop (replaced)
     "lora_forward": triton_lora,
-    "_skinny_config": triton_lora,  # the projection's config (replaced)
-    "_project": triton_lora,  # t = s·dropout(x)·Aᵀ, or s·dY·B (called)
-    "_reduce_config": triton_lora,  # the row reduction's config (replaced)
-    "_row_splits": triton_lora,  # how many row splits it runs (replaced)
-    "_reduce_rows": triton_lora,  # dB = dYᵀ·t (+ db) (called)
-    "_grad_y_pass": triton_lora,  # what the backward takes from dY besides dX (called)
-    "_single_pass_over_dy": triton_lora,  # one pass over dY or two (replaced)
+    "_skinny_config": triton_reduce,  # the projection's config (replaced)
+    "_project": triton_reduce,  # t = s·dropout(x)·Aᵀ, or s·dY·B (called)
+    "_reduce_config": triton_reduce,  # the row reduction's config (replaced)
+    "_row_splits": triton_reduce,  # how many row splits it runs (replaced)
+    "_reduce_rows": triton_reduce,  # dB = dYᵀ·t (+ db) (called)
+    "_grad_y_pass": triton_reduce,  # what the backward takes from dY besides dX (called)
+    "_single_pass_over_dy": triton_reduce,  # one pass over dY or two (replaced)
 }
 
 
