@@ -35,17 +35,7 @@ from ..dispatch import interpreting
 from ..quant4bit import Weight4bit
 from . import LoRAParams, device_guard, triton_support
 from .triton_reduce import _grad_y_pass, _project, _reduce_rows
-from .triton_support import (
-    _block_r,
-    _cdiv,
-    _Configs,
-    _dropout_args,
-    _input_precision,
-    _launch_guard,
-    _plan,
-    _pow2_clamp,
-    _smaller_configs,
-)
+from .triton_support import _cdiv, _launch_guard, _pow2_clamp
 from .triton_tiles import _add_lora, _epilogue_operands, _seed_words, _store_with_bias, _tile
 
 
@@ -214,13 +204,15 @@ def _qlinear_with_lora(
             out.view(M, N).add_(bias)
         return out
     stride_wk, stride_wn = (1, n_cols) if transposed else (n_cols, 1)
-    seed_ptr, threshold, scale = _dropout_args(dropout_p, seed, out)
+    seed_ptr, threshold, scale = triton_support._dropout_args(dropout_p, seed, out)
 
     def make():
-        configs = _Configs(_smaller_configs(_qlinear_config(M, N, K), ("BLOCK_N", "BLOCK_M", "BLOCK_K")))
+        configs = triton_support._Configs(
+            triton_support._smaller_configs(_qlinear_config(M, N, K), ("BLOCK_N", "BLOCK_M", "BLOCK_K"))
+        )
         return configs, lambda cfg: (_cdiv(N, cfg["BLOCK_N"]), _cdiv(M, cfg["BLOCK_M"]))
 
-    configs, grid_of = _plan(("qlinear", M, N, K, interpreting(), _qlinear_config), make)
+    configs, grid_of = triton_support._plan(("qlinear", M, N, K, interpreting(), _qlinear_config), make)
     triton_support._launch(
         _qlora_linear_kernel,
         grid_of,
@@ -234,7 +226,7 @@ def _qlinear_with_lora(
             w.blocksize, max(w.blocksize2, 1), lora_scale, seed_ptr, threshold, scale,
         ),
         dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, **_quant_constexprs(w),
-             LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=_input_precision(a.dtype), BLOCK_R=_block_r(R)),
+             LORA_FP32=a.dtype == torch.float16, INPUT_PRECISION=triton_support._input_precision(a.dtype), BLOCK_R=triton_support._block_r(R)),
     )  # fmt: skip
     return out
 

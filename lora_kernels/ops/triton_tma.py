@@ -46,18 +46,7 @@ from ..dispatch import interpreting
 from . import LoRAParams, device_guard, triton_support
 from . import triton_lora as _base
 from .triton_reduce import _grad_y_pass, _project, _reduce_rows
-from .triton_support import (
-    _block_r,
-    _cdiv,
-    _Configs,
-    _dropout_args,
-    _input_precision,
-    _launch_guard,
-    _num_sms,
-    _plan,
-    _pow2_clamp,
-    _smaller_configs,
-)
+from .triton_support import _cdiv, _input_precision, _launch_guard, _pow2_clamp
 from .triton_tiles import _add_lora, _seed_words, _tile, _tile_coords
 
 try:  # triton >= 3.4: host-side descriptors; make_tensor_descriptor in the language
@@ -384,9 +373,9 @@ def _linear_tma(
     p_st, p_t = rest[0] if rest else (a_st, False)
     fuse = bool(rest)
     if num_sms is None:
-        num_sms = _INTERPRETER_SMS if interpreting() else _num_sms(a.device.index or 0)
-    seed_ptr, threshold, scale = _dropout_args(dropout_p, seed, out)
-    block_r = _block_r(R)
+        num_sms = _INTERPRETER_SMS if interpreting() else triton_support._num_sms(a.device.index or 0)
+    seed_ptr, threshold, scale = triton_support._dropout_args(dropout_p, seed, out)
+    block_r = triton_support._block_r(R)
     u_rows = _row_major(u)
     u_t = u_rows is not None and u_rows[1]
     # the warp-specialized build (fp16/bf16) reads t, u and the bias through TMA too: where they are not
@@ -415,10 +404,12 @@ def _linear_tma(
 
     def make():
         cfg = _tma_config(M, N, K, a.element_size(), ws, dropout_p > 0.0)
-        return (_Configs(_smaller_configs(cfg, ("BLOCK_N", "BLOCK_M", "BLOCK_K"))),)
+        return (
+            triton_support._Configs(triton_support._smaller_configs(cfg, ("BLOCK_N", "BLOCK_M", "BLOCK_K"))),
+        )
 
     key = ("tma", M, N, K, a.element_size(), ws, dropout_p > 0.0, interpreting(), _tma_config)
-    (configs,) = _plan(key, make)
+    (configs,) = triton_support._plan(key, make)
     allocator = _descriptor_allocator(a.device) if ws else contextlib.nullcontext()
     with allocator:
         triton_support._launch(
