@@ -12,14 +12,19 @@ from .functional import (
 )
 from .inject import inject_lora, lora_state_dict, merge_lora, unmerge_lora
 from .modules import FusedLoRALinear
+from .multi_functional import AdapterTerm, multi_lora_linear
+from .multi_modules import MultiLoRALinear, adapter_rows
 from .ops.routing import use_path
 from .reference import dora_linear_reference, lora_linear_reference
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterTerm",
     "FusedLoRALinear",
     "LoRALinearFunction",
+    "MultiLoRALinear",
+    "adapter_rows",
     "available_backends",
     "dora_linear",
     "dora_linear_reference",
@@ -30,6 +35,7 @@ __all__ = [
     "lora_linear_reference",
     "lora_state_dict",
     "merge_lora",
+    "multi_lora_linear",
     "qdora_linear",
     "qlora_linear",
     "unmerge_lora",

@@ -23,6 +23,7 @@ from torch import nn
 
 from .inject import attach_lora, lora_layers, matches_target
 from .modules import FusedLoRALinear
+from .multi_modules import multi_layers
 
 __all__ = ["load_adapter", "save_adapter"]
 
@@ -63,7 +64,9 @@ def _single_value(layers: dict[str, FusedLoRALinear], attribute: str, why: str) 
     return next(iter(groups))
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, *, target_modules: Any = None) -> str:
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, *, target_modules: Any = None, adapter: str | None = None
+) -> str:
     """Write the adapters of an injected model as a PEFT LoRA adapter directory; returns the weights path.
 
     ``PeftModel.from_pretrained(base_model, directory)`` on the same (un-injected) base model then
@@ -73,13 +76,21 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, target_modul
     Args:
         target_modules: written to the config; default the module names' last components when they select
             exactly the injected layers, else the full module names.
+        adapter: the name of one adapter of a model with several (:class:`~lora_kernels.MultiLoRALinear`
+            layers, ``inject_lora(..., adapters=...)``): that adapter alone, as its own PEFT directory.
 
     Raises:
         ValueError: no injected layers, a merged layer, or layers that differ in ``lora_dropout`` or
             ``use_rslora`` or ``use_dora``, which a PEFT ``LoraConfig`` holds once for all its layers (the
             message names the layers).
     """
-    layers = lora_layers(model)
+    if adapter is not None:
+        layers = {n: m.adapters[adapter] for n, m in multi_layers(model).items() if adapter in m.adapters}
+        if not layers:
+            names = sorted({a for m in multi_layers(model).values() for a in m.adapter_names})
+            raise ValueError(f"no layer of the model has an adapter {adapter!r}; the adapters are {names}")
+    else:
+        layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no FusedLoRALinear layers; inject adapters with inject_lora first")
     merged = [n for n, layer in layers.items() if layer.merged]

@@ -18,6 +18,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from .modules import FusedLoRALinear, LoRAOptions, lora_options, lost_behaviour
+from .multi_modules import MultiLoRALinear, adapter_options
 from .quant4bit import quantized_base_error
 
 __all__ = [
@@ -130,8 +131,9 @@ def _linear_names(model: nn.Module, limit: int = 12) -> str:
 
 
 def inject_lora(
-    model: nn.Module, target_modules: str | Iterable[str], **options: Unpack[LoRAOptions]
-) -> nn.Module:
+    model: nn.Module, target_modules: str | Iterable[str], *,
+    adapters: Iterable[str] | Mapping[str, Mapping] | None = None, **options: Unpack[LoRAOptions],
+) -> nn.Module:  # fmt: skip
     """Replace the ``nn.Linear`` modules named by ``target_modules`` with :class:`FusedLoRALinear`.
 
     Args:
@@ -142,6 +144,11 @@ def inject_lora(
         **options: the adapter's options (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
             ``init_lora_weights``, ``adapter_dtype``, ``use_dora``: :class:`~lora_kernels.modules.LoRAOptions`), as for
             :class:`FusedLoRALinear`.
+        adapters: several named adapters trained at once (:class:`~lora_kernels.multi_modules.MultiLoRALinear`
+            layers): a list of names, each with ``options``, or ``{name: options}`` overriding ``options``
+            per adapter (e.g. ``{"a": {"r": 8}, "b": {"r": 16, "lora_dropout": 0.1}}``). Which samples each
+            adapter takes is set per batch with :func:`lora_kernels.adapter_rows`. A matching
+            ``MultiLoRALinear`` gets the new adapters added.
 
     Every parameter outside the adapters is frozen (``requires_grad=False``), as ``get_peft_model`` does.
     Modules that already are :class:`FusedLoRALinear` are left as they are.
@@ -156,7 +163,10 @@ def inject_lora(
             ``nn.Linear`` subclass with its own ``forward`` (the fused layer would not run it; the message
             names the module). Hooks on a replaced module move to its fused layer (see :func:`attach_lora`).
     """
-    options = lora_options(options, "inject_lora")
+    if adapters is not None:
+        per_adapter = adapter_options(adapters, options)
+    else:
+        options = lora_options(options, "inject_lora")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
         if not target_modules:
@@ -166,14 +176,49 @@ def inject_lora(
         raise ValueError(
             f"no module of the model matches target_modules={target_modules!r}; {_linear_names(model)}"
         )
-    bad = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, (nn.Linear, FusedLoRALinear))]
+    allowed = (nn.Linear, FusedLoRALinear) if adapters is None else (nn.Linear, MultiLoRALinear)
+    bad = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, allowed)]
     if bad:
         raise TypeError(
             f"target_modules={target_modules!r} matches modules that are not nn.Linear: {', '.join(bad[:8])}; "
-            f"only nn.Linear can take a fused LoRA adapter. {_linear_names(model)}"
+            f"only nn.Linear can take a fused LoRA adapter{'' if adapters is None else ' (FusedLoRALinear takes one)'}. "
+            f"{_linear_names(model)}"
         )
+    if adapters is not None:
+        _attach_multi(model, dict(matched), per_adapter)
+        return model
     attach_lora(model, {name: options for name, _ in matched}, stacklevel=3)
     return model
+
+
+def _attach_multi(model: nn.Module, modules: dict[str, nn.Module], adapters: dict[str, LoRAOptions]) -> None:
+    """A :class:`MultiLoRALinear` with ``adapters`` at each of ``modules`` (existing ones get them added);
+    everything else frozen, the adapters trained."""
+    refused = [
+        f"{n}: {why}" for n, m in modules.items()
+        if not isinstance(m, MultiLoRALinear) and (why := quantized_base_error(m) or lost_behaviour(m))
+    ]  # fmt: skip
+    refused += [f"{n}: an nn.Linear subclass" for n, m in modules.items() if isinstance(m, nn.Linear) and
+                type(m) is not nn.Linear and not refused]  # fmt: skip
+    if refused:
+        raise TypeError(f"these modules cannot take several adapters: {'; '.join(refused[:8])}")
+    new = [name for name, m in modules.items() if not isinstance(m, MultiLoRALinear)]
+    warn_if_never_called(model, new, stacklevel=4)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, module in modules.items():
+        if isinstance(module, MultiLoRALinear):
+            for adapter, opts in adapters.items():
+                module.add_adapter(adapter, opts)
+            continue
+        layer = MultiLoRALinear(module, adapters)
+        _move_hooks(module, layer)
+        _set_submodule(model, name, layer)
+    _keep_adapters_called(model, new)
+    for layer in model.modules():
+        if isinstance(layer, MultiLoRALinear):
+            for param in layer.adapter_parameters().values():
+                param.requires_grad_(True)
 
 
 def attach_lora(

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from .ops import (
     LoRAParams,
+    as_output,
     run_backward,
     run_dora_backward,
     run_dora_forward,
@@ -60,6 +61,7 @@ from .ops.routing import select_path
 __all__ = [
     "DoRALinearFunction",
     "LoRALinearFunction",
+    "MultiLoRALinearFunction",
     "QLoRALinearFunction",
     "lora_linear_backward_op",
     "lora_linear_op",
@@ -251,6 +253,61 @@ class QLoRALinearFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True)
             grads = once_differentiable_grads((grad_y, x, lora_A, lora_B), grads)
         return (*grads, None, None, None, None, None, None)
+
+
+class MultiLoRALinearFunction(torch.autograd.Function):
+    """Many adapters over one base layer (:func:`lora_kernels.multi_lora_linear`): ``y = x·Wᵀ + b +
+    Σ_a s_a·(drop_a(x_a)·A_aᵀ)·B_aᵀ`` on the rows ``groups`` gives each adapter, one base GEMM, the grouped
+    terms of :mod:`lora_kernels.ops.multi_lora`.
+
+    Inputs ``(x, weight, bias, base_output, groups, params, backend, A_0, B_0, A_1, B_1, ...)``: ``weight``
+    and ``bias`` are None when ``base_output`` (the output of a base layer the op does not compute) is given.
+    Saves ``x``, the weight and the adapters (not copied), and the backend's ``t`` of each adapter's rows
+    (float32; the Triton backend also its padded stacks, ``n·R·(K + N)`` elements)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, base_output, groups, params, backend: str, *adapter_tensors):
+        from .ops.multi_lora import multi_forward
+
+        adapters = list(zip(adapter_tensors[0::2], adapter_tensors[1::2], strict=True))
+        x2d = x.reshape(-1, x.shape[-1])
+        y, saved = multi_forward(backend, x2d, weight, bias, base_output, adapters, groups, params)
+        ctx.save_for_backward(x2d, weight, *adapter_tensors, *saved)
+        ctx.groups, ctx.params, ctx.backend = groups, params, backend
+        ctx.x_shape, ctx.num_adapter_tensors = x.shape, len(adapter_tensors)
+        ctx.base_shape = None if base_output is None else base_output.shape
+        return as_output(y, (*x.shape[:-1], y.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from .ops.multi_lora import multi_backward
+
+        x2d, weight, *rest = ctx.saved_tensors
+        adapter_tensors, saved = rest[: ctx.num_adapter_tensors], tuple(rest[ctx.num_adapter_tensors :])
+        adapters = list(zip(adapter_tensors[0::2], adapter_tensors[1::2], strict=True))
+        needs = ctx.needs_input_grad
+        need_x, need_weight, need_bias, need_base = needs[:4]
+        need_A, need_B = any(needs[7::2]), any(needs[8::2])
+        grad_y2d = grad_y.reshape(x2d.shape[0], -1)
+        if grad_y2d.dtype != x2d.dtype:
+            grad_y2d = grad_y2d.to(x2d.dtype)
+        with torch.no_grad():
+            grad_x, grads_A, grads_B = multi_backward(
+                ctx.backend, grad_y2d, x2d, weight, adapters, saved, ctx.groups, ctx.params,
+                (need_x, need_A, need_B),
+            )  # fmt: skip
+            grad_weight = torch.mm(grad_y2d.t(), x2d) if need_weight else None
+            grad_bias = grad_y2d.sum(0) if need_bias else None
+        grad_base = grad_y.reshape(ctx.base_shape) if need_base else None
+        if grad_x is not None:
+            grad_x = grad_x.reshape(ctx.x_shape)
+        grads = [g for pair in zip(grads_A, grads_B, strict=True) for g in pair]
+        grads = [g if need else None for g, need in zip(grads, needs[7:], strict=True)]
+        out = (grad_x, grad_weight, grad_bias, grad_base, *grads)
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            out = once_differentiable_grads((grad_y, x2d, *adapter_tensors), out)
+        grad_x, grad_weight, grad_bias, grad_base, *grads = out
+        return (grad_x, grad_weight, grad_bias, grad_base, None, None, None, *grads)
 
 
 # --------------------------------------------------------------------------------------------------------
