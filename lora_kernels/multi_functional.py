@@ -68,7 +68,8 @@ def multi_lora_linear(
             Adapter ``a``'s mask is ``lora_kernels.dropout_mask(seeds[a], (m_a, in_features), p_a)`` over
             its ``m_a`` rows in batch order: the mask a single-adapter call on those rows would apply.
         base_output: the base layer's output ``(..., out_features)`` where the op does not compute it
-            (a base that is another tuner layer, or has hooks): the terms are added to a copy of it.
+            (a base that is another tuner layer, or has hooks): the terms are added to a copy of it (in
+            ``x``'s dtype, autocast's under ``torch.autocast``), and the result has ``base_output``'s dtype.
 
     Returns:
         ``(..., out_features)`` in ``x.dtype``, a new tensor. Gradients flow to ``x``, every adapter's
@@ -80,8 +81,7 @@ def multi_lora_linear(
     ``torch.func`` transforms, forward-mode AD, ``torch.compile`` and on meta tensors the same math runs as
     plain torch ops. Reading a tensor's ``adapter_ids`` on the host is a graph break under ``torch.compile``.
     """
-    if base_output is None:
-        x, weight, bias = _autocast_inputs(x, weight, bias)
+    x, weight, bias = _autocast_inputs(x, weight, bias)
     terms = _check(x, weight, bias, adapters, base_output)
     rows = math.prod(x.shape[:-1])
     groups = _groups(x, rows, len(terms), adapter_ids, segments)
@@ -96,10 +96,13 @@ def multi_lora_linear(
             base = torch.nn.functional.linear(x2d, weight, bias)
         else:
             base = base_output.reshape(rows, -1).to(x.dtype)
-        y = base + composite_terms(x2d, pairs, groups, params)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    backend = _backend_for(x.device, x.dtype, max(A.shape[0] for A, _ in pairs))
-    return MultiLoRALinearFunction.apply(x, weight, bias, base_output, groups, params, backend, *flat)
+        y = (base + composite_terms(x2d, pairs, groups, params)).reshape(*x.shape[:-1], -1)
+    else:
+        backend = _backend_for(x.device, x.dtype, max(A.shape[0] for A, _ in pairs))
+        y = MultiLoRALinearFunction.apply(x, weight, bias, base_output, groups, params, backend, *flat)
+    if base_output is not None and base_output.dtype != y.dtype:  # the base layer's dtype, as PEFT returns
+        y = y.to(base_output.dtype)
+    return y
 
 
 def _check(x, weight, bias, adapters, base_output) -> list[AdapterTerm]:

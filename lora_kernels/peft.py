@@ -3,7 +3,8 @@
 :func:`fuse` / :func:`unfuse`: a ``PeftModel`` keeps its modules, parameters, state-dict keys and
 ``save_pretrained``; only the forward of each ``peft.tuners.lora.layer.Linear`` is swapped for one that
 calls :func:`lora_kernels.lora_linear` on PEFT's own ``lora_A``/``lora_B`` parameters (DoRA layers:
-:func:`lora_kernels.dora_linear`, with PEFT's ``lora_magnitude_vector`` as the magnitude).
+:func:`lora_kernels.dora_linear`, with PEFT's ``lora_magnitude_vector`` as the magnitude), or, for several
+adapters and mixed batches, :func:`lora_kernels.multi_lora_linear`.
 
 This module is ``lora_kernels.peft``; ``import peft`` inside it is absolute, so it always means the real
 package (imported lazily, only by :func:`fuse`). :func:`save_adapter` / :func:`load_adapter`, which
@@ -13,8 +14,10 @@ exchange adapters with PEFT in its file format without needing PEFT, live in
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ from torch.nn.modules import module as torch_module
 from . import quant4bit
 from .adapter_io import load_adapter, save_adapter
 from .functional import dora_linear, lora_linear, qdora_linear, qlora_linear
+from .multi_functional import AdapterTerm, multi_lora_linear
 
 __all__ = ["fuse", "load_adapter", "save_adapter", "unfuse"]
 
@@ -102,27 +106,44 @@ def _global_module_hooks() -> bool:
     )
 
 
-def _why_not_fused(layer: nn.Module) -> tuple[str | None, bool]:
-    """``(why, warn)``: why this PEFT LoRA layer cannot run the fused op now (``None`` if it can), and
-    whether that deserves a warning: not when PEFT's forward is just the base layer (adapters disabled or
-    merged, or no active adapter in this layer), which is as fast as the fused op."""
-    if getattr(layer, "disable_adapters", False):
-        return "adapters are disabled", False
-    if getattr(layer, "merged", False):
-        return "its adapter is merged into the base weight", False
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if not active:
-        return "no active adapter in this layer", False
+@dataclass(frozen=True)
+class _Plan:
+    """How a PEFT LoRA layer's call runs fused: its ``adapters`` (active ones, or those a mixed batch names),
+    the base's ``kind`` (``linear``, ``conv1d``: weight read by the op; ``4bit``: QLoRA; ``module``: the base
+    layer called, its output passed on, for a base the op cannot read: another tuner layer, hooks, an
+    accelerate hook), and whether it is one ``dora`` adapter."""
+
+    adapters: tuple[str, ...]
+    kind: str
+    dora: bool = False
+
+
+def _conv1d_class() -> type | None:
+    """``transformers``' GPT-2-style ``Conv1D`` (weight ``(in, out)``), if transformers is imported."""
+    if "transformers" not in sys.modules:
+        return None
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _base_kind(layer: nn.Module) -> tuple[str | None, str | None]:
+    """``(kind, why)``: how the op takes the base layer (see :class:`_Plan`), or why it cannot."""
     base = layer.base_layer
-    if hasattr(base, "base_layer"):  # as PEFT's get_base_layer() tells a tuner layer
-        return (
-            f"its base layer is another tuner layer ({type(base).__module__.rpartition('.')[0]}"
-            f".{type(base).__name__}: stacked adapters, e.g. a PeftMixedModel)",
-            True,
-        )
+    if hasattr(base, "base_layer"):  # as PEFT's get_base_layer() tells a tuner layer: called as it is
+        return "module", None
+    if _runs_more_than_forward(base):  # hooks, accelerate: PEFT's forward runs them, so calling it does
+        return "module", None
+    conv1d = _conv1d_class()
     if type(base) is nn.Linear:
-        pass
-    elif quant4bit.is_linear4bit(base):
+        if getattr(layer, "fan_in_fan_out", False):
+            return None, "fan_in_fan_out=True on an nn.Linear base (PEFT transposes its weight only to merge)"
+        return "linear", None
+    if conv1d is not None and type(base) is conv1d:
+        return "conv1d", None
+    if quant4bit.is_linear4bit(base):
         quant4bit.restore_4bit_weight(base)  # a model loaded with torch.load: its Params4bit class back
         quant4bit.check_still_4bit(
             base.weight
@@ -130,34 +151,73 @@ def _why_not_fused(layer: nn.Module) -> tuple[str | None, bool]:
         try:
             quant4bit.describe(base.weight)
         except (ValueError, TypeError, ImportError) as err:
-            return f"its 4-bit base cannot be read by the fused kernels: {err}", True
-    else:
-        return f"its base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)", True
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (Conv1D-style transposed weights)", True
-    if len(active) != 1:
-        return f"{len(active)} active adapters ({', '.join(active)}); the fused op runs exactly one", True
-    adapter = active[0]
+            return None, f"its 4-bit base cannot be read by the fused kernels: {err}"
+        return "4bit", None
+    if isinstance(base, nn.Module) and type(base).forward is not nn.Module.forward:
+        return "module", None  # any other base layer: called, its output passed on
+    return None, f"its base layer is {type(base).__name__}"
+
+
+def _adapter_reason(layer: nn.Module, adapter: str, several: bool, mixed: bool) -> str | None:
+    """Why ``adapter`` of ``layer`` cannot take part in a fused call (``several``: with other adapters;
+    ``mixed``: in a mixed batch), or ``None``."""
     dora = layer.use_dora.get(adapter, False)
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
-        return f"a LoRA variant ({type(variant).__name__})", True
+        return f"a LoRA variant ({type(variant).__name__})"
+    if dora and several:
+        return "DoRA among several active adapters (each DoRA term rescales the previous adapters' output)"
     lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
-    if lora_A.bias is not None or lora_B.bias is not None:
-        return "lora_bias=True", True
+    if lora_A.bias is not None:
+        return "a bias on lora_A"
+    if lora_B.bias is not None and (dora or mixed):
+        return "lora_bias=True with DoRA" if dora else "lora_bias=True in a mixed batch"
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
-        return f"its dropout is {type(dropout).__name__}", True
-    modules = [base, lora_A, lora_B, dropout]
+        return f"its dropout is {type(dropout).__name__}"
+    modules = [lora_A, lora_B, dropout]
     if dora:
         modules.append(layer.lora_magnitude_vector[adapter])
     if any(_runs_more_than_forward(m) for m in modules):
-        return (
-            "its base layer or adapter modules have hooks or a replaced forward (PEFT's forward runs them)",
-            True,
-        )
+        return "its adapter modules have hooks or a replaced forward (PEFT's forward runs them)"
+    return None
+
+
+def _plan_call(layer: nn.Module, adapter_names: list | None) -> tuple[_Plan | None, str | None, bool]:
+    """``(plan, why, warn)``: how this call of a PEFT LoRA layer runs fused, or why it cannot (``why``) and
+    whether that deserves a warning: not when PEFT's forward is just the base layer (adapters disabled or
+    merged, no adapter of this layer in the call), which is as fast as the fused op."""
+    if getattr(layer, "disable_adapters", False):
+        return None, "adapters are disabled", False
+    if getattr(layer, "merged", False):
+        return None, "its adapter is merged into the base weight", False
+    if adapter_names is not None:
+        named = dict.fromkeys(n for n in adapter_names if n != "__base__" and n in layer.lora_A)
+        adapters = tuple(named)
+    else:
+        adapters = tuple(a for a in layer.active_adapters if a in layer.lora_A)
+    if not adapters:
+        return None, "no active adapter in this layer", False
+    kind, why = _base_kind(layer)
+    if kind is None:
+        return None, why, True
+    several, mixed = len(adapters) > 1 or adapter_names is not None, adapter_names is not None
+    for adapter in adapters:
+        why = _adapter_reason(layer, adapter, several, mixed)
+        if why is not None:
+            return None, why, True
+    dora = layer.use_dora.get(adapters[0], False)
+    if dora and kind == "module":
+        return None, "DoRA on a base layer that is called as a module (a tuner layer, hooks)", True
     if _global_module_hooks():
-        return "global module hooks are registered (PEFT's forward runs them on the base layer)", True
-    return None, False
+        return None, "global module hooks are registered (PEFT's forward runs them on the base layer)", True
+    return _Plan(adapters, kind, dora), None, False
+
+
+def _why_not_fused(layer: nn.Module) -> tuple[str | None, bool]:
+    """``(why, warn)`` of :func:`_plan_call` for a call with the layer's active adapters (what :func:`fuse`
+    reports)."""
+    _, why, warn = _plan_call(layer, None)
+    return why, warn
 
 
 _warned: set[str] = set()
@@ -172,46 +232,76 @@ def _warn_once(reason: str) -> None:
         )
 
 
+def _base_tensors(layer: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The base weight as ``(out, in)`` (a view: ``Conv1D`` stores ``(in, out)``) and its bias."""
+    base = layer.base_layer
+    return (base.weight.t() if kind == "conv1d" else base.weight), base.bias
+
+
+def _with_lora_bias(bias: torch.Tensor | None, lora_B: nn.Module, scaling: float) -> torch.Tensor | None:
+    """The base bias with ``s·b_B`` folded in where ``lora_B`` has a bias (``lora_bias=True``): PEFT's term
+    ``s·(t·Bᵀ + b_B)`` in the op's bias, differentiable (``d b_B = s·Σ dY``)."""
+    if lora_B.bias is None:
+        return bias
+    extra = lora_B.bias * scaling
+    return extra if bias is None else bias + extra
+
+
 def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """PEFT ``lora.Linear.forward`` for one LoRA (or DoRA) adapter on an ``nn.Linear``, through the fused op."""
+    """PEFT ``lora.Linear.forward`` through the fused op: one adapter (LoRA, DoRA, QLoRA) on the layer's
+    base, or several adapters (several active, or a mixed batch, ``adapter_names=``) in one grouped call."""
     peft_forward = type(self).forward
-    if args or kwargs:
-        if kwargs.get("adapter_names") is not None:
-            _warn_once("a mixed-batch call (adapter_names=...)")
+    adapter_names = kwargs.get("adapter_names")
+    if args or any(key != "adapter_names" for key in kwargs):
         return peft_forward(self, x, *args, **kwargs)
-    why, warn = _why_not_fused(self)
-    if why is not None:
+    if adapter_names is not None:
+        self._check_forward_args(x, *args, **kwargs)  # PEFT's errors: the length, merged layers, DoRA
+    plan, why, warn = _plan_call(self, adapter_names)
+    if plan is None:
         if warn:
             _warn_once(why)
-        return peft_forward(self, x)
-    (adapter,) = [a for a in self.active_adapters if a in self.lora_A]
+        return peft_forward(self, x, **kwargs)
+    first = self.lora_A[plan.adapters[0]].weight
+    if x.dtype != first.dtype and not getattr(self, "cast_input_dtype_enabled", True):
+        _warn_once("input dtype casting is disabled (peft.helpers.disable_input_dtype_casting)")
+        return peft_forward(self, x, **kwargs)
+    base = self.base_layer
+    tensors = [base.weight, base.bias] if plan.kind != "module" else []
+    for adapter in plan.adapters:
+        tensors += [self.lora_A[adapter].weight, self.lora_B[adapter].weight]
+        if plan.dora:
+            tensors.append(self.lora_magnitude_vector[adapter].weight)
+    zero3 = [t for t in tensors if hasattr(t, "ds_id")]
+    if zero3 and not _zero3_gathered(self, zero3):
+        return peft_forward(self, x, **kwargs)  # this call only (see _zero3_gathered)
+    if len(plan.adapters) == 1 and adapter_names is None and plan.kind != "module":
+        return _single_forward(self, x, plan)
+    return _grouped_forward(self, x, plan, adapter_names)
+
+
+def _single_forward(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """One adapter on a base the op reads: :func:`lora_linear`, :func:`dora_linear` or their QLoRA forms."""
+    (adapter,) = plan.adapters
     base = self.base_layer
     lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-    if x.dtype != lora_A.dtype and not getattr(self, "cast_input_dtype_enabled", True):
-        _warn_once("input dtype casting is disabled (peft.helpers.disable_input_dtype_casting)")
-        return peft_forward(self, x)
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     scaling = float(self.scaling[adapter])
-    dora = self.use_dora.get(adapter, False)
-    magnitude = self.lora_magnitude_vector[adapter].weight if dora else None
-    zero3 = [t for t in (base.weight, base.bias, lora_A, lora_B, magnitude) if hasattr(t, "ds_id")]
-    if zero3 and not _zero3_gathered(self, zero3):
-        return peft_forward(self, x)  # this call only (see _zero3_gathered)
-    if type(base) is not nn.Linear:  # a 4-bit base, the only other kind _why_not_fused lets through: QLoRA,
-        # cast as Linear4bit.forward does (see qlora_linear)
+    magnitude = self.lora_magnitude_vector[adapter].weight if plan.dora else None
+    if plan.kind == "4bit":  # QLoRA, cast as Linear4bit.forward does (see qlora_linear)
         if not base.compute_type_is_set:
             base.set_compute_type(x)
             base.compute_type_is_set = True
-        if dora:
+        if plan.dora:
             return qdora_linear(
                 x, base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p, dropout.training,
                 compute_dtype=base.compute_dtype,
             )  # fmt: skip
+        bias = _with_lora_bias(base.bias, self.lora_B[adapter], scaling)
         return qlora_linear(
             x,
             base.weight,
-            base.bias,
+            bias,
             lora_A,
             lora_B,
             scaling,
@@ -219,9 +309,34 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
             dropout.training,
             compute_dtype=base.compute_dtype,
         )
-    if dora:
-        return dora_linear(x, base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p, dropout.training)
-    return lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, p, dropout.training)
+    weight, bias = _base_tensors(self, plan.kind)
+    if plan.dora:
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, dropout.training)
+    bias = _with_lora_bias(bias, self.lora_B[adapter], scaling)
+    return lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, dropout.training)
+
+
+def _grouped_forward(self, x: torch.Tensor, plan: _Plan, adapter_names: list | None) -> torch.Tensor:
+    """Several adapters, a mixed batch, or a base called as a module: :func:`multi_lora_linear`."""
+    terms = []
+    for adapter in plan.adapters:
+        dropout = self.lora_dropout[adapter]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        terms.append(AdapterTerm(A, B, float(self.scaling[adapter]), p))
+    ids = None
+    if adapter_names is not None:
+        index = {name: i for i, name in enumerate(plan.adapters)}
+        ids = [index.get(name, -1) for name in adapter_names]
+    if plan.kind in ("module", "4bit"):  # the base layer's own forward gives the base output
+        return multi_lora_linear(
+            x, None, None, terms, adapter_ids=ids, training=True, base_output=self.base_layer(x)
+        )
+    weight, bias = _base_tensors(self, plan.kind)
+    for adapter, term in zip(plan.adapters, terms, strict=True):  # (all active: lora_bias folds into b)
+        bias = _with_lora_bias(bias, self.lora_B[adapter], term.scaling)
+    y = multi_lora_linear(x, weight, bias, terms, adapter_ids=ids, training=True)
+    return y
 
 
 class _FusedForward:
@@ -252,14 +367,25 @@ def fuse(peft_model: nn.Module) -> int:
 
     The forward of each ``peft.tuners.lora.layer.Linear`` instance is replaced; modules, parameters,
     state-dict keys, ``save_pretrained``, merging and adapter switching stay PEFT's, and the model still
-    saves with ``torch.save``, pickles and deep-copies. A layer that cannot run fused falls back to PEFT's
-    own forward at call time: LoRA variants other than DoRA, several active adapters, a base that is
-    neither ``nn.Linear`` nor a 4-bit bitsandbytes ``Linear4bit`` (QLoRA, fused too; an 8-bit base is not), a base that is itself a tuner layer (LoHa, LoKr... in a ``PeftMixedModel``),
-    ``fan_in_fan_out``, ``lora_bias``, hooks on the base layer or adapter modules (or global module hooks),
+    saves with ``torch.save``, pickles and deep-copies. What runs fused, decided at each call:
+
+    * one active adapter (LoRA or DoRA) on an ``nn.Linear``, a GPT-2 ``Conv1D`` (``fan_in_fan_out``: the op
+      reads the transposed weight, a view) or a 4-bit bitsandbytes base (QLoRA), ``lora_bias`` folded into
+      the bias: :func:`lora_kernels.lora_linear` and its DoRA/QLoRA forms;
+    * several active adapters (``set_adapter([...])``) and mixed batches (``adapter_names=``, PEFT's
+      "__base__" included), LoRA adapters: one grouped call, :func:`lora_kernels.multi_lora_linear`;
+    * a base the op cannot read (another tuner layer, e.g. LoHa in a ``PeftMixedModel``; hooks on the base
+      layer; accelerate's hooks): the base layer is called as PEFT calls it, and the grouped op adds the
+      LoRA terms to its output.
+
+    A layer that cannot run fused falls back to PEFT's own forward at call time: LoRA variants other than
+    DoRA, DoRA among several active adapters or on a base called as a module, ``lora_bias`` in a mixed
+    batch, an 8-bit base, hooks on the adapter modules (or global module hooks), disabled input casting,
     all of which PEFT's forward honours. One warning lists those found now, and each new reason met later
-    (e.g. ``adapter_names=``, a hook added) warns once. Layers whose PEFT forward is just the base layer
-    (adapters merged or disabled, no active adapter in the layer) fall back silently. A layer whose forward
-    was already replaced by someone else (e.g. accelerate) is not touched.
+    warns once. Layers whose PEFT forward is just the base layer (adapters merged or disabled, no active
+    adapter in the layer) fall back silently. PEFT's own argument checks (``adapter_names``' length, DoRA
+    in a mixed batch, merged layers) raise as in PEFT. A layer whose forward was already replaced by someone
+    else (e.g. accelerate) is not touched.
     """
     linear_cls = _peft_lora_linear_class()
     eight_bit = _peft_bnb_classes("Linear8bitLt")

@@ -117,29 +117,118 @@ def test_fuse_save_pretrained_is_peft_s(base_model, tmp_path):
         assert n == n2 and torch.equal(p, p2), n
 
 
-def test_unfusable_layers_warn_and_keep_peft_forward(base_model, ids):
+def _assert_same_logits_and_grads(fused, reference, ids, **kwargs):
+    with use_backend("torch"):
+        logits, grads = _loss_and_grads_with(fused, ids, **kwargs)
+    ref_logits, ref_grads = _loss_and_grads_with(reference, ids, **kwargs)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def _loss_and_grads_with(model, ids, **kwargs):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids, **kwargs)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def grouped_calls(monkeypatch):
+    """Counts the grouped op's calls made by ``lora_kernels.peft`` (several adapters, a mixed batch, or a
+    base layer called as a module)."""
+    calls = []
+    op = lk_peft.multi_lora_linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(lk_peft, "multi_lora_linear", counting)
+    return calls
+
+
+def test_lora_bias_runs_fused(base_model, ids, fused_calls):
     reference = _peft_model(base_model, lora_bias=True)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                p.normal_(std=0.1)
     fused = copy.deepcopy(reference)
-    with pytest.warns(UserWarning, match="lora_bias"):
-        assert lk_peft.fuse(fused) == 0
-    torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lk_peft.fuse(fused) == 2 * len(TARGETS)
+    _assert_same_logits_and_grads(fused, reference, ids)
+    assert len(fused_calls) == 2 * len(TARGETS)
+    assert any(n.endswith("lora_B.default.bias") for n, p in fused.named_parameters() if p.grad is not None)
 
 
-def test_mixed_batch_and_merged_fall_back(base_model, ids):
+def _two_adapters(base_model, **other):
     reference = _peft_model(base_model)
-    reference.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS))
+    reference.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS, **other))
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B.other" in name:
+                p.normal_(std=0.05)
+    return reference
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+def test_mixed_batch_runs_fused_with_peft_s_outputs_and_gradients(base_model, backend, grouped_calls):
+    reference = _two_adapters(base_model).eval()  # PEFT takes adapter_names in eval mode only
+    for name, p in reference.named_parameters():  # gradients still flow to every adapter it names
+        if "lora_" in name:
+            p.requires_grad_(True)
+    fused = copy.deepcopy(reference)
+    lk_peft.fuse(fused)
+    ids = torch.randint(0, 128, (4, 7))
+    names = ["other", "default", "__base__", "other"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with use_backend(backend.name):
+            logits, grads = _loss_and_grads_with(fused, ids, adapter_names=names)
+    ref_logits, ref_grads = _loss_and_grads_with(reference, ids, adapter_names=names)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert grads.keys() == ref_grads.keys() and any(".other." in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert len(grouped_calls) == 2 * len(TARGETS)
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):  # PEFT's own errors first
+        fused(input_ids=ids, adapter_names=names[:3])
+
+
+def test_several_active_adapters_run_fused(base_model, ids, grouped_calls):
+    reference = _two_adapters(base_model, lora_dropout=0.0)
+    reference.base_model.set_adapter(["default", "other"])
+    fused = copy.deepcopy(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lk_peft.fuse(fused) == 2 * len(TARGETS)
+    _assert_same_logits_and_grads(fused, reference, ids)
+    assert len(grouped_calls) == 2 * len(TARGETS)
+
+
+def test_mixed_batch_with_dora_raises_peft_s_error_and_merged_layers_fall_back(base_model, ids):
+    reference = _two_adapters(base_model)
     reference.eval()
     fused = copy.deepcopy(reference)
     lk_peft.fuse(fused)
-    names = ["default", "other"]
-    with pytest.warns(UserWarning, match="adapter_names"):
-        y = fused(input_ids=ids, adapter_names=names).logits
-    torch.testing.assert_close(y, reference(input_ids=ids, adapter_names=names).logits)
     fused.merge_adapter()
     reference.merge_adapter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+    dora = get_peft_model(
+        copy.deepcopy(base_model), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    ).eval()
+    lk_peft.fuse(dora)
+    with pytest.raises(ValueError, match="DoRA"):
+        dora(input_ids=ids, adapter_names=["default", "default"])
 
 
 def test_save_adapter_loads_in_peft(base_model, ids, tmp_path):
@@ -246,17 +335,26 @@ def _mixed(order: tuple[str, str]) -> nn.Module:
     return model.eval()
 
 
-def test_lora_on_another_tuner_layer_keeps_peft_forward(backend, fresh_warnings):
+def test_lora_on_another_tuner_layer_runs_fused(backend, fresh_warnings, grouped_calls):
+    """LoRA over LoHa (a PeftMixedModel): the LoHa layer is called as PEFT calls it, its output passed to
+    the grouped op, which adds the LoRA term."""
     reference = _mixed(("loha", "lora")).to(backend.device)
     lora_layer = reference.base_model.model.lin
     assert isinstance(lora_layer, peft.tuners.lora.Linear)  # lora.Linear over loha.Linear over nn.Linear
     assert isinstance(lora_layer.base_layer, peft.tuners.loha.Linear)
     fused = copy.deepcopy(reference)
-    with pytest.warns(UserWarning, match="tuner layer"):
-        assert lk_peft.fuse(fused) == 0
-    x = torch.randn(5, 16, device=backend.device)
-    with use_backend(backend.name):
-        torch.testing.assert_close(fused(x), reference(x))
+    x = torch.randn(5, 16, device=backend.device, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lk_peft.fuse(fused) == 1
+        with use_backend(backend.name):
+            y = fused(x)
+    y_ref = reference(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert grouped_calls
+    (grad_x,) = torch.autograd.grad(y.sum(), x)
+    (grad_x_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    torch.testing.assert_close(grad_x, grad_x_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_tuner_layer_on_lora_still_fuses(backend, fresh_warnings, fused_calls):
@@ -281,7 +379,7 @@ def _peft_two_layers(device) -> nn.Module:
     return model.eval().to(device)
 
 
-def test_base_layer_hooks_run_after_fuse(backend, fresh_warnings, fused_calls):
+def test_base_layer_hooks_run_after_fuse(backend, fresh_warnings, fused_calls, grouped_calls):
     reference = _peft_two_layers(backend.device)
     fused = copy.deepcopy(reference)
     assert lk_peft.fuse(fused) == 1
@@ -301,18 +399,19 @@ def test_base_layer_hooks_run_after_fuse(backend, fresh_warnings, fused_calls):
         # added after fuse: the fused forward decides at call time
         handles.append(base.register_forward_pre_hook(lambda module, args: (args[0] * 2,)))
         handles.append(base.register_forward_hook(record))
-    with use_backend(backend.name), pytest.warns(UserWarning, match="hook"):
-        y = fused(x)
+    with use_backend(backend.name), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = fused(x)  # the base layer called with its hooks, its output into the grouped op
     torch.testing.assert_close(y, reference(x))
     assert not torch.allclose(y, plain)
     assert seen == {"reference": 1, "fused": 1}
-    assert len(fused_calls) == 1  # PEFT's forward ran, not the fused op
+    assert len(fused_calls) == 1 and len(grouped_calls) == 1
 
     for handle in handles:
         handle.remove()
     with use_backend(backend.name):
         torch.testing.assert_close(fused(x), plain)
-    assert len(fused_calls) == 2  # fused again once the hooks are gone
+    assert len(fused_calls) == 2  # the single-adapter op again once the hooks are gone
 
 
 def test_adapter_module_hooks_and_accelerate_hooks_are_honoured(backend, fresh_warnings, fused_calls):
@@ -428,7 +527,46 @@ def test_fuse_warns_only_for_layers_that_should_fuse(fresh_warnings, fused_calls
         with torch.no_grad():
             for _ in range(2):
                 torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
-    fused.unmerge_adapter()  # PEFT warns "Already unmerged" for the layers without "other"
-    fused.base_model.set_adapter(["default", "other"])
-    with pytest.warns(UserWarning, match="2 active adapters"):
-        fused(input_ids=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns "Already unmerged" for the layers without "other"
+        fused.unmerge_adapter()
+        reference.unmerge_adapter()
+    for model in (fused, reference):
+        model.base_model.set_adapter(["default", "other"])
+    with warnings.catch_warnings():  # several active adapters run fused (the grouped op), silently
+        warnings.simplefilter("error")
+        with use_backend("torch"), torch.no_grad():
+            torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------- GPT-2's Conv1D (fan_in_fan_out) bases
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_gpt2_conv1d_bases_run_fused(backend, fused_calls, use_dora):
+    """transformers' Conv1D stores its weight (in, out): the op reads its transpose, a view."""
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    ).eval()
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, use_dora=use_dora
+    )
+    reference = get_peft_model(gpt2, config).to(backend.device)
+    _randomize_lora(reference)
+    fused = copy.deepcopy(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lk_peft.fuse(fused) == 2 * 4  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj per block
+    ids = torch.randint(0, 50, (2, 9), device=backend.device)
+    with use_backend(backend.name):
+        logits, grads = _loss_and_grads_with(fused, ids)
+    ref_logits, ref_grads = _loss_and_grads_with(reference, ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    if not use_dora:
+        assert len(fused_calls) == 8

@@ -163,6 +163,18 @@ class _ShardedForward:
         )
 
 
+def _unsharded_reason(layer: nn.Module, plan) -> str | None:
+    """Why a PEFT layer that :func:`lora_kernels.peft.fuse` runs fused cannot run tensor-parallel: the
+    sharded forward takes one adapter on a plain ``nn.Linear`` base without ``lora_bias``."""
+    if len(plan.adapters) != 1:
+        return f"{len(plan.adapters)} active adapters ({', '.join(plan.adapters)}); a sharded layer runs one"
+    if plan.kind != "linear":
+        return f"its base is not a plain nn.Linear (a {plan.kind} base)"
+    if layer.lora_B[plan.adapters[0]].bias is not None:
+        return "lora_bias=True"
+    return None
+
+
 class _ShardedPeftForward(peft_bridge._FusedForward):
     """The forward of a tensor-parallel PEFT LoRA ``Linear``: its active adapter through
     :func:`sharded_linear`, the base layer alone where PEFT's forward is the base layer (adapters disabled
@@ -181,7 +193,10 @@ class _ShardedPeftForward(peft_bridge._FusedForward):
                 "a tensor-parallel PEFT layer (lora_kernels.parallel) takes the input alone, not "
                 f"{', '.join(kwargs) or 'extra arguments'}"
             )
-        why, warn = peft_bridge._why_not_fused(layer)
+        plan, why, warn = peft_bridge._plan_call(layer, None)
+        if plan is not None:  # what fuse runs fused but a sharded layer does not
+            why = _unsharded_reason(layer, plan)
+            warn = why is not None
         if why is not None and warn:
             raise NotImplementedError(
                 f"this PEFT LoRA layer cannot run tensor-parallel (lora_kernels.parallel): {why}"

@@ -1,0 +1,87 @@
+"""Run PEFT's own LoRA tests twice, with and without ``lora_kernels.peft.fuse``, and compare.
+
+    python tools/peft_suite.py --tests build/peft_tests/tests/test_custom_models.py [more files] \
+        --sample 1 --out benchmarks/results/cpu/peft_suite.md
+
+PEFT's tests are not in its wheel: export them from its repository first (``git archive <commit> tests``
+into ``build/peft_tests``); they need ``diffusers``, ``datasets``, ``parameterized`` and ``scipy``. The
+fused run gives every PEFT ``lora.Linear`` the fused forward when it is built (``tools/peft_suite_plugin.py``)
+and counts how each call ran. A test that fails only in the fused run is ours to look at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(tests: list[Path], fuse: bool, sample: int, keyword: str, out: Path) -> tuple[dict, float]:
+    env = dict(os.environ, LK_PEFT_SUITE_FUSE="1" if fuse else "0", LK_PEFT_SUITE_SAMPLE=str(sample),
+               LK_PEFT_SUITE_OUT=str(out), PYTHONPATH=f"{ROOT / 'tools'}:{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
+    env.pop("TRITON_INTERPRET", None)  # the CPU path a user gets: the torch backend
+    cmd = [sys.executable, "-m", "pytest", *map(str, tests), "-q", "-p", "peft_suite_plugin", "-p", "no:cacheprovider",
+           "-k", keyword, "-W", "ignore"]  # fmt: skip
+    start = time.time()
+    subprocess.run(cmd, cwd=tests[0].parents[1], env=env, stdout=subprocess.DEVNULL, check=False)
+    return json.loads(out.read_text()), time.time() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tests", type=Path, nargs="+", default=[ROOT / "build/peft_tests/tests/test_custom_models.py"]
+    )
+    parser.add_argument("--sample", type=int, default=5, help="keep every N-th collected test")
+    parser.add_argument("-k", dest="keyword", default="lora or Lora or LoRA")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cpu/peft_suite.md")
+    args = parser.parse_args()
+    plain, plain_s = run(args.tests, False, args.sample, args.keyword, ROOT / "build/peft_suite_plain.json")
+    fused, fused_s = run(args.tests, True, args.sample, args.keyword, ROOT / "build/peft_suite_fused.json")
+    import peft
+    import torch
+    import transformers
+
+    def count(result, outcome):
+        return sum(1 for o in result["outcomes"].values() if o == outcome)
+
+    ours = sorted(
+        t for t, o in fused["outcomes"].items() if o == "failed" and plain["outcomes"].get(t) == "passed"
+    )
+    lines = [
+        "# PEFT's own LoRA tests through lora_kernels.peft's fused forward",
+        "",
+        f"{time.strftime('%Y-%m-%d')}, `python tools/peft_suite.py --sample {args.sample}`: "
+        f"{', '.join(f'`{t.name}`' for t in args.tests)} "
+        f'`-k "{args.keyword}"`, every {args.sample}-th collected test; PEFT\'s tests from its repository '
+        "(see the tool's docstring), run against the installed peft; CPU, torch backend.",
+        f"Versions: peft {peft.__version__}, torch {torch.__version__}, transformers {transformers.__version__}.",
+        "",
+        "| run | passed | failed | skipped | seconds |",
+        "| --- | --- | --- | --- | --- |",
+        f"| PEFT alone | {count(plain, 'passed')} | {count(plain, 'failed')} | {count(plain, 'skipped')} | {plain_s:.0f} |",
+        f"| every lora.Linear fused | {count(fused, 'passed')} | {count(fused, 'failed')} | {count(fused, 'skipped')} | {fused_s:.0f} |",
+        "",
+        f"Failing only when fused: {len(ours)}" + ("" if not ours else ":"),
+        *[f"- `{t}`" for t in ours],
+        "",
+        "How the fused run's `lora.Linear` calls ran:",
+        "",
+        "| calls | how |",
+        "| --- | --- |",
+        *[f"| {n} | {how} |" for how, n in fused["calls"].items()],
+        "",
+    ]
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
