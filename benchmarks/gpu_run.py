@@ -1,6 +1,6 @@
 """The phases of a GPU visit, one sub-command each; ``benchmarks/gpu_run.sh`` runs them, in two calls.
 
-    python benchmarks/gpu_run.py PHASE --work DIR      # PHASE: env, table, qlora, overhead, sweep, tma, sanitize, e2e
+    python benchmarks/gpu_run.py PHASE --work DIR      # PHASE: env, table, qlora, multi, overhead, sweep, tma, sanitize, e2e
     python benchmarks/gpu_run.py summary --work DIR --out OUT --call N
     python benchmarks/gpu_run.py tuning --from RESULTS_JSON --out FILE [--stand-in provider=path,...]
 
@@ -9,7 +9,7 @@ Each phase is a function of its own module, which this command line only calls:
 | phase | module | what |
 |---|---|---|
 | env | gpu_checks | the device, its properties, the versions |
-| table, qlora, overhead | gpu_tables | the timing table, the QLoRA table, host time per call |
+| table, qlora, multi, overhead | gpu_tables | the timing table, the QLoRA table, many adapters, host time per call |
 | sweep | tile_sweep | tile configs of the Triton kernels |
 | tma | tma_sweep | issue 21's GEMM paths, forward and dX |
 | sanitize, e2e | gpu_checks | the compute-sanitizer workload, a training step |
@@ -41,6 +41,7 @@ PHASES = {
     "env": gpu_checks.phase_env,
     "table": gpu_tables.phase_table,
     "qlora": gpu_tables.phase_qlora,
+    "multi": gpu_tables.phase_multi,
     "overhead": gpu_tables.phase_overhead,
     "sweep": tile_sweep.phase_sweep,
     "tma": tma_sweep.phase_tma,

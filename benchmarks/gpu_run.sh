@@ -2,7 +2,7 @@
 # A GPU visit in two calls of the device tool (the two `run` calls: benchmarks/README.md), each a list of
 # phases with time limits inside the call's budget:
 #
-#   bash benchmarks/gpu_run.sh --call 1   # at most 480 s: the tests marked cuda, table, tma, e2e, qlora
+#   bash benchmarks/gpu_run.sh --call 1   # at most 480 s: the tests marked cuda, table, tma, e2e, qlora, multi
 #   bash benchmarks/gpu_run.sh --call 2   # at most 210 s, right after, on the same warm machine: sweep,
 #                                         # overhead, sanitize, cuda-ext, the other tests
 #   bash benchmarks/gpu_run.sh --plan     # the plan: each phase's limit and estimate, whether it fits 900 s
@@ -13,7 +13,8 @@
 # env (nvidia-smi, versions, measured ceilings and floors), build (lora_kernels._C for sm_90 in the
 # background, into build/gpu_ext, which stays on the warm machine for call 2: there it is reused, or built
 # again on a fresh machine), tests-gpu (`-m cuda`), table (the timing table, from which the routing table is
-# written), tma (issue 21's GEMM paths), e2e (a Llama-style training step), qlora (NF4 bases), sweep (tile
+# written), tma (issue 21's GEMM paths), e2e (a Llama-style training step), qlora (NF4 bases), multi (many
+# adapters over one base), sweep (tile
 # configs), overhead (host time per call), sanitize (compute-sanitizer memcheck), cuda-ext
 # (tests/test_cuda_ext.py, once the build is there), tests (`-m "not cuda"`, the files where the GPU changes
 # the result), then the summary. Each phase is a function of benchmarks/ that `gpu_run.py PHASE` calls.
@@ -50,6 +51,7 @@ PLAN='
 1 tma        100   60  7 candidates x 12 cases in one child; 0.2 s a case, ~24 compiles of 1.5 s, 6 s start (no H200 figure)
 1 e2e         60   40  6 rows; H200: 4 rows in 26 s
 1 qlora       60   40  70 rows (14 cases x 5 providers) at 0.36 s, + the bitsandbytes import and NF4 compiles
+1 multi       45   30  24 rows (4 cases x 6 providers), predicted (never run on a GPU): ~1 s a row with its float64 check and the compiles of the grouped kernels
 1 summary     20   10  the summary and the packing of the raw logs
 2 wheels      15    5  as in call 1
 2 build      120    5  bg reused from call 1 (its fingerprint); built again (40 s) only on a fresh machine
@@ -296,6 +298,7 @@ if [ "$CALL" = 1 ]; then
   phase tma "$PY" benchmarks/gpu_run.py tma --work "$WORK"
   phase e2e "$PY" benchmarks/gpu_run.py e2e --work "$WORK"
   phase qlora "$PY" benchmarks/gpu_run.py qlora --work "$WORK"  # its rows say why, without bitsandbytes
+  phase multi "$PY" benchmarks/gpu_run.py multi --work "$WORK"  # many adapters over one base (issue 33)
   finish_build $((BUDGET_S - ($(date +%s) - START) - $(limit_of summary)))  # long done, normally
 else
   # The rest: timings first, while nothing else runs (the build, when reused, is done in a second), then

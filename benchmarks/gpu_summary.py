@@ -38,7 +38,7 @@ TEST_PHASES = (
     ("cuda-ext", "Tests of the cuda backend (tests/test_cuda_ext.py, extension built there)"),
 )
 #: The phases whose rows hold measurements; an ``error`` in one of them makes a dry run fail.
-ROW_PHASES = ("table", "qlora", "overhead", "sweep", "tma", "sanitize", "e2e")
+ROW_PHASES = ("table", "qlora", "multi", "overhead", "sweep", "tma", "sanitize", "e2e")
 
 
 def suffix(call: int | None) -> str:
@@ -181,6 +181,8 @@ def phase_summary(work: Path, out: Path, call: int | None = None) -> int:
         ("sanitize", "compute-sanitizer workload", ["backend", "dtype", "dropout", "lead", "dora", "ok", "error"]),
         ("qlora", "QLoRA (NF4 base; issue 23)", ["mode", "shape", "M", "dropout", "provider", "median_ms",
                                                  "saved_bytes", "peak_bytes", "max_rel_error", "skipped", "error"]),
+        ("multi", "Many adapters over one base (issue 33)", ["label", "provider", "median_ms", "vs_peft", "vs_loop",
+                                                             "vs_single", "max_rel_error", "skipped", "error"]),
         ("e2e", "End-to-end training step (Llama-style, 2 layers)", ["variant", "dora", "dropout", "hidden", "tokens",
                                                                   "fused_layers", "first_loss", "step_ms",
                                                                   "peak_above_model_MiB", "error"]),

@@ -1,5 +1,5 @@
-"""The provider tables of a GPU visit: the timing table (phase ``table``), the QLoRA table (``qlora``) and the
-host time per call (``overhead``).
+"""The provider tables of a GPU visit: the timing table (phase ``table``), the QLoRA table (``qlora``), the
+many-adapter table (``multi``) and the host time per call (``overhead``).
 
     python benchmarks/gpu_run.py table --work DIR      # (and qlora, overhead), as benchmarks/gpu_run.sh calls them
 
@@ -22,6 +22,7 @@ import torch
 from lora_kernels.dispatch import available_backends
 
 import harness
+import multi_adapter
 from gpu_rows import DEVICE, DRY, emit, error_text, sync
 
 Case = harness.Case
@@ -117,6 +118,34 @@ def phase_qlora(work: Path) -> None:
     """The QLoRA table: ``base`` (dense F.linear), ``peft_qlora``, ours on both paths. Without bitsandbytes
     (``gpu_run.sh`` installs the wheel carried in ``.whl/``) every row says so instead of a time."""
     measure_table(work / "qlora.jsonl", qlora_cases(), qlora_providers)
+
+
+# ----------------------------------------------------------------------------------------------- multi
+
+
+def phase_multi(work: Path) -> None:
+    """Many adapters over one base (issue 33's GPU cases: 4 and 8 adapters, M = 8192 in segments, 4096²,
+    bf16): the grouped op against PEFT's mixed batch, a loop of the single-adapter op and one adapter."""
+    out = work / "multi.jsonl"
+    env = {"device": harness.device_name(DEVICE), "versions": harness.versions()}
+    cases = multi_adapter.cpu_cases(quick=True) if DRY else multi_adapter.gpu_cases()
+    rows = []
+    for case in cases:
+        for provider in multi_adapter.PROVIDERS:
+            started = time.perf_counter()
+            try:
+                row = multi_adapter.measure(provider, case, DEVICE, quick=True)
+                row.pop("times_ms", None)
+            except Exception as err:  # recorded in its row; the table goes on
+                row = {"provider": provider, "label": case.label, "error": error_text(err)}
+                traceback.print_exc()
+            row.update(env, wall_s=round(time.perf_counter() - started, 2))
+            rows.append(row)
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+        multi_adapter.add_ratios(rows)
+        for row in rows[-len(multi_adapter.PROVIDERS) :]:
+            emit(out, row)
 
 
 # ----------------------------------------------------------------------------------------------- overhead

@@ -42,6 +42,7 @@ def main() -> int:
     parser.add_argument("-k", dest="keyword", default="lora or Lora or LoRA")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cpu/peft_suite.md")
     args = parser.parse_args()
+    args.tests = [t.resolve() for t in args.tests]
     plain, plain_s = run(args.tests, False, args.sample, args.keyword, ROOT / "build/peft_suite_plain.json")
     fused, fused_s = run(args.tests, True, args.sample, args.keyword, ROOT / "build/peft_suite_fused.json")
     import peft
@@ -80,7 +81,7 @@ def main() -> int:
     ]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
-    return 0
+    return 0 if count(plain, "passed") and count(fused, "passed") else 1  # nothing ran: a broken set-up
 
 
 if __name__ == "__main__":
