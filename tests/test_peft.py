@@ -129,26 +129,23 @@ def _assert_same_logits_and_grads(fused, reference, ids, **kwargs):
         )
 
 
+def _fused_copy_agrees(reference, ids, calls: list):
+    """A fused copy of ``reference``: every LoRA layer fuses silently, logits and gradients are PEFT's, and
+    ``calls`` (a counting fixture) saw one call a layer. Returns the copy."""
+    fused = copy.deepcopy(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lk_peft.fuse(fused) == 2 * len(TARGETS)
+    _assert_same_logits_and_grads(fused, reference, ids)
+    assert len(calls) == 2 * len(TARGETS)
+    return fused
+
+
 def _loss_and_grads_with(model, ids, **kwargs):
     model.zero_grad()
     out = model(input_ids=ids, labels=ids, **kwargs)
     out.loss.backward()
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.fixture
-def grouped_calls(monkeypatch):
-    """Counts the grouped op's calls made by ``lora_kernels.peft`` (several adapters, a mixed batch, or a
-    base layer called as a module)."""
-    calls = []
-    op = lk_peft.multi_lora_linear
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(lk_peft, "multi_lora_linear", counting)
-    return calls
 
 
 def test_lora_bias_runs_fused(base_model, ids, fused_calls):
@@ -157,12 +154,7 @@ def test_lora_bias_runs_fused(base_model, ids, fused_calls):
         for name, p in reference.named_parameters():
             if "lora_B" in name and name.endswith("bias"):
                 p.normal_(std=0.1)
-    fused = copy.deepcopy(reference)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert lk_peft.fuse(fused) == 2 * len(TARGETS)
-    _assert_same_logits_and_grads(fused, reference, ids)
-    assert len(fused_calls) == 2 * len(TARGETS)
+    fused = _fused_copy_agrees(reference, ids, fused_calls)
     assert any(n.endswith("lora_B.default.bias") for n, p in fused.named_parameters() if p.grad is not None)
 
 
@@ -205,12 +197,7 @@ def test_mixed_batch_runs_fused_with_peft_s_outputs_and_gradients(base_model, ba
 def test_several_active_adapters_run_fused(base_model, ids, grouped_calls):
     reference = _two_adapters(base_model, lora_dropout=0.0)
     reference.base_model.set_adapter(["default", "other"])
-    fused = copy.deepcopy(reference)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert lk_peft.fuse(fused) == 2 * len(TARGETS)
-    _assert_same_logits_and_grads(fused, reference, ids)
-    assert len(grouped_calls) == 2 * len(TARGETS)
+    _fused_copy_agrees(reference, ids, grouped_calls)
 
 
 def test_mixed_batch_with_dora_raises_peft_s_error_and_merged_layers_fall_back(base_model, ids):
@@ -298,18 +285,30 @@ def _one_layer_llama() -> nn.Module:
     return tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1, vocab_size=64)
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the calls of the fused op made by ``lora_kernels.peft``'s fused forward."""
+def _counted(monkeypatch, name: str) -> list:
+    """The calls of ``lora_kernels.peft.<name>`` from now on (one entry a call)."""
     calls = []
-    op = lk_peft.lora_linear
+    op = getattr(lk_peft, name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return op(*args, **kwargs)
 
-    monkeypatch.setattr(lk_peft, "lora_linear", counting)
+    monkeypatch.setattr(lk_peft, name, counting)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of the fused op made by ``lora_kernels.peft``'s fused forward."""
+    return _counted(monkeypatch, "lora_linear")
+
+
+@pytest.fixture
+def grouped_calls(monkeypatch):
+    """Counts the grouped op's calls made by ``lora_kernels.peft`` (several adapters, a mixed batch, or a
+    base layer called as a module)."""
+    return _counted(monkeypatch, "multi_lora_linear")
 
 
 @pytest.fixture
