@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -81,6 +80,9 @@ class MultiLoRALinear(nn.Module):
     batch with :func:`adapter_rows`, else every row (all adapters summed).
     """
 
+    #: the samples' adapters inside an :func:`adapter_rows` block (None outside: every adapter, every row)
+    _rows: _Rows | None = None
+
     def __init__(self, linear: nn.Linear, adapters: Mapping[str, LoRAOptions]) -> None:
         why = quantized_base_error(linear) or lost_behaviour(linear)
         if type(linear) is not nn.Linear and why is None:
@@ -127,7 +129,7 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         names = self.adapter_names
         terms = [AdapterTerm(a.lora_A, a.lora_B, a.scaling, a.lora_dropout) for a in self.adapters.values()]
-        assignment = _current_rows()
+        assignment = self._rows
         ids = None if assignment is None else assignment.groups_for(names, x)
         return multi_lora_linear(x, self.weight, self.bias, terms, adapter_ids=ids, training=self.training)
 
@@ -164,30 +166,31 @@ class _Rows:
         return groups
 
 
-_ROWS = threading.local()
-
-
-def _current_rows() -> _Rows | None:
-    return getattr(_ROWS, "rows", None)
-
-
 @contextlib.contextmanager
 def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Inside, every :class:`MultiLoRALinear` of ``model`` runs adapter ``names[i]`` on sample ``i`` (the
     first dim of its input; ``None`` or ``"__base__"``: the base layer alone), as PEFT's
-    ``adapter_names=``. Forward passes inside the block use it; their backward may run after it.
+    ``adapter_names=``. Forward passes inside the block use it; their backward may run after it. The rows
+    of each adapter are worked out once per block and input shape, for all layers.
 
     Raises ``ValueError`` for a name no layer of ``model`` has."""
-    known = {n for m in model.modules() if isinstance(m, MultiLoRALinear) for n in m.adapter_names}
+    layers = list(multi_layers(model).values())
+    known = {n for layer in layers for n in layer.adapter_names}
     unknown = sorted({n for n in names if n is not None and n != BASE and n not in known})
     if unknown:
         raise ValueError(f"the model has no adapter {', '.join(map(repr, unknown))}; it has {sorted(known)}")
-    previous = _current_rows()
-    _ROWS.rows = _Rows(list(names))
+    rows = _Rows(list(names))
+    previous = [layer.__dict__.get("_rows") for layer in layers]
+    for layer in layers:
+        layer._rows = rows
     try:
         yield
     finally:
-        _ROWS.rows = previous
+        for layer, before in zip(layers, previous, strict=True):
+            if before is None:
+                layer.__dict__.pop("_rows", None)
+            else:
+                layer._rows = before
 
 
 def multi_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
