@@ -238,12 +238,17 @@ def _base_tensors(layer: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tens
     return (base.weight.t() if kind == "conv1d" else base.weight), base.bias
 
 
-def _with_lora_bias(bias: torch.Tensor | None, lora_B: nn.Module, scaling: float) -> torch.Tensor | None:
+def _with_lora_bias(
+    bias: torch.Tensor | None, lora_B: nn.Module, scaling: float, dtype: torch.dtype | None
+) -> torch.Tensor | None:
     """The base bias with ``s·b_B`` folded in where ``lora_B`` has a bias (``lora_bias=True``): PEFT's term
-    ``s·(t·Bᵀ + b_B)`` in the op's bias, differentiable (``d b_B = s·Σ dY``)."""
+    ``s·(t·Bᵀ + b_B)`` in the op's bias, differentiable (``d b_B = s·Σ dY``), in ``dtype`` (the base
+    weight's, which the op wants the bias in; None: left to the caller's casts)."""
     if lora_B.bias is None:
         return bias
     extra = lora_B.bias * scaling
+    if dtype is not None:
+        extra = extra.to(dtype)
     return extra if bias is None else bias + extra
 
 
@@ -297,7 +302,7 @@ def _single_forward(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
                 x, base.weight, base.bias, lora_A, lora_B, magnitude, scaling, p, dropout.training,
                 compute_dtype=base.compute_dtype,
             )  # fmt: skip
-        bias = _with_lora_bias(base.bias, self.lora_B[adapter], scaling)
+        bias = _with_lora_bias(base.bias, self.lora_B[adapter], scaling, None)
         return qlora_linear(
             x,
             base.weight,
@@ -312,7 +317,7 @@ def _single_forward(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     weight, bias = _base_tensors(self, plan.kind)
     if plan.dora:
         return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, dropout.training)
-    bias = _with_lora_bias(bias, self.lora_B[adapter], scaling)
+    bias = _with_lora_bias(bias, self.lora_B[adapter], scaling, weight.dtype)
     return lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, dropout.training)
 
 
@@ -334,7 +339,7 @@ def _grouped_forward(self, x: torch.Tensor, plan: _Plan, adapter_names: list | N
         )
     weight, bias = _base_tensors(self, plan.kind)
     for adapter, term in zip(plan.adapters, terms, strict=True):  # (all active: lora_bias folds into b)
-        bias = _with_lora_bias(bias, self.lora_B[adapter], term.scaling)
+        bias = _with_lora_bias(bias, self.lora_B[adapter], term.scaling, weight.dtype)
     y = multi_lora_linear(x, weight, bias, terms, adapter_ids=ids, training=True)
     return y
 

@@ -569,3 +569,20 @@ def test_gpt2_conv1d_bases_run_fused(backend, fused_calls, use_dora):
         )
     if not use_dora:
         assert len(fused_calls) == 8
+
+
+def test_lora_bias_on_a_half_base_with_fp32_adapters(fused_calls):
+    """PEFT keeps adapters (and lora_B's bias) in fp32 on an fp16 base: the folded bias takes the base's
+    dtype, as the op wants (PEFT's own test_forward_float16 found this)."""
+    torch.manual_seed(0)
+    reference = get_peft_model(TwoLayers().half(), LoraConfig(r=4, target_modules=["lin"], lora_bias=True))
+    assert reference.base_model.model.lin.lora_B["default"].bias.dtype == torch.float32
+    with torch.no_grad():
+        reference.base_model.model.lin.lora_B["default"].bias.normal_()
+    fused = copy.deepcopy(reference)
+    lk_peft.fuse(fused)
+    x = torch.randn(5, 16, dtype=torch.float16)
+    with use_backend("torch"):
+        y = fused(x)
+    assert y.dtype == torch.float16 and fused_calls
+    torch.testing.assert_close(y, reference(x), rtol=2e-3, atol=2e-3)
