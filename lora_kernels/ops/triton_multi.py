@@ -8,7 +8,8 @@ The adapters come stacked and zero-padded to one rank ``R`` (a power of two >= 1
 the segment (the mask a call of that adapter alone on its rows draws).
 
 Three kernels, each a grouped GEMM over the segments (Punica's shrink and expand, and the weight
-gradients' reduction over each segment's rows), products in the input's dtype with float32 accumulation:
+gradients' reduction over each segment's rows), products in a compute dtype (the operands cast tile by tile
+in registers, so fp32 adapters run with fp16/bf16 inputs) with float32 accumulation:
 
 * :func:`segment_shrink` ``out[i] = s_a · drop_a(inp[rows[i]]) · W_aᵀ`` (``t = drop(x)·Aᵀ``, ``g = s·dY·B``);
 * :func:`segment_expand` ``out[rows[i]] += s_a · drop_a(inp[i] · W_aᵀ)`` in place (``y += s·t·Bᵀ``,
@@ -23,6 +24,7 @@ so a segment of any size, empty ones included, costs only its own tiles.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,7 @@ from torch import Tensor
 
 from ..dispatch import interpreting
 from . import device_guard, triton_support
-from .triton_support import _cdiv, _input_precision, _launch_guard, _pow2_clamp
+from .triton_support import _cdiv, _Configs, _input_precision, _launch_guard, _pow2_clamp, _smaller_configs
 from .triton_tiles import _dropout_keep_tile, _load_seed
 
 __all__ = ["SegmentDropout", "segment_expand", "segment_reduce", "segment_shrink"]
@@ -102,16 +104,19 @@ def _segment_shrink_kernel(
 @triton.jit
 def _expand_term(
     inp_ptr, w_ptr, scale_ptr, seed_ptr, thr_ptr, keep_ptr, a, pos, positions, valid, offs_d, mask_d,
-    stride_im, stride_wa, stride_wd, stride_wr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_im, stride_ir, stride_wa, stride_wd, stride_wr, R: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Adapter ``a``'s term ``s_a · drop_a(inp[pos] · W_aᵀ)`` on a ``(BLOCK_M, BLOCK_D)`` tile, fp32."""
     offs_r = tl.arange(0, R)
     t = tl.load(
-        inp_ptr + pos[:, None].to(tl.int64) * stride_im + offs_r[None, :], mask=valid[:, None], other=0.0
+        inp_ptr + pos[:, None].to(tl.int64) * stride_im + offs_r[None, :] * stride_ir,
+        mask=valid[:, None],
+        other=0.0,
     )
     w = tl.load(
-        w_ptr + a * stride_wa + offs_r[:, None] * stride_wr + offs_d[None, :].to(tl.int64) * stride_wd,
+        w_ptr + tl.cast(a, tl.int64) * stride_wa + offs_r[:, None] * stride_wr  # (a: a loop index or loaded)
+        + offs_d[None, :].to(tl.int64) * stride_wd,
         mask=mask_d[None, :], other=0.0,
     )  # fmt: skip
     term = tl.dot(t.to(COMPUTE), w.to(COMPUTE), input_precision=PRECISION)
@@ -126,7 +131,7 @@ def _expand_term(
 @triton.jit
 def _segment_expand_kernel(
     inp_ptr, rows_ptr, w_ptr, out_ptr, scale_ptr, seed_ptr, thr_ptr, keep_ptr, tiles_ptr, starts_ptr,
-    D, num_adapters, rows_each, stride_im, stride_wa, stride_wd, stride_wr, stride_om, stride_od,
+    D, num_adapters, rows_each, stride_im, stride_ir, stride_wa, stride_wd, stride_wr, stride_om, stride_od,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALL_ACTIVE: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -142,8 +147,8 @@ def _segment_expand_kernel(
         for a in range(0, num_adapters):
             acc += _expand_term(
                 inp_ptr, w_ptr, scale_ptr, seed_ptr, thr_ptr, keep_ptr, a, a * rows_each + out_rows, out_rows,
-                valid, offs_d, mask_d, stride_im, stride_wa, stride_wd, stride_wr, R, BLOCK_D, HAS_SCALE,
-                HAS_DROPOUT, COMPUTE, PRECISION,
+                valid, offs_d, mask_d, stride_im, stride_ir, stride_wa, stride_wd, stride_wr, R, BLOCK_D,
+                HAS_SCALE, HAS_DROPOUT, COMPUTE, PRECISION,
             )  # fmt: skip
         out_rows = out_rows.to(tl.int64)
     else:
@@ -154,7 +159,8 @@ def _segment_expand_kernel(
         out_rows = tl.load(rows_ptr + pos, mask=valid, other=0)
         acc += _expand_term(
             inp_ptr, w_ptr, scale_ptr, seed_ptr, thr_ptr, keep_ptr, a, pos, pos - begin, valid, offs_d, mask_d,
-            stride_im, stride_wa, stride_wd, stride_wr, R, BLOCK_D, HAS_SCALE, HAS_DROPOUT, COMPUTE, PRECISION,
+            stride_im, stride_ir, stride_wa, stride_wd, stride_wr, R, BLOCK_D, HAS_SCALE, HAS_DROPOUT, COMPUTE,
+            PRECISION,
         )  # fmt: skip
     out = out_ptr + out_rows[:, None] * stride_om + offs_d[None, :].to(tl.int64) * stride_od
     mask = valid[:, None] & mask_d[None, :]
@@ -199,19 +205,29 @@ def _segment_reduce_kernel(
         acc += tl.dot(tl.trans(u.to(COMPUTE)), v.to(COMPUTE), input_precision=PRECISION)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + a)
-    out = out_ptr + a.to(tl.int64) * stride_oa + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
+    out = (
+        out_ptr + a.to(tl.int64) * stride_oa + offs_p[:, None].to(tl.int64) * stride_op
+        + offs_q[None, :] * stride_oq
+    )  # fmt: skip
     tl.store(out, acc, mask=mask_p[:, None] & mask_q[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: the tile maps (host side, cached per segment layout), the configs, then one launcher per kernel.
 # --------------------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=256)
+def _starts(seg_starts: tuple[int, ...], device: torch.device) -> Tensor:
+    """``seg_starts`` as an int32 tensor on ``device`` (the kernels read each segment's bounds from it)."""
+    return torch.tensor(seg_starts, dtype=torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=256)
 def _tiles(seg_starts: tuple[int, ...], block_m: int, all_active: bool, device: torch.device) -> Tensor:
-    """``(tiles, 2)`` int32 on ``device``: each tile's segment and first position (``all_active``: the first
-    row of each tile of the ``M`` rows every adapter shares, segment 0)."""
+    """``(tiles, 2)`` int32 on ``device``: each tile's segment and first position, the tiles of a segment
+    never reaching into the next (``all_active``: the first row of each tile of the ``M`` rows every
+    adapter shares, segment 0)."""
     if all_active:
         pairs = [(0, row) for row in range(0, seg_starts[1] - seg_starts[0], block_m)]
     else:
@@ -223,22 +239,37 @@ def _tiles(seg_starts: tuple[int, ...], block_m: int, all_active: bool, device: 
     return torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2).to(device)
 
 
+def _block_m(seg_starts: list[int], all_active: bool) -> int:
+    """Rows per tile: the longest segment's, a power of two in [16, 64] (short segments waste less)."""
+    if all_active:
+        return _pow2_clamp(seg_starts[1] - seg_starts[0], 16, 64)
+    return _pow2_clamp(max(end - start for start, end in itertools.pairwise(seg_starts)), 16, 64)
+
+
+@functools.lru_cache(maxsize=256)
+def _configs(blocks: tuple[tuple[str, int], ...], interp: bool) -> _Configs:
+    """The launch configs for ``blocks`` (name, size): one under the interpreter (the blocks large, one
+    stage); on a GPU these sizes with 4 warps and 2 stages (not timed yet), then the smaller variants
+    :func:`triton_support._launch` falls back to."""
+    cfg = {**dict(blocks), "num_warps": 4, "num_stages": 1 if interp else 2}
+    return _Configs(_smaller_configs(cfg, tuple(name for name, _ in blocks)))
+
+
+def _width(n: int) -> int:
+    """A column tile: large under the interpreter (its cost is per program and loop trip), 64 on a GPU."""
+    return _pow2_clamp(n, 16, 128 if interpreting() else 64)
+
+
 def _dropout_ptrs(dropout: SegmentDropout | None, dummy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if dropout is None:
         return dummy, dummy, dummy
     return dropout.seeds, dropout.thresholds, dropout.keep_scales
 
 
-def _blocks(rows: int, width: int) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_D)``: one large tile under the interpreter (its cost is per program and loop trip);
-    on a GPU 64 rows by 64 columns (not tuned yet)."""
-    if interpreting():
-        return _pow2_clamp(rows, 16, 64), _pow2_clamp(width, 16, 128)
-    return 64, 64
-
-
-def _cfg() -> dict:
-    return {"num_warps": 4, "num_stages": 1 if interpreting() else 2}
+def _check_rows(rows: Tensor | None, seg_starts: list[int]) -> None:
+    if rows is not None and (rows.dtype != torch.int64 or rows.shape[0] < seg_starts[-1]):
+        raise ValueError(f"rows must be int64 with {seg_starts[-1]} positions, got {rows.dtype} "
+                         f"{tuple(rows.shape)}")  # fmt: skip
 
 
 def segment_shrink(
@@ -246,36 +277,31 @@ def segment_shrink(
     dropout: SegmentDropout | None, compute_dtype: torch.dtype,
 ) -> Tensor:  # fmt: skip
     """``out[i] = scales[a] · (drop_a(inp[rows[i]]) @ weights[a].T)`` for ``i`` in segment ``a``: ``(T, R)``
-    float32 from ``inp (M, D)`` and ``weights (n, R, D)`` (any strides), dropout on ``inp``'s columns."""
+    float32 from ``inp (M, D)`` and ``weights (n, R, D)`` (any strides), dropout on ``inp``'s columns,
+    products in ``compute_dtype``."""
+    _check_rows(rows, seg_starts)
     T, R, D = seg_starts[-1], weights.shape[1], inp.shape[1]
     out = torch.empty((T, R), device=inp.device, dtype=torch.float32)
     if T == 0:
         return out
-    block_m, block_d = _blocks(max(seg_starts[a + 1] - seg_starts[a] for a in range(len(seg_starts) - 1)), D)
+    block_m = _block_m(seg_starts, False)
     tiles = _tiles(tuple(seg_starts), block_m, False, inp.device)
-    starts = _tiles_starts(tuple(seg_starts), inp.device)
     seed, thr, keep = _dropout_ptrs(dropout, out)
     with _launch_guard(), device_guard(inp.device):
-        triton_support._call_kernel(
-            _segment_shrink_kernel, (tiles.shape[0],),
+        triton_support._launch(
+            _segment_shrink_kernel, lambda cfg: (tiles.shape[0],),
+            _configs((("BLOCK_D", _width(D)),), interpreting()),
             (
-                inp, rows, weights, out, out if scales is None else scales, seed, thr, keep, tiles, starts,
-                D, inp.stride(0), inp.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
-                out.stride(0),
+                inp, rows, weights, out, out if scales is None else scales, seed, thr, keep, tiles,
+                _starts(tuple(seg_starts), inp.device), D, inp.stride(0), inp.stride(1), weights.stride(0),
+                weights.stride(1), weights.stride(2), out.stride(0),
             ),
             dict(
-                R=R, BLOCK_M=block_m, BLOCK_D=block_d, HAS_SCALE=scales is not None,
-                HAS_DROPOUT=dropout is not None, COMPUTE=_TL_DTYPES[compute_dtype],
-                PRECISION=_input_precision(compute_dtype),
+                R=R, BLOCK_M=block_m, HAS_SCALE=scales is not None, HAS_DROPOUT=dropout is not None,
+                COMPUTE=_TL_DTYPES[compute_dtype], PRECISION=_input_precision(compute_dtype),
             ),
-            _cfg(),
         )  # fmt: skip
     return out
-
-
-@functools.lru_cache(maxsize=256)
-def _tiles_starts(seg_starts: tuple[int, ...], device: torch.device) -> Tensor:
-    return torch.tensor(seg_starts, dtype=torch.int32).to(device)
 
 
 def segment_expand(
@@ -283,31 +309,32 @@ def segment_expand(
     all_active: bool, dropout: SegmentDropout | None,
 ) -> None:  # fmt: skip
     """``out[rows[i]] += scales[a] · drop_a(inp[i] @ weights[a].T)`` in place: ``inp (T, R)`` float32 (cast
-    to ``out.dtype`` for the product), ``weights (n, D, R)`` (any strides), ``out (M, D)``; dropout on the
-    output columns. ``all_active``: every adapter on every row (``T = n·M``, ``rows[a·M + j] = j``)."""
+    to ``out.dtype`` for the product), ``weights (n, D, R)`` (any strides), ``out (M, D)`` (any strides);
+    dropout on the output columns. ``all_active``: every adapter on every row (``T = n·M``,
+    ``seg_starts[a] = a·M``, ``rows[a·M + j] = j``); a tile of rows loops over the adapters. Each touched
+    element is read once, its terms summed in fp32 and rounded once."""
+    _check_rows(rows, seg_starts)
     n, D, R = len(seg_starts) - 1, out.shape[1], weights.shape[2]
     if seg_starts[-1] == 0 or D == 0:
         return
-    rows_each = seg_starts[1] - seg_starts[0]
-    longest = rows_each if all_active else max(seg_starts[a + 1] - seg_starts[a] for a in range(n))
-    block_m, block_d = _blocks(longest, D)
+    block_m = _block_m(seg_starts, all_active)
     tiles = _tiles(tuple(seg_starts), block_m, all_active, inp.device)
-    starts = _tiles_starts(tuple(seg_starts), inp.device)
     seed, thr, keep = _dropout_ptrs(dropout, inp)
     with _launch_guard(), device_guard(inp.device):
-        triton_support._call_kernel(
-            _segment_expand_kernel, (tiles.shape[0], _cdiv(D, block_d)),
+        triton_support._launch(
+            _segment_expand_kernel, lambda cfg: (tiles.shape[0], _cdiv(D, cfg["BLOCK_D"])),
+            _configs((("BLOCK_D", _width(D)),), interpreting()),
             (
-                inp, rows, weights, out, inp if scales is None else scales, seed, thr, keep, tiles, starts,
-                D, n, rows_each, inp.stride(0), weights.stride(0), weights.stride(1), weights.stride(2),
-                out.stride(0), out.stride(1),
+                inp, rows, weights, out, inp if scales is None else scales, seed, thr, keep, tiles,
+                _starts(tuple(seg_starts), inp.device), D, n, seg_starts[1] - seg_starts[0], inp.stride(0),
+                inp.stride(1), weights.stride(0), weights.stride(1), weights.stride(2), out.stride(0),
+                out.stride(1),
             ),
             dict(
-                R=R, BLOCK_M=block_m, BLOCK_D=block_d, ALL_ACTIVE=all_active, HAS_SCALE=scales is not None,
+                R=R, BLOCK_M=block_m, ALL_ACTIVE=all_active, HAS_SCALE=scales is not None,
                 HAS_DROPOUT=dropout is not None, COMPUTE=_TL_DTYPES[out.dtype],
                 PRECISION=_input_precision(out.dtype),
             ),
-            _cfg(),
         )  # fmt: skip
 
 
@@ -316,31 +343,30 @@ def segment_reduce(
     scales: Tensor | None, dropout_v: SegmentDropout | None, compute_dtype: torch.dtype,
 ) -> Tensor:  # fmt: skip
     """``out[a] = scales[a] · Σ_{i in segment a} u[u_rows[i]]ᵀ ⊗ drop_a(v[v_rows[i]])``: ``(n, P, Q)`` float32
-    (``u_rows``/``v_rows`` None: position ``i`` itself); operands cast to ``compute_dtype``, dropout on
-    ``v``'s columns; an empty segment gives zeros."""
+    (``u_rows``/``v_rows`` None: position ``i`` itself; ``u``, ``v`` of any strides); operands cast to
+    ``compute_dtype``, dropout on ``v``'s columns; an empty segment gives zeros."""
+    _check_rows(u_rows, seg_starts)
+    _check_rows(v_rows, seg_starts)
     n, P, Q = len(seg_starts) - 1, u.shape[1], v.shape[1]
     out = torch.zeros((n, P, Q), device=u.device, dtype=torch.float32)
     if seg_starts[-1] == 0 or P == 0 or Q == 0:
         return out
-    if interpreting():
-        block_m, block_p, block_q = 64, _pow2_clamp(P, 16, 128), _pow2_clamp(Q, 16, 128)
-    else:
-        block_m, block_p, block_q = 64, _pow2_clamp(P, 16, 64), _pow2_clamp(Q, 16, 64)
-    starts = _tiles_starts(tuple(seg_starts), u.device)
+    blocks = (("BLOCK_P", _width(P)), ("BLOCK_Q", _width(Q)), ("BLOCK_M", 64))
     seed, thr, keep = _dropout_ptrs(dropout_v, out)
     with _launch_guard(), device_guard(u.device):
-        triton_support._call_kernel(
-            _segment_reduce_kernel, (n, _cdiv(P, block_p), _cdiv(Q, block_q)),
+        triton_support._launch(
+            _segment_reduce_kernel, lambda cfg: (n, _cdiv(P, cfg["BLOCK_P"]), _cdiv(Q, cfg["BLOCK_Q"])),
+            _configs(blocks, interpreting()),
             (
                 u, out if u_rows is None else u_rows, v, out if v_rows is None else v_rows, out,
-                out if scales is None else scales, seed, thr, keep, starts, P, Q, u.stride(0), u.stride(1),
-                v.stride(0), v.stride(1), out.stride(0), out.stride(1), out.stride(2),
+                out if scales is None else scales, seed, thr, keep, _starts(tuple(seg_starts), u.device), P, Q,
+                u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+                out.stride(2),
             ),
             dict(
-                BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, U_GATHER=u_rows is not None,
-                V_GATHER=v_rows is not None, HAS_SCALE=scales is not None, HAS_DROPOUT=dropout_v is not None,
-                COMPUTE=_TL_DTYPES[compute_dtype], PRECISION=_input_precision(compute_dtype),
+                U_GATHER=u_rows is not None, V_GATHER=v_rows is not None, HAS_SCALE=scales is not None,
+                HAS_DROPOUT=dropout_v is not None, COMPUTE=_TL_DTYPES[compute_dtype],
+                PRECISION=_input_precision(compute_dtype),
             ),
-            _cfg(),
         )  # fmt: skip
     return out
