@@ -26,7 +26,7 @@ from torch.nn.modules import module as torch_module
 
 from . import quant4bit
 from .adapter_io import load_adapter, save_adapter
-from .functional import dora_linear, lora_linear, qdora_linear, qlora_linear
+from .functional import dora_linear, dora_weight_norm, lora_linear, qdora_linear, qlora_linear
 from .multi_functional import AdapterTerm, multi_lora_linear
 
 __all__ = ["fuse", "load_adapter", "save_adapter", "unfuse"]
@@ -129,6 +129,14 @@ def _conv1d_class() -> type | None:
     return Conv1D
 
 
+def _is_conv1d(base: nn.Module) -> bool:
+    """Whether ``base`` is a ``Conv1D`` as PEFT tells one (``isinstance``, which makes it a
+    ``fan_in_fan_out`` layer) that keeps ``Conv1D``'s forward, ``x·W + b``; a subclass with its own forward
+    is called as a module."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(base, conv1d) and type(base).forward is conv1d.forward
+
+
 def _base_kind(layer: nn.Module) -> tuple[str | None, str | None]:
     """``(kind, why)``: how the op takes the base layer (see :class:`_Plan`), or why it cannot."""
     base = layer.base_layer
@@ -136,12 +144,9 @@ def _base_kind(layer: nn.Module) -> tuple[str | None, str | None]:
         return "module", None
     if _runs_more_than_forward(base):  # hooks, accelerate: PEFT's forward runs them, so calling it does
         return "module", None
-    conv1d = _conv1d_class()
-    if type(base) is nn.Linear:
-        if getattr(layer, "fan_in_fan_out", False):
-            return None, "fan_in_fan_out=True on an nn.Linear base (PEFT transposes its weight only to merge)"
+    if type(base) is nn.Linear:  # fan_in_fan_out set on it by hand: PEFT's forward calls it all the same
         return "linear", None
-    if conv1d is not None and type(base) is conv1d:
+    if _is_conv1d(base):
         return "conv1d", None
     if quant4bit.is_linear4bit(base):
         quant4bit.restore_4bit_weight(base)  # a model loaded with torch.load: its Params4bit class back
@@ -165,8 +170,12 @@ def _adapter_reason(layer: nn.Module, adapter: str, several: bool, mixed: bool) 
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
         return f"a LoRA variant ({type(variant).__name__})"
-    if dora and several:
-        return "DoRA among several active adapters (each DoRA term rescales the previous adapters' output)"
+    if dora and mixed:
+        return "DoRA in a mixed batch"
+    if dora:  # PEFT's DoRA norm transposes W by the fan_in_fan_out the layer had when the adapter was added
+        transposes = getattr(layer.lora_magnitude_vector[adapter], "fan_in_fan_out", False)
+        if transposes != _is_conv1d(layer.base_layer):
+            return f"DoRA with fan_in_fan_out={transposes} on a {type(layer.base_layer).__name__} base"
     lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
     if lora_A.bias is not None:
         return "a bias on lora_A"
@@ -205,9 +214,11 @@ def _plan_call(layer: nn.Module, adapter_names: list | None) -> tuple[_Plan | No
         why = _adapter_reason(layer, adapter, several, mixed)
         if why is not None:
             return None, why, True
-    dora = layer.use_dora.get(adapters[0], False)
+    dora = any(layer.use_dora.get(adapter, False) for adapter in adapters)
     if dora and kind == "module":
         return None, "DoRA on a base layer that is called as a module (a tuner layer, hooks)", True
+    if dora and len(adapters) > 1 and kind == "4bit":
+        return None, "DoRA among several active adapters on a 4-bit base", True
     if _global_module_hooks():
         return None, "global module hooks are registered (PEFT's forward runs them on the base layer)", True
     return _Plan(adapters, kind, dora), None, False
@@ -274,13 +285,15 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     tensors = [base.weight, base.bias] if plan.kind != "module" else []
     for adapter in plan.adapters:
         tensors += [self.lora_A[adapter].weight, self.lora_B[adapter].weight]
-        if plan.dora:
+        if self.use_dora.get(adapter, False):
             tensors.append(self.lora_magnitude_vector[adapter].weight)
     zero3 = [t for t in tensors if hasattr(t, "ds_id")]
     if zero3 and not _zero3_gathered(self, zero3):
         return peft_forward(self, x, **kwargs)  # this call only (see _zero3_gathered)
     if len(plan.adapters) == 1 and adapter_names is None and plan.kind != "module":
         return _single_forward(self, x, plan)
+    if plan.dora:
+        return _chained_forward(self, x, plan)
     return _grouped_forward(self, x, plan, adapter_names)
 
 
@@ -344,6 +357,46 @@ def _grouped_forward(self, x: torch.Tensor, plan: _Plan, adapter_names: list | N
     return y
 
 
+def _chained_forward(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Several active adapters with DoRA among them, in PEFT's order and with PEFT's result: a DoRA adapter
+    rescales what the adapters before it made. With ``r`` the output so far, ``c = m / ‖W + s·B·A‖``
+    (detached) and ``L`` its LoRA product, a DoRA adapter makes ``r ← c ⊙ (r − b) + b + c ⊙ s·L(x)``, or
+    with dropout in training ``r ← r + c ⊙ (x̃·Wᵀ + s·L(x̃)) − x̃·Wᵀ`` (``x̃``: PEFT's dropout module
+    applied, as PEFT does). Runs of plain LoRA adapters between them are one grouped call each; the DoRA
+    products are the fused ops (:func:`lora_linear`, the grouped op), their norm :func:`dora_weight_norm`."""
+    weight, bias = _base_tensors(self, plan.kind)
+    result = torch.nn.functional.linear(x, weight, bias)
+    run: list[AdapterTerm] = []
+
+    def flush(result: torch.Tensor) -> torch.Tensor:
+        if run:
+            result = multi_lora_linear(x, None, None, list(run), training=True, base_output=result)
+            run.clear()
+        return result
+
+    for adapter in plan.adapters:
+        dropout = self.lora_dropout[adapter]
+        A, B, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, float(self.scaling[adapter])
+        if not self.use_dora.get(adapter, False):
+            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            run.append(AdapterTerm(A, B, scaling, p))
+            continue
+        result = flush(result)
+        magnitude = self.lora_magnitude_vector[adapter].weight
+        norm = dora_weight_norm(weight, A, B, scaling).to(magnitude.dtype)
+        scale = magnitude / norm  # the norm detached (no autograd through it), as PEFT's
+        if isinstance(dropout, nn.Identity) or not self.training:
+            shifted = result if bias is None else result - bias
+            term = multi_lora_linear(x, None, None, [AdapterTerm(A, B, scaling)], base_output=shifted)
+            result = (scale * term).to(result.dtype) + (0 if bias is None else bias)
+        else:
+            dropped = dropout(x)
+            z = lora_linear(dropped, weight, None, A, B, scaling)
+            base = torch.nn.functional.linear(dropped, weight)
+            result = (result + scale * z - base).to(result.dtype)
+    return flush(result)
+
+
 class _FusedForward:
     """The ``forward`` that :func:`fuse` sets on a PEFT layer instance.
 
@@ -378,13 +431,14 @@ def fuse(peft_model: nn.Module) -> int:
       reads the transposed weight, a view) or a 4-bit bitsandbytes base (QLoRA), ``lora_bias`` folded into
       the bias: :func:`lora_kernels.lora_linear` and its DoRA/QLoRA forms;
     * several active adapters (``set_adapter([...])``) and mixed batches (``adapter_names=``, PEFT's
-      "__base__" included), LoRA adapters: one grouped call, :func:`lora_kernels.multi_lora_linear`;
+      "__base__" included), LoRA adapters: one grouped call, :func:`lora_kernels.multi_lora_linear`; with
+      DoRA among several active adapters, PEFT's order-dependent chain (:func:`_chained_forward`);
     * a base the op cannot read (another tuner layer, e.g. LoHa in a ``PeftMixedModel``; hooks on the base
       layer; accelerate's hooks): the base layer is called as PEFT calls it, and the grouped op adds the
       LoRA terms to its output.
 
     A layer that cannot run fused falls back to PEFT's own forward at call time: LoRA variants other than
-    DoRA, DoRA among several active adapters or on a base called as a module, ``lora_bias`` in a mixed
+    DoRA, DoRA on a base called as a module or among several adapters on a 4-bit base, ``lora_bias`` in a mixed
     batch, an 8-bit base, hooks on the adapter modules (or global module hooks), disabled input casting,
     all of which PEFT's forward honours. One warning lists those found now, and each new reason met later
     warns once. Layers whose PEFT forward is just the base layer (adapters merged or disabled, no active

@@ -586,3 +586,36 @@ def test_lora_bias_on_a_half_base_with_fp32_adapters(fused_calls):
         y = fused(x)
     assert y.dtype == torch.float16 and fused_calls
     torch.testing.assert_close(y, reference(x), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("order", [("default", "other"), ("other", "default")])
+@pytest.mark.parametrize("training", [False, True])
+def test_several_active_adapters_with_dora_keep_peft_s_order(base_model, order, training, grouped_calls):
+    """A DoRA adapter rescales what the adapters before it made (PEFT's loop): the fused chain gives PEFT's
+    logits and gradients, in either order, and with the DoRA adapter's dropout in training (PEFT's own
+    dropout module draws its mask, as in PEFT)."""
+    reference = get_peft_model(
+        copy.deepcopy(base_model), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
+                                              lora_dropout=0.1)
+    )  # fmt: skip
+    reference.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS))
+    _randomize_lora(reference)
+    reference.base_model.set_adapter(list(order))
+    reference.train(training)
+    fused = copy.deepcopy(reference)
+    ids = torch.randint(0, 128, (2, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lk_peft.fuse(fused) == 2 * len(TARGETS)
+        torch.manual_seed(5)
+        with use_backend("torch"):
+            logits, grads = _loss_and_grads_with(fused, ids)
+    torch.manual_seed(5)
+    ref_logits, ref_grads = _loss_and_grads_with(reference, ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert grads.keys() == ref_grads.keys() and any("magnitude" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert grouped_calls
