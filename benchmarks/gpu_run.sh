@@ -51,7 +51,7 @@ PLAN='
 1 tma        100   60  7 candidates x 12 cases in one child; 0.2 s a case, ~24 compiles of 1.5 s, 6 s start (no H200 figure)
 1 e2e         60   40  6 rows; H200: 4 rows in 26 s
 1 qlora       60   40  70 rows (14 cases x 5 providers) at 0.36 s, + the bitsandbytes import and NF4 compiles
-1 multi       45   30  24 rows (4 cases x 6 providers), predicted (never run on a GPU): ~1 s a row with its float64 check and the compiles of the grouped kernels
+1 multi       60   35  predicted, never run on a GPU: 24 rows (4 cases x 6 providers) at 0.36 s a row as the H200 table -> 9 s, + ~10 compiles (6 grouped kernels, the single op at M = 1024/2048) of 1.5 s -> 15 s, + 8 s start and peft import
 1 summary     20   10  the summary and the packing of the raw logs
 2 wheels      15    5  as in call 1
 2 build      120    5  bg reused from call 1 (its fingerprint); built again (40 s) only on a fresh machine
