@@ -66,12 +66,19 @@ def _data():
 
 
 def _count_fused_calls() -> dict:
-    """Count the fused op's calls from PEFT layers and injected layers (patched in this rank's modules)."""
+    """Count the fused ops' calls from PEFT layers and injected layers (patched in this rank's modules): the
+    single op, DoRA's, and the grouped op (a PEFT layer whose base layer is called as a module)."""
     import lora_kernels.modules as modules
     import lora_kernels.peft as bridge
 
     counts = {"n": 0}
-    for module, name in ((bridge, "lora_linear"), (bridge, "dora_linear"), (modules, "lora_linear")):
+    patched = (
+        (bridge, "lora_linear"),
+        (bridge, "dora_linear"),
+        (bridge, "multi_lora_linear"),
+        (modules, "lora_linear"),
+    )
+    for module, name in patched:
         original = getattr(module, name)
 
         def counted(*args, _original=original, **kwargs):
@@ -150,8 +157,10 @@ def test_injected_model_runs_fused_with_peft_losses(ds_results):
     )
 
 
-def test_user_hooks_still_make_fuse_fall_back(ds_results):
+def test_a_hooked_base_runs_with_the_fused_terms(ds_results):
+    """A user hook on one base layer: that layer's base is called as PEFT calls it (ZeRO gathers it), the
+    grouped op adds the LoRA term; the other layer runs the single op. Both fused, PEFT's loss."""
     got, peft = ds_results["peft-hooked"], ds_results["peft"]
-    assert got["fused_calls"] == STEPS  # the layer without the hook runs fused, the hooked one PEFT's forward
-    assert any("hooks" in message for message in got["warnings"]), got["warnings"]
+    assert got["fused_calls"] == 2 * STEPS
+    assert not any("hooks" in message for message in got["warnings"]), got["warnings"]
     torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(peft["loss"]), rtol=1e-5, atol=1e-6)
