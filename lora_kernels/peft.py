@@ -347,8 +347,13 @@ def _grouped_forward(self, x: torch.Tensor, plan: _Plan, adapter_names: list | N
         index = {name: i for i, name in enumerate(plan.adapters)}
         ids = [index.get(name, -1) for name in adapter_names]
     if plan.kind in ("module", "4bit"):  # the base layer's own forward gives the base output
+        base_output, lora_bias = self.base_layer(x), None
+        for adapter, term in zip(plan.adapters, terms, strict=True):
+            lora_bias = _with_lora_bias(lora_bias, self.lora_B[adapter], term.scaling, base_output.dtype)
+        if lora_bias is not None:  # lora_bias=True (all active): added to the base output, as PEFT adds it
+            base_output = base_output + lora_bias
         return multi_lora_linear(
-            x, None, None, terms, adapter_ids=ids, training=True, base_output=self.base_layer(x)
+            x, None, None, terms, adapter_ids=ids, training=True, base_output=base_output
         )
     weight, bias = _base_tensors(self, plan.kind)
     for adapter, term in zip(plan.adapters, terms, strict=True):  # (all active: lora_bias folds into b)
@@ -367,8 +372,12 @@ def _chained_forward(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     weight, bias = _base_tensors(self, plan.kind)
     result = torch.nn.functional.linear(x, weight, bias)
     run: list[AdapterTerm] = []
+    run_bias: torch.Tensor | None = None  # the run's s·b_B (lora_bias=True), added with its terms
 
     def flush(result: torch.Tensor) -> torch.Tensor:
+        nonlocal run_bias
+        if run_bias is not None:
+            result, run_bias = result + run_bias, None
         if run:
             result = multi_lora_linear(x, None, None, list(run), training=True, base_output=result)
             run.clear()
@@ -380,6 +389,7 @@ def _chained_forward(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
         if not self.use_dora.get(adapter, False):
             p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
             run.append(AdapterTerm(A, B, scaling, p))
+            run_bias = _with_lora_bias(run_bias, self.lora_B[adapter], scaling, result.dtype)
             continue
         result = flush(result)
         magnitude = self.lora_magnitude_vector[adapter].weight
@@ -427,9 +437,12 @@ def fuse(peft_model: nn.Module) -> int:
     state-dict keys, ``save_pretrained``, merging and adapter switching stay PEFT's, and the model still
     saves with ``torch.save``, pickles and deep-copies. What runs fused, decided at each call:
 
-    * one active adapter (LoRA or DoRA) on an ``nn.Linear``, a GPT-2 ``Conv1D`` (``fan_in_fan_out``: the op
-      reads the transposed weight, a view) or a 4-bit bitsandbytes base (QLoRA), ``lora_bias`` folded into
-      the bias: :func:`lora_kernels.lora_linear` and its DoRA/QLoRA forms;
+    * one active adapter (LoRA or DoRA) on an ``nn.Linear`` (``fan_in_fan_out`` set on it by hand included:
+      PEFT's forward ignores it), a GPT-2 ``Conv1D`` (told as PEFT tells it, ``isinstance``: PEFT's
+      ``fan_in_fan_out`` layers; the op reads the transposed weight, a view, no copy) or a 4-bit
+      bitsandbytes base (QLoRA): :func:`lora_kernels.lora_linear` and its DoRA/QLoRA forms. With
+      ``lora_bias=True``, ``s·b_B`` is folded into the bias the op adds (its gradient ``s·ΣdY``), or added to
+      the base output where the base layer is called as a module;
     * several active adapters (``set_adapter([...])``) and mixed batches (``adapter_names=``, PEFT's
       "__base__" included), LoRA adapters: one grouped call, :func:`lora_kernels.multi_lora_linear`; with
       DoRA among several active adapters, PEFT's order-dependent chain (:func:`_chained_forward`);
@@ -438,9 +451,11 @@ def fuse(peft_model: nn.Module) -> int:
       LoRA terms to its output.
 
     A layer that cannot run fused falls back to PEFT's own forward at call time: LoRA variants other than
-    DoRA, DoRA on a base called as a module or among several adapters on a 4-bit base, ``lora_bias`` in a mixed
-    batch, an 8-bit base, hooks on the adapter modules (or global module hooks), disabled input casting,
-    all of which PEFT's forward honours. One warning lists those found now, and each new reason met later
+    DoRA, DoRA on a base called as a module or among several adapters on a 4-bit base, DoRA whose
+    ``fan_in_fan_out`` (its magnitude layer's, which PEFT's norm transposes by) does not match how the base
+    stores its weight, ``lora_bias`` in a mixed batch, a bias on ``lora_A`` (PEFT never sets one), an 8-bit
+    base, hooks on the adapter modules (or global module hooks), disabled input casting, all of which
+    PEFT's forward honours. One warning lists those found now, and each new reason met later
     warns once. Layers whose PEFT forward is just the base layer (adapters merged or disabled, no active
     adapter in the layer) fall back silently. PEFT's own argument checks (``adapter_names``' length, DoRA
     in a mixed batch, merged layers) raise as in PEFT. A layer whose forward was already replaced by someone

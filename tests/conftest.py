@@ -80,3 +80,67 @@ def pytest_terminal_summary(terminalreporter):
         where = "through the interpreter (TRITON_INTERPRET=1)" if interpreted else "on the GPU"
         counts = ", ".join(f"{name} ×{count}" for name, count in sorted(_KERNEL_LAUNCHES.items()))
         terminalreporter.write_line(f"Triton kernels launched {where}: {counts}")
+
+
+# ------------------------------------------------------------------ the PEFT test files' models and counters
+
+
+def _counted(monkeypatch, name: str) -> list:
+    """The calls of ``lora_kernels.peft.<name>`` from now on (one entry a call: its positional arguments)."""
+    import lora_kernels.peft as lk_peft
+
+    calls = []
+    op = getattr(lk_peft, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(lk_peft, name, counting)
+    return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of the fused op made by ``lora_kernels.peft``'s fused forward."""
+    return _counted(monkeypatch, "lora_linear")
+
+
+@pytest.fixture
+def dora_calls(monkeypatch):
+    """Counts the calls of the fused DoRA op made by ``lora_kernels.peft``'s fused forward."""
+    return _counted(monkeypatch, "dora_linear")
+
+
+@pytest.fixture
+def grouped_calls(monkeypatch):
+    """Counts the grouped op's calls made by ``lora_kernels.peft`` (several adapters, a mixed batch, or a
+    base layer called as a module)."""
+    return _counted(monkeypatch, "multi_lora_linear")
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """``lora_kernels.peft`` warns once per reason and process: start from none warned."""
+    import lora_kernels.peft as lk_peft
+
+    monkeypatch.setattr(lk_peft, "_warned", set())
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    """The PEFT tests' tiny Llama (2 layers, width 64, vocabulary 128; seeded), one per test module."""
+    import torch
+
+    from lora_kernels.testing import tiny_llama
+
+    torch.manual_seed(0)
+    return tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=128)
+
+
+@pytest.fixture
+def ids():
+    """Token ids for :func:`base_model`: 2 sequences of 12."""
+    import torch
+
+    return torch.randint(0, 128, (2, 12))

@@ -15,52 +15,23 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft_helpers import (  # noqa: E402
+    TARGETS,
+    loss_and_grads,
+    mixed_model,
+    one_layer_llama,
+    peft_model,
+    peft_two_layers,
+    randomize_lora,
+)
 
 import lora_kernels.peft as lk_peft  # noqa: E402
 from lora_kernels import inject_lora, use_backend  # noqa: E402
-from lora_kernels.testing import LLAMA_PROJECTIONS, tiny_llama  # noqa: E402
-
-TARGETS = LLAMA_PROJECTIONS
-
-
-@pytest.fixture(scope="module")
-def base_model():
-    torch.manual_seed(0)
-    return tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=128)
-
-
-@pytest.fixture
-def ids():
-    return torch.randint(0, 128, (2, 12))
-
-
-def _randomize_lora(model) -> None:
-    """Non-zero B (PEFT and our default init start at B = 0, which would hide bugs)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-
-
-def _loss_and_grads(model, ids):
-    model.zero_grad()
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.logits.detach(), grads
-
-
-def _peft_model(base_model, **kwargs):
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **kwargs)
-    model = get_peft_model(copy.deepcopy(base_model), config)
-    _randomize_lora(model)
-    return model
 
 
 def test_lora_kernels_peft_does_not_shadow_peft():
@@ -75,7 +46,7 @@ def test_lora_kernels_peft_does_not_shadow_peft():
 
 
 def test_fuse_matches_peft_outputs_and_gradients(base_model, ids):
-    reference = _peft_model(base_model)
+    reference = peft_model(base_model)
     fused = copy.deepcopy(reference)
     keys = list(fused.state_dict())
     with warnings.catch_warnings():
@@ -83,8 +54,8 @@ def test_fuse_matches_peft_outputs_and_gradients(base_model, ids):
         assert lk_peft.fuse(fused) == 2 * len(TARGETS)
     assert list(fused.state_dict()) == keys
     with use_backend("torch"):
-        logits, grads = _loss_and_grads(fused, ids)
-    ref_logits, ref_grads = _loss_and_grads(reference, ids)
+        logits, grads = loss_and_grads(fused, ids)
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     assert grads.keys() == ref_grads.keys() and len(grads) == 4 * len(TARGETS)
     for name, grad in grads.items():
@@ -96,12 +67,12 @@ def test_fuse_matches_peft_outputs_and_gradients(base_model, ids):
 
 
 def test_fuse_with_dropout_trains_and_is_exact_in_eval(base_model, ids):
-    reference = _peft_model(base_model, lora_dropout=0.1)
+    reference = peft_model(base_model, lora_dropout=0.1)
     fused = copy.deepcopy(reference)
     lk_peft.fuse(fused)
     fused.train()
     with use_backend("torch"):
-        _, grads = _loss_and_grads(fused, ids)
+        _, grads = loss_and_grads(fused, ids)
         assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
         fused.eval()
         reference.eval()
@@ -109,7 +80,7 @@ def test_fuse_with_dropout_trains_and_is_exact_in_eval(base_model, ids):
 
 
 def test_fuse_save_pretrained_is_peft_s(base_model, tmp_path):
-    model = _peft_model(base_model)
+    model = peft_model(base_model)
     lk_peft.fuse(model)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path)
@@ -117,116 +88,15 @@ def test_fuse_save_pretrained_is_peft_s(base_model, tmp_path):
         assert n == n2 and torch.equal(p, p2), n
 
 
-def _assert_same_logits_and_grads(fused, reference, ids, **kwargs):
-    with use_backend("torch"):
-        logits, grads = _loss_and_grads_with(fused, ids, **kwargs)
-    ref_logits, ref_grads = _loss_and_grads_with(reference, ids, **kwargs)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
-    assert grads.keys() == ref_grads.keys() and grads
-    for name, grad in grads.items():
-        torch.testing.assert_close(
-            grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
-
-
-def _fused_copy_agrees(reference, ids, calls: list):
-    """A fused copy of ``reference``: every LoRA layer fuses silently, logits and gradients are PEFT's, and
-    ``calls`` (a counting fixture) saw one call a layer. Returns the copy."""
-    fused = copy.deepcopy(reference)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert lk_peft.fuse(fused) == 2 * len(TARGETS)
-    _assert_same_logits_and_grads(fused, reference, ids)
-    assert len(calls) == 2 * len(TARGETS)
-    return fused
-
-
-def _loss_and_grads_with(model, ids, **kwargs):
-    model.zero_grad()
-    out = model(input_ids=ids, labels=ids, **kwargs)
-    out.loss.backward()
-    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_lora_bias_runs_fused(base_model, ids, fused_calls):
-    reference = _peft_model(base_model, lora_bias=True)
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            if "lora_B" in name and name.endswith("bias"):
-                p.normal_(std=0.1)
-    fused = _fused_copy_agrees(reference, ids, fused_calls)
-    assert any(n.endswith("lora_B.default.bias") for n, p in fused.named_parameters() if p.grad is not None)
-
-
-def _two_adapters(base_model, **other):
-    reference = _peft_model(base_model)
-    reference.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS, **other))
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            if "lora_B.other" in name:
-                p.normal_(std=0.05)
-    return reference
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
-def test_mixed_batch_runs_fused_with_peft_s_outputs_and_gradients(base_model, backend, grouped_calls):
-    reference = _two_adapters(base_model).eval()  # PEFT takes adapter_names in eval mode only
-    for name, p in reference.named_parameters():  # gradients still flow to every adapter it names
-        if "lora_" in name:
-            p.requires_grad_(True)
-    fused = copy.deepcopy(reference)
-    lk_peft.fuse(fused)
-    ids = torch.randint(0, 128, (4, 7))
-    names = ["other", "default", "__base__", "other"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with use_backend(backend.name):
-            logits, grads = _loss_and_grads_with(fused, ids, adapter_names=names)
-    ref_logits, ref_grads = _loss_and_grads_with(reference, ids, adapter_names=names)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
-    assert grads.keys() == ref_grads.keys() and any(".other." in n for n in grads)
-    for name, grad in grads.items():
-        torch.testing.assert_close(
-            grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
-    assert len(grouped_calls) == 2 * len(TARGETS)
-    with pytest.raises(ValueError, match="Length of `adapter_names`"):  # PEFT's own errors first
-        fused(input_ids=ids, adapter_names=names[:3])
-
-
-def test_several_active_adapters_run_fused(base_model, ids, grouped_calls):
-    reference = _two_adapters(base_model, lora_dropout=0.0)
-    reference.base_model.set_adapter(["default", "other"])
-    _fused_copy_agrees(reference, ids, grouped_calls)
-
-
-def test_mixed_batch_with_dora_raises_peft_s_error_and_merged_layers_fall_back(base_model, ids):
-    reference = _two_adapters(base_model)
-    reference.eval()
-    fused = copy.deepcopy(reference)
-    lk_peft.fuse(fused)
-    fused.merge_adapter()
-    reference.merge_adapter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
-    dora = get_peft_model(
-        copy.deepcopy(base_model), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
-    ).eval()
-    lk_peft.fuse(dora)
-    with pytest.raises(ValueError, match="DoRA"):
-        dora(input_ids=ids, adapter_names=["default", "default"])
-
-
 def test_save_adapter_loads_in_peft(base_model, ids, tmp_path):
     ours = inject_lora(copy.deepcopy(base_model), TARGETS, r=4, lora_alpha=8)
-    _randomize_lora(ours)
+    randomize_lora(ours)
     lk_peft.save_adapter(ours, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
     loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path, is_trainable=True)
     with use_backend("torch"):
-        logits, grads = _loss_and_grads(ours, ids)
-    ref_logits, ref_grads = _loss_and_grads(loaded, ids)
+        logits, grads = loss_and_grads(ours, ids)
+    ref_logits, ref_grads = loss_and_grads(loaded, ids)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     for name, grad in grads.items():  # ours: ...q_proj.lora_A; PEFT: ...q_proj.lora_A.default.weight
         peft_name = "base_model.model." + name + ".default.weight"
@@ -236,7 +106,7 @@ def test_save_adapter_loads_in_peft(base_model, ids, tmp_path):
 def test_save_adapter_with_partial_targets_and_rank_pattern(base_model, ids, tmp_path):
     ours = inject_lora(copy.deepcopy(base_model), [r"model.layers.0.self_attn.q_proj"], r=4, lora_alpha=8)
     inject_lora(ours, ["model.layers.1.mlp.up_proj"], r=2, lora_alpha=2)
-    _randomize_lora(ours)
+    randomize_lora(ours)
     lk_peft.save_adapter(ours, tmp_path)
     loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path)
     with use_backend("torch"), torch.no_grad():
@@ -246,12 +116,12 @@ def test_save_adapter_with_partial_targets_and_rank_pattern(base_model, ids, tmp
 
 
 def test_load_adapter_from_peft(base_model, ids, tmp_path):
-    reference = _peft_model(base_model, use_rslora=True)
+    reference = peft_model(base_model, use_rslora=True)
     reference.save_pretrained(tmp_path)
     ours = lk_peft.load_adapter(copy.deepcopy(base_model), tmp_path)
     with use_backend("torch"):
-        logits, grads = _loss_and_grads(ours, ids)
-    ref_logits, ref_grads = _loss_and_grads(reference, ids)
+        logits, grads = loss_and_grads(ours, ids)
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     assert len(grads) == len(ref_grads)
     for name, grad in grads.items():
@@ -261,83 +131,15 @@ def test_load_adapter_from_peft(base_model, ids, tmp_path):
 
 
 def test_load_adapter_rejects_lora_bias(base_model, tmp_path):
-    _peft_model(base_model, lora_bias=True).save_pretrained(tmp_path)
+    peft_model(base_model, lora_bias=True).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="lora_bias"):
         lk_peft.load_adapter(copy.deepcopy(base_model), tmp_path)
-
-
-# ---------------------------------------------------------------------------------- fuse's limits: helpers
-
-
-class TwoLayers(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(16, 12)
-        self.out = nn.Linear(12, 4)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.lin(x)))
-
-
-def _one_layer_llama() -> nn.Module:
-    """A Llama of one layer, width 32 and a vocabulary of 64 (seeded)."""
-    torch.manual_seed(0)
-    return tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1, vocab_size=64)
-
-
-def _counted(monkeypatch, name: str) -> list:
-    """The calls of ``lora_kernels.peft.<name>`` from now on (one entry a call)."""
-    calls = []
-    op = getattr(lk_peft, name)
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(lk_peft, name, counting)
-    return calls
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the calls of the fused op made by ``lora_kernels.peft``'s fused forward."""
-    return _counted(monkeypatch, "lora_linear")
-
-
-@pytest.fixture
-def grouped_calls(monkeypatch):
-    """Counts the grouped op's calls made by ``lora_kernels.peft`` (several adapters, a mixed batch, or a
-    base layer called as a module)."""
-    return _counted(monkeypatch, "multi_lora_linear")
-
-
-@pytest.fixture
-def fresh_warnings(monkeypatch):
-    """``lora_kernels.peft`` warns once per reason and process: start from none warned."""
-    monkeypatch.setattr(lk_peft, "_warned", set())
-
-
-# --------------------------------------------------------------------- LoRA stacked on another tuner layer
-
-
-def _mixed(order: tuple[str, str]) -> nn.Module:
-    """A PeftMixedModel with LoHa and LoRA on ``lin``; the adapter added first is the inner layer."""
-    torch.manual_seed(0)
-    configs = {
-        "loha": LoHaConfig(r=4, alpha=4, target_modules=["lin"], init_weights=False),
-        "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights=False),
-    }
-    first, second = order
-    model = get_peft_model(TwoLayers(), configs[first], adapter_name=first, mixed=True)
-    model.add_adapter(second, configs[second])
-    model.set_adapter([first, second])
-    return model.eval()
 
 
 def test_lora_on_another_tuner_layer_runs_fused(backend, fresh_warnings, grouped_calls):
     """LoRA over LoHa (a PeftMixedModel): the LoHa layer is called as PEFT calls it, its output passed to
     the grouped op, which adds the LoRA term."""
-    reference = _mixed(("loha", "lora")).to(backend.device)
+    reference = mixed_model(("loha", "lora")).to(backend.device)
     lora_layer = reference.base_model.model.lin
     assert isinstance(lora_layer, peft.tuners.lora.Linear)  # lora.Linear over loha.Linear over nn.Linear
     assert isinstance(lora_layer.base_layer, peft.tuners.loha.Linear)
@@ -357,7 +159,9 @@ def test_lora_on_another_tuner_layer_runs_fused(backend, fresh_warnings, grouped
 
 
 def test_tuner_layer_on_lora_still_fuses(backend, fresh_warnings, fused_calls):
-    reference = _mixed(("lora", "loha")).to(backend.device)  # loha.Linear over lora.Linear over nn.Linear
+    reference = mixed_model(("lora", "loha")).to(
+        backend.device
+    )  # loha.Linear over lora.Linear over nn.Linear
     fused = copy.deepcopy(reference)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -368,18 +172,8 @@ def test_tuner_layer_on_lora_still_fuses(backend, fresh_warnings, fused_calls):
     assert fused_calls
 
 
-# ------------------------------------------------------------------------- hooks on the wrapped base layer
-
-
-def _peft_two_layers(device) -> nn.Module:
-    torch.manual_seed(0)
-    model = get_peft_model(TwoLayers(), LoraConfig(r=4, lora_alpha=8, target_modules=["lin"]))
-    _randomize_lora(model)
-    return model.eval().to(device)
-
-
 def test_base_layer_hooks_run_after_fuse(backend, fresh_warnings, fused_calls, grouped_calls):
-    reference = _peft_two_layers(backend.device)
+    reference = peft_two_layers(backend.device)
     fused = copy.deepcopy(reference)
     assert lk_peft.fuse(fused) == 1
     x = torch.randn(5, 16, device=backend.device)
@@ -420,7 +214,7 @@ def test_adapter_module_hooks_and_accelerate_hooks_are_honoured(backend, fresh_w
         def pre_forward(self, module, *args, **kwargs):
             return (args[0] * 2, *args[1:]), kwargs
 
-    reference = _peft_two_layers(backend.device)
+    reference = peft_two_layers(backend.device)
     fused = copy.deepcopy(reference)
     lk_peft.fuse(fused)
     x = torch.randn(5, 16, device=backend.device)
@@ -446,7 +240,7 @@ def test_fuse_keeps_a_forward_someone_else_replaced(fresh_warnings):
         def pre_forward(self, module, *args, **kwargs):
             return (args[0] * 2, *args[1:]), kwargs
 
-    reference = _peft_two_layers("cpu")
+    reference = peft_two_layers("cpu")
     fused = copy.deepcopy(reference)
     for model in (reference, fused):
         accelerate_hooks.add_hook_to_module(model.base_model.model.lin, Doubling())
@@ -458,12 +252,9 @@ def test_fuse_keeps_a_forward_someone_else_replaced(fresh_warnings):
     torch.testing.assert_close(fused(x), reference(x))
 
 
-# ------------------------------------------------------------------------ saving and copying a fused model
-
-
 def test_fused_peft_model_saves_pickles_and_copies(backend, tmp_path, fused_calls):
-    model = get_peft_model(_one_layer_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    _randomize_lora(model)
+    model = get_peft_model(one_layer_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    randomize_lora(model)
     model = model.to(backend.device)
     n_fused = lk_peft.fuse(model)
     assert n_fused == len(TARGETS)
@@ -493,7 +284,7 @@ def test_fused_peft_model_saves_pickles_and_copies(backend, tmp_path, fused_call
 
 
 def test_fused_forward_refers_to_its_own_layer_after_a_copy():
-    model = _peft_two_layers("cpu")
+    model = peft_two_layers("cpu")
     lk_peft.fuse(model)
     twin = copy.deepcopy(model)
     with torch.no_grad():
@@ -505,14 +296,11 @@ def test_fused_forward_refers_to_its_own_layer_after_a_copy():
         assert not torch.allclose(model(x), twin(x))
 
 
-# -------------------------------------------------------------------- warnings only where fuse should fuse
-
-
 def test_fuse_warns_only_for_layers_that_should_fuse(fresh_warnings, fused_calls):
-    reference = get_peft_model(_one_layer_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    reference = get_peft_model(one_layer_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     reference.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
     reference.set_adapter("other")
-    _randomize_lora(reference)
+    randomize_lora(reference)
     fused = copy.deepcopy(reference)
     ids = torch.randint(0, 64, (2, 6))
     with warnings.catch_warnings():
@@ -536,86 +324,3 @@ def test_fuse_warns_only_for_layers_that_should_fuse(fresh_warnings, fused_calls
         warnings.simplefilter("error")
         with use_backend("torch"), torch.no_grad():
             torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
-
-
-# ------------------------------------------------------------------- GPT-2's Conv1D (fan_in_fan_out) bases
-
-
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_gpt2_conv1d_bases_run_fused(backend, fused_calls, use_dora):
-    """transformers' Conv1D stores its weight (in, out): the op reads its transpose, a view."""
-    torch.manual_seed(0)
-    gpt2 = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
-    ).eval()
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, use_dora=use_dora
-    )
-    reference = get_peft_model(gpt2, config).to(backend.device)
-    _randomize_lora(reference)
-    fused = copy.deepcopy(reference)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert lk_peft.fuse(fused) == 2 * 4  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj per block
-    ids = torch.randint(0, 50, (2, 9), device=backend.device)
-    with use_backend(backend.name):
-        logits, grads = _loss_and_grads_with(fused, ids)
-    ref_logits, ref_grads = _loss_and_grads_with(reference, ids)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
-    assert grads.keys() == ref_grads.keys() and grads
-    for name, grad in grads.items():
-        torch.testing.assert_close(
-            grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
-    if not use_dora:
-        assert len(fused_calls) == 8
-
-
-def test_lora_bias_on_a_half_base_with_fp32_adapters(fused_calls):
-    """PEFT keeps adapters (and lora_B's bias) in fp32 on an fp16 base: the folded bias takes the base's
-    dtype, as the op wants (PEFT's own test_forward_float16 found this)."""
-    torch.manual_seed(0)
-    reference = get_peft_model(TwoLayers().half(), LoraConfig(r=4, target_modules=["lin"], lora_bias=True))
-    assert reference.base_model.model.lin.lora_B["default"].bias.dtype == torch.float32
-    with torch.no_grad():
-        reference.base_model.model.lin.lora_B["default"].bias.normal_()
-    fused = copy.deepcopy(reference)
-    lk_peft.fuse(fused)
-    x = torch.randn(5, 16, dtype=torch.float16)
-    with use_backend("torch"):
-        y = fused(x)
-    assert y.dtype == torch.float16 and fused_calls
-    torch.testing.assert_close(y, reference(x), rtol=2e-3, atol=2e-3)
-
-
-@pytest.mark.parametrize("order", [("default", "other"), ("other", "default")])
-@pytest.mark.parametrize("training", [False, True])
-def test_several_active_adapters_with_dora_keep_peft_s_order(base_model, order, training, grouped_calls):
-    """A DoRA adapter rescales what the adapters before it made (PEFT's loop): the fused chain gives PEFT's
-    logits and gradients, in either order, and with the DoRA adapter's dropout in training (PEFT's own
-    dropout module draws its mask, as in PEFT)."""
-    reference = get_peft_model(
-        copy.deepcopy(base_model), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
-                                              lora_dropout=0.1)
-    )  # fmt: skip
-    reference.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS))
-    _randomize_lora(reference)
-    reference.base_model.set_adapter(list(order))
-    reference.train(training)
-    fused = copy.deepcopy(reference)
-    ids = torch.randint(0, 128, (2, 9))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert lk_peft.fuse(fused) == 2 * len(TARGETS)
-        torch.manual_seed(5)
-        with use_backend("torch"):
-            logits, grads = _loss_and_grads_with(fused, ids)
-    torch.manual_seed(5)
-    ref_logits, ref_grads = _loss_and_grads_with(reference, ids)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
-    assert grads.keys() == ref_grads.keys() and any("magnitude" in n for n in grads)
-    for name, grad in grads.items():
-        torch.testing.assert_close(
-            grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
-    assert grouped_calls

@@ -3,10 +3,15 @@
     python tools/peft_suite.py --tests build/peft_tests/tests/test_custom_models.py [more files] \
         --sample 1 --out benchmarks/results/cpu/peft_suite.md
 
-PEFT's tests are not in its wheel: export them from its repository first (``git archive <commit> tests``
-into ``build/peft_tests``); they need ``diffusers``, ``datasets``, ``parameterized`` and ``scipy``. The
-fused run gives every PEFT ``lora.Linear`` the fused forward when it is built (``tools/peft_suite_plugin.py``)
-and counts how each call ran. A test that fails only in the fused run is ours to look at.
+PEFT's tests are not in its wheel: export them from a clone of its repository first,
+
+    python tools/peft_suite.py --export /path/to/peft/.git [--commit REV]
+
+(``git archive REV tests`` into ``build/peft_tests``; REV defaults to the tag ``v<installed version>``,
+else the clone's HEAD; ``build/peft_tests/SOURCE`` records which, and the summary quotes it). They need
+``diffusers``, ``datasets``, ``parameterized`` and ``scipy``. The fused run gives every PEFT ``lora.Linear``
+the fused forward when it is built (``tools/peft_suite_plugin.py``) and counts how each call ran. A test
+that fails only in the fused run is ours to look at.
 """
 
 from __future__ import annotations
@@ -33,8 +38,42 @@ def run(tests: list[Path], fuse: bool, sample: int, keyword: str, out: Path) -> 
     return json.loads(out.read_text()), time.time() - start
 
 
+def export(git_dir: Path, commit: str | None, dest: Path) -> str:
+    """PEFT's ``tests`` at ``commit`` (default: the installed version's tag, else HEAD) into ``dest``."""
+    import peft
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(git_dir), *args], capture_output=True, text=True
+        ).stdout.strip()
+
+    tag = f"v{peft.__version__}"
+    rev = commit or (tag if git("rev-parse", "-q", "--verify", f"refs/tags/{tag}") else "HEAD")
+    sha = git("rev-parse", "--short=9", rev)
+    if not sha:
+        raise SystemExit(f"{rev!r} is not a commit of {git_dir}")
+    version = next(
+        (line.split("=")[1].strip().strip('"') for line in git("show", f"{sha}:setup.py").splitlines()
+         if line.startswith("VERSION")), "?",
+    )  # fmt: skip
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(git_dir), "archive", sha, "tests"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    source = (
+        f"huggingface/peft at commit {sha} ({git('show', '-s', '--format=%cs', sha)}; its setup.py says "
+        f"{version}; {'the tag ' + tag if rev == tag else rev + ', no tag ' + tag + ' in that clone'}), "
+        f"exported with `git archive {sha} tests`"
+    )
+    (dest / "SOURCE").write_text(source + "\n")
+    return source
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export", type=Path, metavar="GIT_DIR", help="export PEFT's tests from this clone")
+    parser.add_argument("--commit", help="with --export: the commit to take (default: see above)")
     parser.add_argument(
         "--tests", type=Path, nargs="+", default=[ROOT / "build/peft_tests/tests/test_custom_models.py"]
     )
@@ -42,7 +81,12 @@ def main() -> int:
     parser.add_argument("-k", dest="keyword", default="lora or Lora or LoRA")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cpu/peft_suite.md")
     args = parser.parse_args()
+    if args.export:
+        print(export(args.export, args.commit, ROOT / "build/peft_tests"))
+        return 0
     args.tests = [t.resolve() for t in args.tests]
+    source_file = args.tests[0].parents[1] / "SOURCE"
+    source = source_file.read_text().strip() if source_file.exists() else "from PEFT's repository"
     plain, plain_s = run(args.tests, False, args.sample, args.keyword, ROOT / "build/peft_suite_plain.json")
     fused, fused_s = run(args.tests, True, args.sample, args.keyword, ROOT / "build/peft_suite_fused.json")
     import peft
@@ -60,8 +104,9 @@ def main() -> int:
         "",
         f"{time.strftime('%Y-%m-%d')}, `python tools/peft_suite.py --sample {args.sample}`: "
         f"{', '.join(f'`{t.name}`' for t in args.tests)} "
-        f'`-k "{args.keyword}"`, every {args.sample}-th collected test; PEFT\'s tests from its repository '
-        "(see the tool's docstring), run against the installed peft; CPU, torch backend.",
+        f'`-k "{args.keyword}"`, every {args.sample}-th collected test, run against the installed peft; '
+        "CPU, torch backend.",
+        f"PEFT's tests: {source}.",
         f"Versions: peft {peft.__version__}, torch {torch.__version__}, transformers {transformers.__version__}.",
         "",
         "| run | passed | failed | skipped | seconds |",
