@@ -111,7 +111,8 @@ class _Plan:
     """How a PEFT LoRA layer's call runs fused: its ``adapters`` (active ones, or those a mixed batch names),
     the base's ``kind`` (``linear``, ``conv1d``: weight read by the op; ``4bit``: QLoRA; ``module``: the base
     layer called, its output passed on, for a base the op cannot read: another tuner layer, hooks, an
-    accelerate hook), and whether it is one ``dora`` adapter."""
+    accelerate hook), and whether any of them is a ``dora`` adapter (one alone: the fused DoRA op; among
+    several: PEFT's order-dependent chain)."""
 
     adapters: tuple[str, ...]
     kind: str

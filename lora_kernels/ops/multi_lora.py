@@ -26,7 +26,7 @@ output in place; rows without an adapter keep the base output. Backends (chosen 
 
 from __future__ import annotations
 
-import math
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,10 +81,7 @@ class AdapterGroups:
 
 
 def _starts(counts: Sequence[int]) -> tuple[int, ...]:
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    return tuple(starts)
+    return tuple(itertools.accumulate(counts, initial=0))
 
 
 def groups_all_active(num_adapters: int, num_rows: int, device: torch.device) -> AdapterGroups:
@@ -224,9 +221,17 @@ def _torch_forward(x, base, adapters, groups, params) -> tuple[Tensor, ...]:
     return tuple(ts)
 
 
+def _base_grad_x(grad_y: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:
+    """``dY·W``, the base GEMM's part of ``dX``, into which the terms' parts are added; zeros where the
+    op did not compute the base (``base_output``: the base layer's own autograd gives its part)."""
+    if weight is None:
+        return grad_y.new_zeros((grad_y.shape[0], x.shape[1]))
+    return torch.mm(grad_y, weight)
+
+
 def _torch_backward(grad_y, x, weight, adapters, ts, groups, params, needs):
     need_x, need_A, need_B = needs
-    grad_x = torch.mm(grad_y, weight) if need_x else None
+    grad_x = _base_grad_x(grad_y, x, weight) if need_x else None
     grads_A, grads_B = [], []
     for a, (lora_A, lora_B) in enumerate(adapters):
         if groups.count(a) == 0:
@@ -253,7 +258,7 @@ def _torch_backward(grad_y, x, weight, adapters, ts, groups, params, needs):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _stacks(adapters, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, int]:
+def _stacks(adapters, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``A_stack (n, R, K)``, ``B_stack (n, N, R)``, zero-padded to ``R``, the kernels' rank tile."""
     from .triton_support import _block_r
 
@@ -264,7 +269,7 @@ def _stacks(adapters, dtype: torch.dtype, device: torch.device) -> tuple[Tensor,
     for a, (lora_A, lora_B) in enumerate(adapters):
         A_stack[a, : lora_A.shape[0]] = lora_A
         B_stack[a, :, : lora_B.shape[1]] = lora_B
-    return A_stack, B_stack, rank
+    return A_stack, B_stack
 
 
 def _segment_dropout(params: MultiLoRAParams, device: torch.device):
@@ -282,7 +287,7 @@ def _triton_forward(x, base, adapters, groups, params):
     from . import triton_multi
 
     dtype = adapters[0][0].dtype
-    A_stack, B_stack, _ = _stacks(adapters, dtype, x.device)
+    A_stack, B_stack = _stacks(adapters, dtype, x.device)
     scales = torch.tensor(params.scalings, dtype=torch.float32).to(x.device)
     dropout = _segment_dropout(params, x.device)
     starts = list(groups.seg_starts)
@@ -304,7 +309,7 @@ def _triton_backward(grad_y, x, weight, adapters, saved, groups, params, needs):
     if need_x or need_A:
         g = triton_multi.segment_shrink(grad_y, rows, starts, B_stack.transpose(1, 2), scales, None, dtype)
     if need_x:
-        grad_x = torch.mm(grad_y, weight)
+        grad_x = _base_grad_x(grad_y, x, weight)
         triton_multi.segment_expand(
             g, rows, starts, A_stack.transpose(1, 2), None, grad_x, all_active=groups.all_active,
             dropout=dropout,
@@ -324,10 +329,6 @@ def _triton_backward(grad_y, x, weight, adapters, saved, groups, params, needs):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _uses_triton(backend: str) -> bool:
-    return backend == "triton"
-
-
 def multi_forward(
     backend: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, base_output: Tensor | None,
     adapters: Sequence[tuple[Tensor, Tensor]], groups: AdapterGroups, params: MultiLoRAParams,
@@ -343,7 +344,7 @@ def multi_forward(
             y = base_output.reshape(x.shape[0], -1).to(x.dtype, copy=True)
         if x.shape[0] == 0 or not adapters:
             return y, ()
-        if _uses_triton(backend):
+        if backend == "triton":
             return y, _triton_forward(x, y, adapters, groups, params)
         return y, _torch_forward(x, y, adapters, groups, params)
 
@@ -357,16 +358,14 @@ def multi_backward(
     need_x, need_A, need_B = needs
     n = len(adapters)
     with _no_autocast(x.device.type):
-        if weight is None:  # base_output: dX of the terms alone
-            weight = x.new_zeros((grad_y.shape[1], x.shape[1])) if need_x else None
         if not saved:
-            grad_x = torch.mm(grad_y, weight) if need_x else None
+            grad_x = _base_grad_x(grad_y, x, weight) if need_x else None
             return (
                 grad_x,
                 [torch.zeros_like(A) if need_A else None for A, _ in adapters],
                 [torch.zeros_like(B) if need_B else None for _, B in adapters],
             )
-        if _uses_triton(backend):
+        if backend == "triton":
             result = _triton_backward(grad_y, x, weight, adapters, saved, groups, params, needs)
         else:
             result = _torch_backward(grad_y, x, weight, adapters, saved, groups, params, needs)
@@ -383,19 +382,14 @@ def composite_terms(x: Tensor, adapters, groups: AdapterGroups, params: MultiLoR
     for a, (lora_A, lora_B) in enumerate(adapters):
         if groups.count(a) == 0:
             continue
-        whole = groups.slices[a]
-        xs = x[whole] if whole is not None else x.index_select(0, groups.rows_of(a))
+        xs = _take(x, groups, a)
         if params.drops(a):
             xs = xs * _mask(params, a, xs.shape[0], x)
         term = F.linear(F.linear(xs, _as(lora_A, x.dtype)), _as(lora_B, x.dtype)) * params.scalings[a]
+        whole = groups.slices[a]
         if whole is not None:
             pad = (0, 0, whole.start, x.shape[0] - whole.stop)
             out = out + F.pad(term, pad)
         else:
             out = out.index_add(0, groups.rows_of(a), term)
     return out
-
-
-def rows_of_input(x: Tensor) -> int:
-    """The rows of an ``(..., K)`` input seen as 2-D."""
-    return math.prod(x.shape[:-1])
